@@ -1,0 +1,60 @@
+// The one dispatch interface in front of every backend. Callers fill a
+// ForwardParams / BackwardParams and name a backend; validation happens here,
+// before any memory is touched, so every backend sees only valid arguments.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "kasmina/params.hpp"
+
+namespace kasmina {
+
+enum class Backend : int32_t {
+  reference = 0,  // float64 oracle on the CPU; the only one that takes DType::f64
+  cpu = 1,        // fast CPU backend: one pass, vectorised, threaded, deterministic
+  cuda = 2,       // CUDA backend (when compiled in and a device is present)
+};
+
+std::string_view backend_name(Backend);
+Device backend_device(Backend);
+// Compiled in and usable now (for CUDA: the runtime sees at least one device).
+bool backend_available(Backend);
+// Why a backend is not available ("" when it is).
+std::string backend_unavailable_reason(Backend);
+
+// Throw kasmina::Error (nothing written) unless the params are valid for the
+// backend. Checks shapes, strides, dtypes, null pointers and, on host
+// backends, the seed table.
+void validate(const ForwardParams&, Backend);
+void validate(const BackwardParams&, Backend);
+
+// Scratch the CUDA backend needs (0 on the CPU backends). Depends on
+// num_seeds, hidden, num_blueprints and the device only, not on rows, so a
+// layer sizes it once.
+std::size_t forward_workspace_bytes(const ForwardParams&, Backend);
+std::size_t backward_workspace_bytes(const BackwardParams&, Backend);
+
+// Validate, then run. Results obey SPEC.md sections 3-5 within section 9.
+void forward(const ForwardParams&, Backend);
+void backward(const BackwardParams&, Backend);
+
+// Which kernel variant the dispatcher picks for these params and why, for
+// `kasmina info` and the profiler (e.g. "cuda.forward.vec4 fp32: C % 4 == 0
+// and 16-byte aligned rows").
+std::string describe_forward(const ForwardParams&, Backend);
+std::string describe_backward(const BackwardParams&, Backend);
+
+// Build facts for `kasmina info`.
+struct BuildInfo {
+  std::string version;
+  std::string compiler;
+  bool cuda_compiled = false;
+  std::string cuda_architectures;  // e.g. "80;90a"
+  std::vector<std::string> cuda_devices;
+  int cpu_threads = 0;
+};
+BuildInfo build_info();
+
+}  // namespace kasmina

@@ -1,0 +1,37 @@
+// Internal: the entry points each backend gives the dispatcher (core/ops.cpp).
+// Backends receive validated params only.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "kasmina/params.hpp"
+
+namespace kasmina::detail {
+
+// reference/ (float64 oracle; rounds its results into the params' outputs)
+void forward_reference(const ForwardParams&);
+void backward_reference(const BackwardParams&);
+
+// cpu/ (fast CPU backend)
+void forward_cpu(const ForwardParams&);
+void backward_cpu(const BackwardParams&);
+std::string describe_forward_cpu(const ForwardParams&);
+std::string describe_backward_cpu(const BackwardParams&);
+int cpu_default_threads();
+
+#ifdef KASMINA_WITH_CUDA
+// cuda/
+bool cuda_available();
+std::string cuda_unavailable_reason();
+std::vector<std::string> cuda_device_names();
+std::size_t forward_workspace_bytes_cuda(const ForwardParams&);
+std::size_t backward_workspace_bytes_cuda(const BackwardParams&);
+void forward_cuda(const ForwardParams&);
+void backward_cuda(const BackwardParams&);
+std::string describe_forward_cuda(const ForwardParams&);
+std::string describe_backward_cuda(const BackwardParams&);
+#endif
+
+}  // namespace kasmina::detail
