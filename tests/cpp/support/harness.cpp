@@ -428,6 +428,18 @@ void expect_forward_matches(const Problem& p, const reference::ForwardResult& re
   }
   expect_rel("telemetry", out_stats, ref_stats, float32_output_tolerance(p.options.dtype), p,
              context);
+
+  // Drift is small next to the other columns, so the whole-tensor rule above
+  // would let a wrong drift through: check the column on its own too, at ten
+  // times the tensor tolerance (1 - cos loses digits to cancellation in float32).
+  std::vector<double> out_drift, ref_drift;
+  for (int32_t s = 0; s < p.num_seeds; ++s) {
+    const auto at = static_cast<std::size_t>(s) * kTelemetryWidth + kTelDrift;
+    out_drift.push_back(static_cast<double>(p.telemetry[at]));
+    ref_drift.push_back(ref.telemetry[at]);
+  }
+  expect_rel("telemetry[:, drift]", out_drift, ref_drift,
+             10.0 * float32_output_tolerance(p.options.dtype), p, context);
 }
 
 void expect_backward_matches(const Problem& p, const reference::BackwardResult& ref,
