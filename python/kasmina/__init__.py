@@ -1,0 +1,26 @@
+"""kasmina: the execution layer of morphogenetic neural networks.
+
+The kernels are C++/CUDA (kasmina._C); this package is the PyTorch front end:
+custom ops (torch.ops.kasmina.forward / backward), the KasminaLayer module, and
+a plain-PyTorch restatement of the same math (kasmina.reference).
+"""
+
+from . import _C
+from . import _ops  # registers torch.ops.kasmina.*
+from . import reference
+from .enums import GRAD_STATS_COLUMNS, TELEMETRY_COLUMNS, Kind, Stage, Strategy
+from .layer import KasminaLayer
+from ._ops import info
+
+__version__ = _C.build_info()["version"]
+
+__all__ = [
+    "GRAD_STATS_COLUMNS",
+    "TELEMETRY_COLUMNS",
+    "Kind",
+    "KasminaLayer",
+    "Stage",
+    "Strategy",
+    "info",
+    "reference",
+]

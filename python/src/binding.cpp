@@ -1,0 +1,643 @@
+// kasmina._C: the one file between Python and the C++ API (tiny-cuda-nn
+// style). Tensors arrive as DLPack views (nb::ndarray), so the extension never
+// links libtorch and builds against any PyTorch; see docs/PYTHON.md.
+//
+// The checks are grouped here (dtype of every tensor, shapes, one device,
+// last dimension contiguous, leading dimensions viewable as rows) and run
+// before anything is written; kasmina::forward/backward validate the filled
+// params once more. Every failure is a kasmina::Error, which the translator
+// below turns into ValueError / TypeError / RuntimeError with the same text.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kasmina/kasmina.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using kasmina::Backend;
+using kasmina::DType;
+
+// A tensor argument as DLPack hands it over. Inputs are taken read-only
+// (nanobind then asks PyTorch for the cheaper unversioned capsule).
+using In = nb::ndarray<nb::ro>;
+using Out = nb::ndarray<>;
+
+constexpr int kDeviceCpu = nb::device::cpu::value;
+constexpr int kDeviceCuda = nb::device::cuda::value;
+
+template <typename A>
+std::string shape_str(const A& a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.ndim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(a.shape(i));
+  }
+  return s + "]";
+}
+
+template <typename A>
+std::string dtype_str(const A& a) {
+  const auto dt = a.dtype();
+  std::string code;
+  switch (static_cast<nb::dlpack::dtype_code>(dt.code)) {
+    case nb::dlpack::dtype_code::Int: code = "int"; break;
+    case nb::dlpack::dtype_code::UInt: code = "uint"; break;
+    case nb::dlpack::dtype_code::Float: code = "float"; break;
+    case nb::dlpack::dtype_code::Bfloat: code = "bfloat"; break;
+    case nb::dlpack::dtype_code::Bool: return "bool";
+    default: code = "other"; break;
+  }
+  return code + std::to_string(dt.bits);
+}
+
+template <typename A>
+bool is_dtype(const A& a, nb::dlpack::dtype_code code, int bits) {
+  const auto dt = a.dtype();
+  return dt.code == static_cast<uint8_t>(code) && dt.bits == bits && dt.lanes == 1;
+}
+
+// Storage dtype of x / dy (SPEC section 2; float64 only for the reference,
+// which kasmina::validate enforces with its own message).
+template <typename A>
+DType activation_dtype(const A& a, const char* name) {
+  using C = nb::dlpack::dtype_code;
+  if (is_dtype(a, C::Float, 32)) return DType::f32;
+  if (is_dtype(a, C::Bfloat, 16)) return DType::bf16;
+  if (is_dtype(a, C::Float, 16)) return DType::f16;
+  if (is_dtype(a, C::Float, 64)) return DType::f64;
+  KASMINA_FAIL(kasmina::ErrorKind::type, name,
+               " must be float32, bfloat16 or float16 (float64 on the reference backend), got ",
+               dtype_str(a));
+}
+
+// Rows view of an activation tensor [..., hidden]: the last dimension must be
+// contiguous and the leading ones must collapse into one row stride without a
+// copy (SPEC section 1: x is *viewed* as [N, H]; we never copy behind the
+// caller's back).
+struct RowsView {
+  int64_t rows = 0;
+  int64_t row_stride = 0;
+};
+
+template <typename A>
+RowsView rows_view(const A& a, const char* name, int64_t hidden) {
+  const size_t nd = a.ndim();
+  KASMINA_CHECK_VALUE(nd >= 1, name, " must have rank >= 1 ([..., hidden]), got rank 0");
+  const int64_t last = static_cast<int64_t>(a.shape(nd - 1));
+  KASMINA_CHECK_VALUE(last == hidden, name, " last dimension must equal the layer's hidden (expected ",
+                      hidden, ", got ", last, "; shape ", shape_str(a), ")");
+  RowsView v;
+  v.rows = 1;
+  for (size_t d = 0; d + 1 < nd; ++d) v.rows *= static_cast<int64_t>(a.shape(d));
+  // An empty tensor has no memory to lay out (PyTorch calls it contiguous
+  // whatever its strides, e.g. the stride-0 gradient of an empty sum).
+  if (v.rows == 0) {
+    v.row_stride = hidden;
+    return v;
+  }
+  KASMINA_CHECK_VALUE(last <= 1 || a.stride(nd - 1) == 1, name,
+                      " must be contiguous in its last dimension (expected stride 1, got ",
+                      a.stride(nd - 1), ")");
+  v.row_stride = hidden;
+  bool have = false;
+  int64_t expect = 0;
+  for (size_t i = nd - 1; i-- > 0;) {
+    const int64_t n = static_cast<int64_t>(a.shape(i));
+    if (n == 1) continue;  // any stride is fine for a unit dimension
+    if (!have) {
+      v.row_stride = a.stride(i);
+      expect = v.row_stride * n;
+      have = true;
+    } else {
+      KASMINA_CHECK_VALUE(a.stride(i) == expect, name, " leading dimensions ", shape_str(a),
+                          " cannot be viewed as rows without a copy (dimension ", i, " has stride ",
+                          a.stride(i), ", expected ", expect, "); call .contiguous() first");
+      expect *= n;
+    }
+  }
+  KASMINA_CHECK_VALUE(v.rows <= 1 || v.row_stride >= hidden, name, " rows overlap (row stride ",
+                      v.row_stride, " < hidden ", hidden, ")");
+  return v;
+}
+
+// A small contiguous tensor of fixed shape and dtype (seed table, registry,
+// telemetry and the other per-seed outputs).
+template <typename A>
+void check_small(const A& a, const char* name, nb::dlpack::dtype_code code, int bits,
+                 const char* dtype_name, std::initializer_list<int64_t> shape) {
+  KASMINA_CHECK_TYPE(is_dtype(a, code, bits), name, " must be ", dtype_name, ", got ", dtype_str(a));
+  bool ok = a.ndim() == shape.size();
+  size_t i = 0;
+  for (int64_t n : shape) {
+    if (!ok) break;
+    ok = static_cast<int64_t>(a.shape(i)) == n;
+    ++i;
+  }
+  std::string expected = "[";
+  i = 0;
+  for (int64_t n : shape) expected += (i++ ? ", " : "") + std::to_string(n);
+  expected += "]";
+  KASMINA_CHECK_VALUE(ok, name, " must have shape ", expected, ", got ", shape_str(a));
+  int64_t want = 1;
+  for (size_t d = a.ndim(); d-- > 0;) {
+    KASMINA_CHECK_VALUE(a.shape(d) <= 1 || a.stride(d) == want, name, " must be contiguous");
+    want *= static_cast<int64_t>(a.shape(d));
+  }
+}
+
+// Every tensor of one call on one device, and that device the backend's.
+struct DeviceCheck {
+  int type = -1;
+  int id = -1;
+  const char* first = nullptr;
+  template <typename A>
+  void add(const A& a, const char* name) {
+    if (first == nullptr) {
+      type = a.device_type();
+      id = a.device_id();
+      first = name;
+      return;
+    }
+    KASMINA_CHECK_VALUE(a.device_type() == type && a.device_id() == id,
+                        "all tensors must be on one device: ", first, " is on ",
+                        type == kDeviceCuda ? "cuda:" : "cpu:", id, ", ", name, " on ",
+                        a.device_type() == kDeviceCuda ? "cuda:" : "cpu:", a.device_id());
+  }
+  void match(Backend backend) const {
+    const bool on_cuda = type == kDeviceCuda;
+    const bool wants_cuda = kasmina::backend_device(backend) == kasmina::Device::cuda;
+    KASMINA_CHECK_VALUE(on_cuda == wants_cuda, "backend '", kasmina::backend_name(backend),
+                        "' needs ", wants_cuda ? "CUDA" : "CPU", " tensors, got tensors on ",
+                        on_cuda ? "cuda" : (type == kDeviceCpu ? "cpu" : "an unsupported device"));
+  }
+};
+
+Backend to_backend(int backend) {
+  KASMINA_CHECK_VALUE(backend >= 0 && backend <= 2,
+                      "backend must be 0 (reference), 1 (cpu) or 2 (cuda), got ", backend);
+  return static_cast<Backend>(backend);
+}
+
+kasmina::OutputClamp to_clamp(std::optional<double> lo, std::optional<double> hi) {
+  kasmina::OutputClamp c;
+  KASMINA_CHECK_VALUE(lo.has_value() == hi.has_value(),
+                      "clamp needs both lo and hi (or neither)");
+  if (lo) {
+    c.enabled = true;
+    c.lo = static_cast<float>(*lo);
+    c.hi = static_cast<float>(*hi);
+  }
+  return c;
+}
+
+// The per-seed table and the registry, shared by forward and backward.
+struct LayerTensors {
+  kasmina::SeedTable seeds;
+  kasmina::RegistryView registry;
+  int32_t num_seeds = 0;
+  int64_t chunk = 0;
+};
+
+LayerTensors layer_tensors(const In& stage, const In& kind, const In& blueprint, const In& alpha,
+                           const In& weights, const In& scales, DeviceCheck& dev) {
+  using C = nb::dlpack::dtype_code;
+  KASMINA_CHECK_VALUE(stage.ndim() == 1, "stage must have shape [num_seeds], got ",
+                      shape_str(stage));
+  KASMINA_CHECK_VALUE(weights.ndim() == 2, "weights must have shape [num_blueprints, chunk], got ",
+                      shape_str(weights));
+  LayerTensors t;
+  t.num_seeds = static_cast<int32_t>(stage.shape(0));
+  KASMINA_CHECK_VALUE(t.num_seeds > 0, "num_seeds must be > 0, got 0");
+  const int64_t b = static_cast<int64_t>(weights.shape(0));
+  t.chunk = static_cast<int64_t>(weights.shape(1));
+  const int64_t s = t.num_seeds;
+  check_small(stage, "stage", C::Int, 32, "int32", {s});
+  check_small(kind, "kind", C::Int, 32, "int32", {s});
+  check_small(blueprint, "blueprint", C::Int, 32, "int32", {s});
+  check_small(alpha, "alpha", C::Float, 32, "float32", {s});
+  check_small(weights, "weights", C::Float, 32, "float32", {b, t.chunk});
+  check_small(scales, "scales", C::Float, 32, "float32", {b});
+  dev.add(stage, "stage");
+  dev.add(kind, "kind");
+  dev.add(blueprint, "blueprint");
+  dev.add(alpha, "alpha");
+  dev.add(weights, "weights");
+  dev.add(scales, "scales");
+  t.seeds.stage = static_cast<const int32_t*>(stage.data());
+  t.seeds.kind = static_cast<const int32_t*>(kind.data());
+  t.seeds.blueprint = static_cast<const int32_t*>(blueprint.data());
+  t.seeds.alpha = static_cast<const float*>(alpha.data());
+  t.registry.weights = static_cast<const float*>(weights.data());
+  t.registry.scales = static_cast<const float*>(scales.data());
+  t.registry.num_blueprints = static_cast<int32_t>(b);
+  return t;
+}
+
+void set_workspace(const std::optional<Out>& workspace, DeviceCheck& dev, void*& ptr,
+                   std::size_t& bytes) {
+  if (!workspace) return;
+  using C = nb::dlpack::dtype_code;
+  KASMINA_CHECK_TYPE(is_dtype(*workspace, C::UInt, 8), "workspace must be uint8, got ",
+                     dtype_str(*workspace));
+  KASMINA_CHECK_VALUE(workspace->ndim() == 1 && (workspace->shape(0) <= 1 || workspace->stride(0) == 1),
+                      "workspace must be a contiguous 1-D tensor, got shape ", shape_str(*workspace));
+  dev.add(*workspace, "workspace");
+  ptr = workspace->data();
+  bytes = workspace->shape(0);
+}
+
+kasmina::ForwardParams forward_params(const In& x, const Out& y, const Out& telemetry,
+                                      const Out& nonfinite, const In& stage, const In& kind,
+                                      const In& blueprint, const In& alpha, const In& weights,
+                                      const In& scales, const std::optional<Out>& workspace,
+                                      double dead_threshold, std::optional<double> clamp_lo,
+                                      std::optional<double> clamp_hi, Backend backend,
+                                      uintptr_t stream) {
+  using C = nb::dlpack::dtype_code;
+  DeviceCheck dev;
+  dev.add(x, "x");
+  const LayerTensors t = layer_tensors(stage, kind, blueprint, alpha, weights, scales, dev);
+  const int64_t hidden = t.chunk * t.num_seeds;
+  KASMINA_CHECK_VALUE(hidden > 0, "hidden must be > 0, got 0");
+  kasmina::ForwardParams p;
+  p.dtype = activation_dtype(x, "x");
+  const RowsView xv = rows_view(x, "x", hidden);
+  KASMINA_CHECK_TYPE(activation_dtype(y, "y") == p.dtype, "y must have the dtype of x (",
+                     dtype_str(x), "), got ", dtype_str(y));
+  KASMINA_CHECK_VALUE(y.ndim() == x.ndim() && y.size() == x.size(), "y must have the shape of x (",
+                      shape_str(x), "), got ", shape_str(y));
+  const RowsView yv = rows_view(y, "y", hidden);
+  check_small(telemetry, "telemetry", C::Float, 32, "float32",
+              {t.num_seeds, kasmina::kTelemetryWidth});
+  check_small(nonfinite, "nonfinite", C::Int, 64, "int64", {t.num_seeds});
+  dev.add(y, "y");
+  dev.add(telemetry, "telemetry");
+  dev.add(nonfinite, "nonfinite");
+  set_workspace(workspace, dev, p.workspace, p.workspace_bytes);
+  dev.match(backend);
+
+  p.x = x.data();
+  p.y = y.data();
+  p.rows = xv.rows;
+  p.hidden = hidden;
+  p.num_seeds = t.num_seeds;
+  p.x_row_stride = xv.row_stride;
+  p.y_row_stride = yv.row_stride;
+  p.seeds = t.seeds;
+  p.registry = t.registry;
+  p.clamp = to_clamp(clamp_lo, clamp_hi);
+  p.dead_threshold = static_cast<float>(dead_threshold);
+  p.telemetry = static_cast<float*>(telemetry.data());
+  p.nonfinite_count = static_cast<int64_t*>(nonfinite.data());
+  p.stream = reinterpret_cast<kasmina::Stream>(stream);
+  return p;
+}
+
+void forward(const In& x, const Out& y, const Out& telemetry, const Out& nonfinite,
+             const In& stage, const In& kind, const In& blueprint, const In& alpha,
+             const In& weights, const In& scales, const std::optional<Out>& workspace,
+             double dead_threshold, std::optional<double> clamp_lo, std::optional<double> clamp_hi,
+             int backend, uintptr_t stream) {
+  const Backend b = to_backend(backend);
+  const kasmina::ForwardParams p =
+      forward_params(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                     workspace, dead_threshold, clamp_lo, clamp_hi, b, stream);
+  // The CPU backend threads with OpenMP; let other Python threads run meanwhile.
+  nb::gil_scoped_release release;
+  kasmina::forward(p, b);
+}
+
+std::string describe_forward(const In& x, const Out& y, const Out& telemetry, const Out& nonfinite,
+                             const In& stage, const In& kind, const In& blueprint, const In& alpha,
+                             const In& weights, const In& scales,
+                             const std::optional<Out>& workspace, double dead_threshold,
+                             std::optional<double> clamp_lo, std::optional<double> clamp_hi,
+                             int backend, uintptr_t stream) {
+  const Backend b = to_backend(backend);
+  return kasmina::describe_forward(
+      forward_params(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                     workspace, dead_threshold, clamp_lo, clamp_hi, b, stream),
+      b);
+}
+
+void backward(const In& x, const In& dy, const Out& dx, const Out& dweights, const Out& dscales,
+              const Out& dalpha, const Out& grad_stats, const In& stage, const In& kind,
+              const In& blueprint, const In& alpha, const In& weights, const In& scales,
+              const std::optional<Out>& workspace, std::optional<double> clamp_lo,
+              std::optional<double> clamp_hi, std::optional<double> grad_clip, int backend,
+              uintptr_t stream) {
+  using C = nb::dlpack::dtype_code;
+  const Backend b = to_backend(backend);
+  DeviceCheck dev;
+  dev.add(x, "x");
+  const LayerTensors t = layer_tensors(stage, kind, blueprint, alpha, weights, scales, dev);
+  const int64_t hidden = t.chunk * t.num_seeds;
+  KASMINA_CHECK_VALUE(hidden > 0, "hidden must be > 0, got 0");
+  kasmina::BackwardParams p;
+  p.dtype = activation_dtype(x, "x");
+  const RowsView xv = rows_view(x, "x", hidden);
+  KASMINA_CHECK_TYPE(activation_dtype(dy, "dy") == p.dtype, "dy must have the dtype of x (",
+                     dtype_str(x), "), got ", dtype_str(dy));
+  KASMINA_CHECK_TYPE(activation_dtype(dx, "dx") == p.dtype, "dx must have the dtype of x (",
+                     dtype_str(x), "), got ", dtype_str(dx));
+  KASMINA_CHECK_VALUE(dy.ndim() == x.ndim() && dy.size() == x.size(),
+                      "dy must have the shape of x (", shape_str(x), "), got ", shape_str(dy));
+  KASMINA_CHECK_VALUE(dx.ndim() == x.ndim() && dx.size() == x.size(),
+                      "dx must have the shape of x (", shape_str(x), "), got ", shape_str(dx));
+  const RowsView dyv = rows_view(dy, "dy", hidden);
+  const RowsView dxv = rows_view(dx, "dx", hidden);
+  const int64_t nb_rows = t.registry.num_blueprints;
+  check_small(dweights, "dweights", C::Float, 32, "float32", {nb_rows, t.chunk});
+  check_small(dscales, "dscales", C::Float, 32, "float32", {nb_rows});
+  check_small(dalpha, "dalpha", C::Float, 32, "float32", {t.num_seeds});
+  check_small(grad_stats, "grad_stats", C::Float, 32, "float32",
+              {t.num_seeds, kasmina::kGradStatsWidth});
+  dev.add(dy, "dy");
+  dev.add(dx, "dx");
+  dev.add(dweights, "dweights");
+  dev.add(dscales, "dscales");
+  dev.add(dalpha, "dalpha");
+  dev.add(grad_stats, "grad_stats");
+  set_workspace(workspace, dev, p.workspace, p.workspace_bytes);
+  dev.match(b);
+  KASMINA_CHECK_VALUE(!grad_clip || *grad_clip > 0.0, "grad_clip must be > 0, got ",
+                      grad_clip ? *grad_clip : 0.0);
+
+  p.x = x.data();
+  p.dy = dy.data();
+  p.dx = dx.data();
+  p.rows = xv.rows;
+  p.hidden = hidden;
+  p.num_seeds = t.num_seeds;
+  p.x_row_stride = xv.row_stride;
+  p.dy_row_stride = dyv.row_stride;
+  p.dx_row_stride = dxv.row_stride;
+  p.seeds = t.seeds;
+  p.registry = t.registry;
+  p.clamp = to_clamp(clamp_lo, clamp_hi);
+  p.clip_enabled = grad_clip.has_value();
+  p.clip_norm = grad_clip ? static_cast<float>(*grad_clip) : 0.0f;
+  p.dweights = static_cast<float*>(dweights.data());
+  p.dscales = static_cast<float*>(dscales.data());
+  p.dalpha = static_cast<float*>(dalpha.data());
+  p.grad_stats = static_cast<float*>(grad_stats.data());
+  p.stream = reinterpret_cast<kasmina::Stream>(stream);
+  nb::gil_scoped_release release;
+  kasmina::backward(p, b);
+}
+
+// Workspace a layer allocates once per device: the larger of forward's and
+// backward's, which both leave it zero-filled, so one buffer serves both.
+std::size_t workspace_bytes(int64_t hidden, int32_t num_seeds, int32_t num_blueprints,
+                            int backend) {
+  const Backend b = to_backend(backend);
+  kasmina::ForwardParams f;
+  f.hidden = hidden;
+  f.num_seeds = num_seeds;
+  f.registry.num_blueprints = num_blueprints;
+  kasmina::BackwardParams bw;
+  bw.hidden = hidden;
+  bw.num_seeds = num_seeds;
+  bw.registry.num_blueprints = num_blueprints;
+  return std::max(kasmina::forward_workspace_bytes(f, b), kasmina::backward_workspace_bytes(bw, b));
+}
+
+// Copies of host arrays as numpy arrays (the core Layer stays the owner of its
+// state; Python gets snapshots).
+template <typename T>
+nb::ndarray<nb::numpy, T> to_numpy(const T* data, std::initializer_list<size_t> shape) {
+  size_t n = 1;
+  for (size_t d : shape) n *= d;
+  auto* copy = new std::vector<T>(data, data + n);
+  nb::capsule owner(copy, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T>(copy->data(), shape, owner);
+}
+template <typename T>
+nb::ndarray<nb::numpy, T> to_numpy(const std::vector<T>& v) {
+  return to_numpy<T>(v.data(), {v.size()});
+}
+
+using HostFloats = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using HostBytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+std::span<const float> as_span(const HostFloats& a) { return {a.data(), a.shape(0)}; }
+
+kasmina::StrategyParams strategy_params(int strategy, int ramp_steps, double drift_threshold,
+                                        double grad_norm_lower, double grad_norm_upper) {
+  kasmina::StrategyParams s;
+  KASMINA_CHECK_VALUE(strategy >= 0 && strategy < kasmina::kNumStrategies,
+                      "strategy must be in [0, ", kasmina::kNumStrategies, "), got ", strategy);
+  s.strategy = static_cast<kasmina::Strategy>(strategy);
+  s.ramp_steps = ramp_steps;
+  s.drift_threshold = static_cast<float>(drift_threshold);
+  s.grad_norm_lower = static_cast<float>(grad_norm_lower);
+  s.grad_norm_upper = static_cast<float>(grad_norm_upper);
+  return s;
+}
+
+kasmina::LayerConfig make_config(int64_t hidden, int32_t num_seeds, int32_t max_blueprints,
+                                 double dead_threshold, std::optional<double> clamp_lo,
+                                 std::optional<double> clamp_hi, std::optional<double> grad_clip,
+                                 int32_t stabilization_steps, int32_t embargo_steps) {
+  kasmina::LayerConfig c;
+  c.hidden = hidden;
+  c.num_seeds = num_seeds;
+  c.max_blueprints = max_blueprints;
+  c.dead_threshold = static_cast<float>(dead_threshold);
+  c.clamp = to_clamp(clamp_lo, clamp_hi);
+  c.clip_enabled = grad_clip.has_value();
+  c.clip_norm = grad_clip ? static_cast<float>(*grad_clip) : 0.0f;
+  c.stabilization_steps = stabilization_steps;
+  c.embargo_steps = embargo_steps;
+  return c;
+}
+
+void translate(const std::exception_ptr& p, void*) {
+  try {
+    std::rethrow_exception(p);
+  } catch (const kasmina::Error& e) {
+    switch (e.kind()) {
+      case kasmina::ErrorKind::value: PyErr_SetString(PyExc_ValueError, e.what()); break;
+      case kasmina::ErrorKind::type: PyErr_SetString(PyExc_TypeError, e.what()); break;
+      default: PyErr_SetString(PyExc_RuntimeError, e.what()); break;
+    }
+  }
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "kasmina C++ core (nanobind). Use the kasmina package, not this module.";
+  nb::register_exception_translator(translate);
+
+  m.def("forward", &forward, "x"_a, "y"_a, "telemetry"_a, "nonfinite"_a, "stage"_a, "kind"_a,
+        "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a, "workspace"_a.none(),
+        "dead_threshold"_a, "clamp_lo"_a.none(), "clamp_hi"_a.none(), "backend"_a, "stream"_a);
+  m.def("describe_forward", &describe_forward, "x"_a, "y"_a, "telemetry"_a, "nonfinite"_a,
+        "stage"_a, "kind"_a, "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a,
+        "workspace"_a.none(), "dead_threshold"_a, "clamp_lo"_a.none(), "clamp_hi"_a.none(),
+        "backend"_a, "stream"_a);
+  m.def("backward", &backward, "x"_a, "dy"_a, "dx"_a, "dweights"_a, "dscales"_a, "dalpha"_a,
+        "grad_stats"_a, "stage"_a, "kind"_a, "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a,
+        "workspace"_a.none(), "clamp_lo"_a.none(), "clamp_hi"_a.none(), "grad_clip"_a.none(),
+        "backend"_a, "stream"_a);
+  m.def("workspace_bytes", &workspace_bytes, "hidden"_a, "num_seeds"_a, "num_blueprints"_a,
+        "backend"_a);
+  m.def("backend_available",
+        [](int b) { return kasmina::backend_available(to_backend(b)); }, "backend"_a);
+  m.def("backend_unavailable_reason",
+        [](int b) { return kasmina::backend_unavailable_reason(to_backend(b)); }, "backend"_a);
+  m.def("backend_name",
+        [](int b) { return std::string(kasmina::backend_name(to_backend(b))); }, "backend"_a);
+  m.def("build_info", []() {
+    const kasmina::BuildInfo info = kasmina::build_info();
+    nb::dict d;
+    d["version"] = info.version;
+    d["compiler"] = info.compiler;
+    d["cuda_compiled"] = info.cuda_compiled;
+    d["cuda_architectures"] = info.cuda_architectures;
+    d["cuda_devices"] = info.cuda_devices;
+    d["cpu_threads"] = info.cpu_threads;
+    return d;
+  });
+  m.def("allowed_targets", [](int stage) {
+    KASMINA_CHECK_VALUE(stage >= 0 && stage < kasmina::kNumStages, "stage must be in [0, ",
+                        kasmina::kNumStages, "), got ", stage);
+    std::vector<int> out;
+    for (kasmina::Stage s : kasmina::Layer::allowed_targets(static_cast<kasmina::Stage>(stage)))
+      out.push_back(static_cast<int>(s));
+    return out;
+  });
+  m.attr("TELEMETRY_WIDTH") = kasmina::kTelemetryWidth;
+  m.attr("GRAD_STATS_WIDTH") = kasmina::kGradStatsWidth;
+  m.attr("DRIFT_WINDOW") = kasmina::kDriftWindow;
+
+  nb::class_<kasmina::Layer>(m, "Layer")
+      .def("__init__",
+           [](kasmina::Layer* self, int64_t hidden, int32_t num_seeds, int32_t max_blueprints,
+              double dead_threshold, std::optional<double> clamp_lo,
+              std::optional<double> clamp_hi, std::optional<double> grad_clip,
+              int32_t stabilization_steps, int32_t embargo_steps) {
+             new (self) kasmina::Layer(make_config(hidden, num_seeds, max_blueprints,
+                                                   dead_threshold, clamp_lo, clamp_hi, grad_clip,
+                                                   stabilization_steps, embargo_steps));
+           },
+           "hidden"_a, "num_seeds"_a, "max_blueprints"_a = 64, "dead_threshold"_a = 1e-6,
+           "clamp_lo"_a.none() = nb::none(), "clamp_hi"_a.none() = nb::none(),
+           "grad_clip"_a.none() = nb::none(), "stabilization_steps"_a = 5, "embargo_steps"_a = 5)
+      .def_prop_ro("hidden", [](const kasmina::Layer& l) { return l.config().hidden; })
+      .def_prop_ro("num_seeds", [](const kasmina::Layer& l) { return l.config().num_seeds; })
+      .def_prop_ro("chunk", [](const kasmina::Layer& l) { return l.config().chunk(); })
+      // The configuration as the constructor takes it (a loaded state may
+      // carry its own clamp / clip / thresholds).
+      .def_prop_ro("config",
+                   [](const kasmina::Layer& l) {
+                     const kasmina::LayerConfig& c = l.config();
+                     nb::dict d;
+                     d["hidden"] = c.hidden;
+                     d["num_seeds"] = c.num_seeds;
+                     d["max_blueprints"] = c.max_blueprints;
+                     d["dead_threshold"] = static_cast<double>(c.dead_threshold);
+                     d["clamp_lo"] = c.clamp.enabled ? nb::cast(static_cast<double>(c.clamp.lo)) : nb::none();
+                     d["clamp_hi"] = c.clamp.enabled ? nb::cast(static_cast<double>(c.clamp.hi)) : nb::none();
+                     d["grad_clip"] = c.clip_enabled ? nb::cast(static_cast<double>(c.clip_norm)) : nb::none();
+                     d["stabilization_steps"] = c.stabilization_steps;
+                     d["embargo_steps"] = c.embargo_steps;
+                     return d;
+                   })
+      .def_prop_ro("max_blueprints",
+                   [](const kasmina::Layer& l) { return l.config().max_blueprints; })
+      .def("germinate",
+           [](kasmina::Layer& l, int32_t seed, int kind, int32_t blueprint, int strategy,
+              int ramp_steps, double drift_threshold, double lower, double upper) {
+             KASMINA_CHECK_VALUE(kind >= 0 && kind < kasmina::kNumKinds, "kind must be in [0, ",
+                                 kasmina::kNumKinds, "), got ", kind);
+             return l.germinate(seed, static_cast<kasmina::Kind>(kind), blueprint,
+                                strategy_params(strategy, ramp_steps, drift_threshold, lower,
+                                                upper));
+           },
+           "seed"_a, "kind"_a, "blueprint"_a, "strategy"_a, "ramp_steps"_a, "drift_threshold"_a,
+           "grad_norm_lower"_a, "grad_norm_upper"_a)
+      .def("transition",
+           [](kasmina::Layer& l, int32_t seed, int stage) {
+             KASMINA_CHECK_VALUE(stage >= 0 && stage < kasmina::kNumStages,
+                                 "stage must be in [0, ", kasmina::kNumStages, "), got ", stage);
+             l.transition(seed, static_cast<kasmina::Stage>(stage));
+           },
+           "seed"_a, "stage"_a)
+      .def("set_strategy",
+           [](kasmina::Layer& l, int32_t seed, int strategy, int ramp_steps,
+              double drift_threshold, double lower, double upper) {
+             l.set_strategy(seed, strategy_params(strategy, ramp_steps, drift_threshold, lower,
+                                                  upper));
+           },
+           "seed"_a, "strategy"_a, "ramp_steps"_a, "drift_threshold"_a, "grad_norm_lower"_a,
+           "grad_norm_upper"_a)
+      .def("step",
+           [](kasmina::Layer& l, const HostFloats& loss, const HostFloats& grad_norm,
+              const HostFloats& drift) { l.step(as_span(loss), as_span(grad_norm), as_span(drift)); },
+           "loss"_a, "grad_norm"_a, "drift"_a)
+      .def("set_alpha", [](kasmina::Layer& l, const HostFloats& a) { l.set_alpha(as_span(a)); },
+           "alpha"_a)
+      .def("set_registry_values",
+           [](kasmina::Layer& l, const HostFloats& w, const HostFloats& s) {
+             l.set_registry_values(as_span(w), as_span(s));
+           },
+           "weights"_a, "scales"_a)
+      .def("verify", &kasmina::Layer::verify)
+      .def("describe", &kasmina::Layer::describe)
+      .def("save",
+           [](const kasmina::Layer& l) {
+             const std::vector<uint8_t> bytes = l.save();
+             return nb::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+           })
+      .def("load",
+           [](kasmina::Layer& l, const HostBytes& bytes) {
+             l.load(std::span<const uint8_t>(bytes.data(), bytes.shape(0)));
+           },
+           "state"_a)
+      .def("checksum", &kasmina::Layer::compute_checksum, "seed"_a)
+      // Snapshots of the seed arrays and the registry (numpy copies).
+      .def_prop_ro("stage", [](const kasmina::Layer& l) { return to_numpy(l.seeds().stage); }, nb::rv_policy::move)
+      .def_prop_ro("kind", [](const kasmina::Layer& l) { return to_numpy(l.seeds().kind); }, nb::rv_policy::move)
+      .def_prop_ro("blueprint",
+                   [](const kasmina::Layer& l) { return to_numpy(l.seeds().blueprint); }, nb::rv_policy::move)
+      .def_prop_ro("alpha", [](const kasmina::Layer& l) { return to_numpy(l.seeds().alpha); }, nb::rv_policy::move)
+      .def_prop_ro("steps_in_stage",
+                   [](const kasmina::Layer& l) { return to_numpy(l.seeds().steps_in_stage); }, nb::rv_policy::move)
+      .def_prop_ro("strategy",
+                   [](const kasmina::Layer& l) { return to_numpy(l.seeds().strategy); }, nb::rv_policy::move)
+      .def_prop_ro("ramp_steps",
+                   [](const kasmina::Layer& l) { return to_numpy(l.seeds().ramp_steps); }, nb::rv_policy::move)
+      .def_prop_ro("drift_threshold",
+                   [](const kasmina::Layer& l) { return to_numpy(l.seeds().drift_threshold); }, nb::rv_policy::move)
+      .def_prop_ro("grad_norm_lower",
+                   [](const kasmina::Layer& l) { return to_numpy(l.seeds().grad_norm_lower); }, nb::rv_policy::move)
+      .def_prop_ro("grad_norm_upper",
+                   [](const kasmina::Layer& l) { return to_numpy(l.seeds().grad_norm_upper); }, nb::rv_policy::move)
+      .def_prop_ro("loss_baseline",
+                   [](const kasmina::Layer& l) { return to_numpy(l.seeds().loss_baseline); }, nb::rv_policy::move)
+      .def_prop_ro("registry_weights",
+                   [](const kasmina::Layer& l) {
+                     const kasmina::Registry& r = l.registry();
+                     return to_numpy<float>(r.weights.data(),
+                                            {static_cast<size_t>(r.num_blueprints),
+                                             static_cast<size_t>(r.chunk)});
+                   }, nb::rv_policy::move)
+      .def_prop_ro("registry_scales",
+                   [](const kasmina::Layer& l) { return to_numpy(l.registry().scales); }, nb::rv_policy::move)
+      .def_prop_ro("registry_row_kind",
+                   [](const kasmina::Layer& l) { return to_numpy(l.registry().row_kind); }, nb::rv_policy::move);
+}

@@ -1,0 +1,133 @@
+"""CUDA cases (skipped without a GPU; the lead runs them): the CUDA backend
+against kasmina.reference under SPEC section 9, determinism, torch.compile,
+CUDA graphs, autocast, device moves and the per-device workspace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kasmina
+from kasmina import Kind, Stage, reference
+from conftest import STAGE_MIX, assert_close, cycle, make_layer, seed_tensors
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not kasmina.info()["backends"]["cuda"]["available"],
+    reason="needs a CUDA device and the CUDA backend")
+
+KINDS = list(Kind)
+
+
+def run(layer, x, dy):
+    xg = x.clone().requires_grad_(True)
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(xg)
+    y.backward(dy)
+    return [y.detach(), layer.telemetry.clone(), layer.nonfinite_counts.clone(), xg.grad,
+            layer.weights.grad.clone(), layer.scales.grad.clone(), layer.alpha.grad.clone(),
+            layer.grad_stats.clone()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 8, 3), (7, 8, 48), (1000, 4, 65), (33, 2, 1000)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_vs_reference(dtype, shape):
+    rows, seeds, chunk = shape
+    layer = make_layer(seeds * chunk, cycle(KINDS, seeds), cycle(STAGE_MIX, seeds),
+                       clamp=(-2.5, 2.5), grad_clip=4.0).cuda()
+    x = torch.randn(rows, seeds * chunk, device="cuda").to(dtype)
+    dy = torch.randn(rows, seeds * chunk, device="cuda").to(dtype)
+    ours = run(layer, x, dy)
+    st, kd, bp, al, w, sc = [t.cpu() for t in seed_tensors(layer)]
+    ry, rtel = reference.forward(x.cpu().double(), st, kd, bp, al.double(), w.double(),
+                                 sc.double(), clamp=(-2.5, 2.5), grad_clip=4.0)
+    rdx, rdw, rds, rda, rgs = reference.backward(x.cpu().double(), dy.cpu().double(), st, kd, bp,
+                                                 al.double(), w.double(), sc.double(),
+                                                 clamp=(-2.5, 2.5), grad_clip=4.0)
+    for name, o, r in zip(["y", "telemetry", "dx", "dW", "dscale", "dalpha", "grad_stats"],
+                          [ours[0], ours[1], ours[3], ours[4], ours[5], ours[6], ours[7]],
+                          [ry, rtel, rdx, rdw, rds, rda, rgs]):
+        assert_close(o, r, dtype, name)
+    assert torch.equal(ours[1][:, 2:4].cpu().double(), rtel[:, 2:4])
+    assert torch.equal(ours[2].cpu().double(), rtel[:, 6])
+    again = run(layer, x, dy)
+    for a, b in zip(ours, again):
+        assert torch.equal(a, b)  # deterministic bits
+
+
+def test_cuda_matches_cpu_backend_closely():
+    layer = make_layer(64, cycle(KINDS, 8), STAGE_MIX)
+    x = torch.randn(300, 64)
+    dy = torch.randn(300, 64)
+    cpu = run(layer, x, dy)
+    layer.cuda()
+    gpu = run(layer, x.cuda(), dy.cuda())
+    for a, b in zip(cpu, gpu):
+        assert_close(b.cpu(), a, torch.float32)
+
+
+def test_compile_on_cuda_matches_eager():
+    torch._dynamo.reset()
+    layer = make_layer(48, cycle(KINDS, 4), [Stage.GRAFTING, Stage.TRAINING, Stage.FOSSILIZED,
+                                            Stage.FINE_TUNING]).cuda()
+    x = torch.randn(17, 48, device="cuda")
+    dy = torch.randn(17, 48, device="cuda")
+    eager = run(layer, x, dy)
+    got = run(torch.compile(layer, fullgraph=True), x, dy)
+    for a, b in zip(eager, got):
+        assert torch.equal(a, b)
+
+
+def test_cuda_graph_capture_and_replay():
+    layer = make_layer(64, cycle(KINDS, 8), STAGE_MIX).cuda()
+    static_x = torch.randn(32, 64, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(3):
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    new_x = torch.randn(32, 64, device="cuda")
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        expect = layer(new_x)
+    assert torch.equal(static_y, expect)
+    tel = layer.telemetry.clone()
+    graph.replay()
+    assert torch.equal(layer.telemetry, tel)
+
+
+def test_autocast_on_cuda_runs_in_input_dtype():
+    layer = make_layer(32, cycle(KINDS, 4), [Stage.GRAFTING] * 4).cuda()
+    lin = torch.nn.Linear(32, 32).cuda()
+    x = torch.randn(8, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h = lin(x)
+        y = layer(h)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weights.grad.dtype == torch.float32
+
+
+def test_workspace_sized_per_device_and_state_moves():
+    layer = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    sd = layer.state_dict()
+    layer.cuda()
+    assert layer.workspace.is_cuda and layer.workspace.dtype == torch.uint8
+    assert int(layer.workspace.count_nonzero()) == 0
+    layer(torch.randn(5, 24, device="cuda")).sum().backward()
+    torch.cuda.synchronize()
+    assert int(layer.workspace.count_nonzero()) == 0  # the kernels leave it zeroed
+    other = kasmina.KasminaLayer(24, 4).cuda()
+    other.load_state_dict(sd)
+    x = torch.randn(5, 24, device="cuda")
+    assert torch.equal(other(x), layer(x))
+    layer.cpu()
+    with pytest.raises(ValueError, match="device"):
+        layer(torch.randn(5, 24, device="cuda"))

@@ -1,0 +1,317 @@
+"""KasminaLayer as a module: lifecycle through Python, state dictionaries,
+every error path (nothing written on failure), dtype/device moves, training."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import kasmina
+from kasmina import Kind, Stage, Strategy
+from conftest import STAGE_MIX, cycle, make_layer, seed_tensors
+
+KINDS = list(Kind)
+
+
+def core_bytes(layer):
+    # get_extra_state first syncs the Parameters into the core (what every
+    # lifecycle call does too), so only real state changes show.
+    return layer.get_extra_state().numpy().tobytes()
+
+
+def snapshot(layer):
+    """Everything a failed call must leave untouched."""
+    return ([t.detach().clone() for t in (*layer.parameters(), *layer.buffers())],
+            core_bytes(layer))
+
+
+def assert_unchanged(layer, snap):
+    tensors, blob = snap
+    for a, b in zip(tensors, [t.detach() for t in (*layer.parameters(), *layer.buffers())]):
+        assert torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
+                           b.view(torch.uint8) if b.is_floating_point() else b)
+    assert core_bytes(layer) == blob
+
+
+# --- API surface --------------------------------------------------------------
+
+def test_enums_and_columns_match_the_contract():
+    assert [int(k) for k in Kind] == [0, 1, 2, 3]
+    assert Stage.ROLLED_BACK == 10 and Stage.FOSSILIZED == 7
+    assert [s.name for s in Strategy] == ["FIXED_RAMP", "PERFORMANCE_LINKED", "DRIFT_CONTROLLED",
+                                         "GRAD_NORM_GATED"]
+    assert kasmina.TELEMETRY_COLUMNS[7] == "drift" and len(kasmina.TELEMETRY_COLUMNS) == 8
+    assert kasmina.GRAD_STATS_COLUMNS == ("l2_norm", "variance", "max_abs")
+
+
+def test_attributes_parameters_and_info():
+    layer = kasmina.KasminaLayer(48, 6, 16)
+    assert (layer.hidden, layer.num_seeds, layer.chunk, layer.max_blueprints) == (48, 6, 8, 16)
+    assert layer.weights.shape == (16, 8) and layer.scales.shape == (16,)
+    assert layer.alpha.shape == (6,)
+    assert {p.dtype for p in layer.parameters()} == {torch.float32}
+    assert layer.seed_stage.dtype == torch.int32
+    info = kasmina.info()
+    assert info["version"] == "0.1.0" and info["backends"]["cpu"]["available"]
+    assert "cpu" in info["dispatch"]
+
+
+def test_lifecycle_through_python_and_step_ramps_alpha():
+    layer = kasmina.KasminaLayer(16, 4, stabilization_steps=2)
+    row = layer.germinate(1, "MLP", ramp_steps=4)
+    assert row >= 1 and layer.stage(1) == Stage.GERMINATED
+    assert torch.equal(layer.weights[row], torch.ones(4))  # SPEC 6: MLP starts at w = 1
+    assert layer.seed_blueprint[1] == row and layer.seed_kind[1] == Kind.MLP
+    layer.transition(1, Stage.TRAINING)
+    layer.transition(1, "grafting")
+    assert layer.alpha[1] == 0
+    x = torch.randn(8, 16)
+    for expected in (0.25, 0.5, 0.75):
+        layer(x).sum().backward()
+        layer.step(1.0)
+        assert layer.alpha[1].item() == pytest.approx(expected)
+        assert layer.stage(1) == Stage.GRAFTING
+    layer.step(1.0)
+    assert layer.stage(1) == Stage.STABILIZATION and layer.alpha[1] == 1
+    assert layer.seed_stage[1] == Stage.STABILIZATION
+    info = layer.seed_info(1)
+    assert info["kind"] == Kind.MLP and info["blueprint"] == row and info["alpha"] == 1.0
+    assert layer.stages()[0] == Stage.DORMANT
+    text = layer.report()
+    assert "STABILIZATION" in text and "MLP" in text
+
+
+def test_optimizer_alpha_survives_lifecycle_calls():
+    layer = make_layer(12, [Kind.RESIDUAL] * 3, [Stage.GRAFTING, Stage.TRAINING, Stage.DORMANT])
+    with torch.no_grad():
+        layer.alpha[0] = 0.375
+        layer.weights[1, 2] = 4.5
+    layer.transition(1, Stage.CULLED)  # pushes then pulls: the optimiser's values stay
+    assert layer.alpha[0].item() == 0.375 and layer.weights[1, 2].item() == 4.5
+
+
+def test_set_strategy_keeps_unspecified_parameters():
+    layer = kasmina.KasminaLayer(12, 3)
+    layer.germinate(0, Kind.RESIDUAL, ramp_steps=7)
+    layer.set_strategy(0, "DRIFT_CONTROLLED", drift_threshold=0.3)
+    assert layer.seed_info(0)["strategy"] == Strategy.DRIFT_CONTROLLED
+    assert layer._core.ramp_steps[0] == 7 and layer._core.drift_threshold[0] == pytest.approx(0.3)
+    with pytest.raises(TypeError, match="unknown strategy parameter"):
+        layer.set_strategy(0, Strategy.FIXED_RAMP, ramp=3)
+
+
+# --- state I/O ----------------------------------------------------------------
+
+def trained_layer():
+    layer = make_layer(20, cycle(KINDS, 5), [Stage.GRAFTING, Stage.TRAINING, Stage.FOSSILIZED,
+                                            Stage.CULLED, Stage.EVALUATING],
+                       clamp=(-2.0, 2.0), grad_clip=3.0)
+    layer(torch.randn(4, 20)).sum().backward()
+    layer.step([0.5, 0.4, math.nan, 0.3, 0.2])
+    return layer
+
+
+def test_state_dict_round_trip_bit_exact():
+    layer = trained_layer()
+    sd = layer.state_dict()
+    assert set(sd) == {"weights", "scales", "alpha", "_extra_state"}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    other = kasmina.KasminaLayer(20, 5, clamp=(-2.0, 2.0), grad_clip=3.0)
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert bytes(other._core.save()) == bytes(layer._core.save())
+    for a, b in zip(seed_tensors(layer), seed_tensors(other)):
+        assert torch.equal(a, b)
+    x = torch.randn(3, 20)
+    assert torch.equal(layer(x), other(x))
+    assert other.clamp == (-2.0, 2.0)
+
+
+def test_corrupted_state_is_refused_and_layer_unchanged():
+    sd = trained_layer().state_dict()
+    target = make_layer(20, cycle(KINDS, 5), [Stage.TRAINING] * 5, seed=9)
+    snap = snapshot(target)
+    blob = sd["_extra_state"].clone()
+    for pos in (blob.numel() // 2, blob.numel() - 1, 40):
+        bad = dict(sd)
+        corrupt = blob.clone()
+        corrupt[pos] ^= 0x10
+        bad["_extra_state"] = corrupt
+        with pytest.raises(RuntimeError, match="kasmina"):
+            target.load_state_dict(bad)
+        assert_unchanged(target, snap)
+
+
+def test_mismatched_states_are_refused_and_layer_unchanged():
+    sd = trained_layer().state_dict()
+    for target in (kasmina.KasminaLayer(24, 6), kasmina.KasminaLayer(20, 5, 32)):
+        snap = snapshot(target)
+        with pytest.raises(RuntimeError, match="kasmina"):
+            target.load_state_dict(sd)
+        assert_unchanged(target, snap)
+    target = kasmina.KasminaLayer(20, 5, clamp=(-2.0, 2.0), grad_clip=3.0)
+    snap = snapshot(target)
+    edited = dict(sd)
+    edited["alpha"] = sd["alpha"] + 0.125  # disagrees with the checksummed bytes
+    with pytest.raises(RuntimeError, match="disagrees"):
+        target.load_state_dict(edited)
+    assert_unchanged(target, snap)
+    missing = {k: v for k, v in sd.items() if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match="core state"):
+        target.load_state_dict(missing)
+    assert_unchanged(target, snap)
+
+
+def test_deepcopy_and_pickle_whole_module():
+    layer = trained_layer()
+    clone = copy.deepcopy(layer)
+    assert bytes(clone._core.save()) == bytes(layer._core.save())
+    clone.transition(0, Stage.STABILIZATION)
+    assert layer.stage(0) == Stage.GRAFTING  # independent cores
+
+
+# --- errors -------------------------------------------------------------------
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="divisible|num_seeds"):
+        kasmina.KasminaLayer(10, 3)
+    with pytest.raises(ValueError):
+        kasmina.KasminaLayer(0, 1)
+    with pytest.raises(ValueError):
+        kasmina.KasminaLayer(8, 0)
+    with pytest.raises(ValueError, match="backend"):
+        kasmina.KasminaLayer(8, 2, backend="tpu")
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda: torch.tensor(1.0), ValueError, "rank"),
+    (lambda: torch.randn(4, 20), ValueError, "hidden"),
+    (lambda: torch.randn(4, 24).to(torch.int32), TypeError, "float32"),
+    (lambda: torch.randn(4, 24, dtype=torch.complex64), TypeError, "float32"),
+    (lambda: torch.randn(24, 4).t(), ValueError, "contiguous"),
+    (lambda: torch.randn(4, 3, 24).transpose(0, 1), ValueError, "rows"),
+])
+def test_forward_input_errors_write_nothing(bad, exc, match):
+    layer = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    snap = snapshot(layer)
+    with pytest.raises(exc, match=match):
+        layer(bad())
+    assert_unchanged(layer, snap)
+
+
+def test_float64_on_fast_backend_is_refused():
+    layer = make_layer(12, [Kind.MLP] * 3, [Stage.GRAFTING] * 3, backend="cpu")
+    with pytest.raises(TypeError, match="float64|f64|reference"):
+        layer(torch.randn(2, 12, dtype=torch.float64))
+
+
+def test_op_level_errors_write_nothing():
+    layer = make_layer(12, [Kind.MLP] * 3, [Stage.GRAFTING] * 3)
+    stage, kind, bp, alpha, w, sc = seed_tensors(layer)
+    x = torch.randn(2, 12)
+    fwd = torch.ops.kasmina.forward
+    tail = (None, None, 1e-6, None, None, None, "auto")
+    with pytest.raises(TypeError, match="stage must be int32"):
+        fwd(x, stage.long(), kind, bp, alpha, w, sc, *tail)
+    with pytest.raises(TypeError, match="weights must be float32"):
+        fwd(x, stage, kind, bp, alpha, w.double(), sc, *tail)
+    with pytest.raises(ValueError, match="clamp"):
+        fwd(x, stage, kind, bp, alpha, w, sc, None, None, 1e-6, 1.0, None, None, "auto")
+    with pytest.raises(ValueError, match="backend"):
+        fwd(x, stage, kind, bp, alpha, w, sc, None, None, 1e-6, None, None, None, "gpu")
+    bad_kind = kind.clone()
+    bad_kind[0] = 7
+    with pytest.raises(ValueError, match="kind"):
+        fwd(x, stage, bad_kind, bp, alpha, w, sc, *tail)
+    bad_bp = bp.clone()
+    bad_bp[1] = 99
+    with pytest.raises(ValueError, match="blueprint"):
+        fwd(x, stage, kind, bad_bp, alpha, w, sc, *tail)
+    dy = torch.randn(2, 12, dtype=torch.float16)
+    with pytest.raises(TypeError, match="dy"):
+        torch.ops.kasmina.backward(x, dy, stage, kind, bp, alpha, w, sc, None, None, None, None,
+                                   "auto")
+
+
+def test_lifecycle_errors_name_stages_and_write_nothing():
+    layer = make_layer(12, [Kind.CONV, Kind.RESIDUAL, Kind.MLP],
+                       [Stage.GRAFTING, Stage.FOSSILIZED, Stage.DORMANT])
+    snap = snapshot(layer)
+    with pytest.raises(ValueError, match=r"GRAFTING.*DORMANT.*STABILIZATION"):
+        layer.transition(0, Stage.DORMANT)
+    with pytest.raises(ValueError, match="FOSSILIZED"):
+        layer.transition(1, Stage.CULLED)
+    with pytest.raises(ValueError, match="seed"):
+        layer.transition(3, Stage.TRAINING)
+    with pytest.raises(ValueError, match="seed"):
+        layer.germinate(-1, Kind.MLP)
+    with pytest.raises(ValueError, match="kind"):
+        layer.germinate(2, 9)
+    with pytest.raises(ValueError, match="stage"):
+        layer.transition(2, "SPROUTING")
+    with pytest.raises(ValueError):
+        layer.germinate(2, Kind.MLP, blueprint=63)  # a row nobody allocated
+    with pytest.raises(ValueError):
+        layer.germinate(0, Kind.MLP)  # not DORMANT
+    with pytest.raises(ValueError, match="loss"):
+        layer.step([1.0, 2.0])
+    assert_unchanged(layer, snap)
+
+
+def test_conv_needs_chunk_of_three():
+    layer = kasmina.KasminaLayer(4, 2)
+    with pytest.raises(ValueError, match="C|chunk|CONV"):
+        layer.germinate(0, Kind.CONV)
+
+
+# --- dtype / device moves -------------------------------------------------------
+
+def test_half_keeps_float32_parameters_and_int_buffers():
+    layer = make_layer(16, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    before = [p.clone() for p in layer.parameters()]
+    layer.half()
+    layer.to(torch.float64)
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    assert layer.seed_stage.dtype == torch.int32 and layer.telemetry.dtype == torch.float32
+    x = torch.randn(3, 16).half()
+    assert layer(x).dtype == torch.float16
+
+
+def test_cpu_autocast_runs_in_the_input_dtype():
+    layer = make_layer(16, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, layer(x))
+
+
+# --- training -------------------------------------------------------------------
+
+def test_training_loop_loss_goes_down():
+    torch.manual_seed(0)
+    hidden = 32
+    seeds = make_layer(hidden, cycle(KINDS, 4), [Stage.GRAFTING, Stage.GRAFTING, Stage.TRAINING,
+                                                 Stage.GRAFTING], alpha=[0.5] * 4)
+    net = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Tanh(), seeds,
+                              torch.nn.Linear(hidden, 1))
+    x = torch.randn(256, 8)
+    target = x @ torch.randn(8, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    seeds.step(losses[-1])
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert seeds.weights.grad.abs().sum() > 0 and seeds.alpha.grad.abs().sum() > 0
+    assert torch.isfinite(seeds.grad_stats).all()
