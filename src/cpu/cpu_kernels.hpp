@@ -1,7 +1,7 @@
-// Internal to the fast CPU backend (forward_cpu.cpp, backward_cpu.cpp): the
-// row blocking that makes results independent of the thread count, the
-// storage-dtype row converters, the Chan merge and the per-kind blend that
-// forward and backward (clamp mask) must compute bit-identically.
+// Internal to the fast CPU backend (forward_cpu.cpp, backward_cpu.cpp and the
+// per-ISA row kernels of cpu_rows.hpp): the row blocking that makes results
+// independent of the thread count, the storage dtypes, the Chan merge, the
+// per-seed plans and partials, and the per-ISA entry points.
 #pragma once
 
 #include <algorithm>
@@ -60,18 +60,6 @@ struct F16 {
   static raw store(float v) { return storage::float_to_f16_bits(v); }
 };
 
-template <typename S>
-inline void load_row(const typename S::raw* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = S::load(src[j]);
-}
-
-template <typename S>
-inline void store_row(const float* src, typename S::raw* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = S::store(src[j]);
-}
-
 // Finite test that vectorises and survives without -ffast-math: v - v is 0
 // for every finite v and NaN for NaN and +-Inf.
 inline bool finite(float v) { return (v - v) == 0.0f; }
@@ -117,37 +105,84 @@ struct SeedPlan {
 void make_plans(const SeedTable& seeds, const RegistryView& registry, int32_t num_seeds,
                 int64_t chunk, SeedPlan* plans, float* vectors);
 
-// Y = a*T + (1-a)*X of one row chunk into y (unclamped). x must have two
-// readable zeros before x[0] for CONV. Forward and the backward clamp mask
-// both call this, so the mask sees the very bits the forward clamped.
-inline void blend_chunk(const SeedPlan& p, const float* x, float* y, int64_t n) {
-  const float a = p.a, om = p.one_minus_a, sigma = p.sigma;
-  const float* v = p.vec;
-  switch (p.kind) {
-    case static_cast<int32_t>(Kind::residual):
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) y[j] = a * (x[j] + v[j]) + om * x[j];
-      break;
-    case static_cast<int32_t>(Kind::attention):
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) y[j] = a * (x[j] * v[j]) + om * x[j];
-      break;
-    case static_cast<int32_t>(Kind::mlp):
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const float h = x[j] * v[j];
-        y[j] = a * (sigma * (h > 0.0f ? h : 0.0f)) + om * x[j];
-      }
-      break;
-    default: {
-      const float w0 = v[0], w1 = v[1], w2 = v[2];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        y[j] = a * (sigma * (w0 * x[j] + w1 * x[j - 1] + w2 * x[j - 2])) + om * x[j];
-      }
-      break;
-    }
+// Partials of one seed over the rows of one block, merged in block order.
+struct TelemetryPartial {
+  Moments moments;
+  float min = std::numeric_limits<float>::infinity();
+  float max = -std::numeric_limits<float>::infinity();
+  int64_t dead = 0;
+  int64_t nonfinite = 0;
+  double drift = 0.0;  // sum over rows of (1 - cos)
+
+  void merge(const TelemetryPartial& o) {
+    moments.merge(o.moments);
+    min = std::min(min, o.min);
+    max = std::max(max, o.max);
+    dead += o.dead;
+    nonfinite += o.nonfinite;
+    drift += o.drift;
   }
+};
+
+// One seed's sums over the rows of a block (the vector part lives in the
+// block's float buffer, C entries per seed).
+struct GradPartial {
+  double dsigma = 0.0;  // RESIDUAL: Σ G⊙w; MLP: Σ G⊙relu(X⊙w); CONV: Σ G⊙conv(X)
+  double dalpha = 0.0;  // MLP, CONV: Σ G⊙(T - X)
+  double sumsq = 0.0;   // of dX
+  Moments moments;      // of dX
+  float max_abs = 0.0f;
+
+  void merge(const GradPartial& o) {
+    dsigma += o.dsigma;
+    dalpha += o.dalpha;
+    sumsq += o.sumsq;
+    moments.merge(o.moments);
+    max_abs = std::max(max_abs, o.max_abs);
+  }
+};
+
+struct ForwardJob {
+  const ForwardParams& params;
+  int64_t chunk;
+  int64_t x_stride, y_stride;
+  const SeedPlan* plans;
+};
+
+struct BackwardJob {
+  const BackwardParams& params;
+  int64_t chunk;
+  int64_t x_stride, dy_stride, dx_stride;
+  const SeedPlan* plans;
+};
+
+// Floats of per-thread scratch the row kernels need.
+inline int64_t forward_scratch_floats(int64_t hidden, int64_t chunk) { return 2 * hidden + 2 + chunk; }
+inline int64_t backward_scratch_floats(int64_t hidden, int64_t chunk) {
+  return 3 * hidden + 3 * chunk + 4;
 }
+
+// The row kernels exist once per instruction set (cpu_rows.hpp, compiled by
+// cpu_rows_generic.cpp and cpu_rows_avx2.cpp). The set is picked once per
+// call from what the processor supports; KASMINA_CPU_ISA=generic forces the
+// baseline path. Each path is deterministic for any thread count, but the two
+// paths round differently (vector width changes the order of the float32
+// partial sums), so results may differ in the last bits between machines.
+enum class Isa { generic, avx2 };
+Isa select_isa();
+const char* isa_name(Isa isa);
+
+#define KASMINA_CPU_ROW_KERNELS                                                                 \
+  void forward_block(const ForwardJob& job, int64_t row_begin, int64_t row_end,               \
+                     TelemetryPartial* parts, float* scratch);                                 \
+  void backward_block(const BackwardJob& job, int64_t row_begin, int64_t row_end,             \
+                      GradPartial* parts, float* acc_block, float* scratch);
+namespace generic {
+KASMINA_CPU_ROW_KERNELS
+}
+namespace avx2 {
+KASMINA_CPU_ROW_KERNELS
+}
+#undef KASMINA_CPU_ROW_KERNELS
 
 }  // namespace kasmina::detail::cpu

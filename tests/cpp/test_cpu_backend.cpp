@@ -192,10 +192,44 @@ TEST(CpuBackend, DescribeSaysWhatRuns) {
   EXPECT_NE(forward_text.find("cpu: one pass"), std::string::npos) << forward_text;
   EXPECT_NE(forward_text.find("3 threads"), std::string::npos) << forward_text;
   EXPECT_NE(forward_text.find("bf16"), std::string::npos) << forward_text;
+  EXPECT_NE(forward_text.find("row kernels"), std::string::npos) << forward_text;
   BackwardParams bp = p.backward_params();
   bp.num_threads = 2;
   const std::string backward_text = describe_backward(bp, Backend::cpu);
   EXPECT_NE(backward_text.find("2 threads"), std::string::npos) << backward_text;
+}
+
+TEST(CpuBackend, GenericRowKernelsMatchReferenceAndThreadCounts) {
+  // KASMINA_CPU_ISA=generic forces the baseline row kernels on a machine that
+  // would run the AVX2 ones; both paths must meet SPEC section 9 and be
+  // bit-identical across thread counts on their own.
+  ASSERT_EQ(setenv("KASMINA_CPU_ISA", "generic", 1), 0);
+  uint64_t rng_seed = 1200;
+  for (DType dtype : kDtypes) {
+    for (int64_t chunk : {3, 48, 65}) {
+      ProblemOptions o = options_for(1000, chunk, 3, dtype, ++rng_seed);
+      o.clamp = chunk == 65;
+      o.clip = chunk == 65;
+      expect_matches_reference(o, "generic isa");
+    }
+    ProblemOptions o = options_for(300, 65, 16, dtype, ++rng_seed);
+    o.special_fraction = 0.02;
+    Problem base = make_problem(o);
+    run_forward(base, 1);
+    run_backward(base, 1);
+    for (int threads : {2, 3}) {
+      Problem again = base;
+      again.poison_outputs();
+      run_forward(again, threads);
+      run_backward(again, threads);
+      expect_forward_bits_equal(base, again, "generic isa, threads=" + std::to_string(threads));
+      expect_backward_bits_equal(base, again, "generic isa, threads=" + std::to_string(threads));
+    }
+  }
+  const std::string text = describe_forward(make_problem(options_for(7, 48, 3, DType::f32, 1300)).forward_params(),
+                                            Backend::cpu);
+  unsetenv("KASMINA_CPU_ISA");
+  EXPECT_NE(text.find("generic row kernels"), std::string::npos) << text;
 }
 
 TEST(CpuBackend, EnvironmentSetsDefaultThreads) {
