@@ -15,18 +15,25 @@ namespace kasmina::reference {
 
 namespace {
 
-// SPEC section 4, column 7: cos(X[n,:], Y[n,:]) with cos = 1 where either
-// vector is zero or holds a non-finite value.
-double row_cosine(const double* X, const double* Y, int64_t chunk) {
-  double dot = 0.0, xx = 0.0, yy = 0.0;
+// SPEC section 4, column 7: 1 - cos(X[n,:], Y[n,:]) with cos = 1 where either
+// vector is zero or holds a non-finite value. Computed as ||x/|x| - y/|y|||^2 / 2,
+// which equals 1 - cos but has no cancellation: a row whose Y equals X gives
+// exactly 0, not the rounding noise of 1 - dot/(|x||y|).
+double row_one_minus_cosine(const double* X, const double* Y, int64_t chunk) {
+  double xx = 0.0, yy = 0.0;
   for (int64_t j = 0; j < chunk; ++j) {
-    if (!std::isfinite(X[j]) || !std::isfinite(Y[j])) return 1.0;
-    dot += X[j] * Y[j];
+    if (!std::isfinite(X[j]) || !std::isfinite(Y[j])) return 0.0;
     xx += X[j] * X[j];
     yy += Y[j] * Y[j];
   }
-  if (xx == 0.0 || yy == 0.0) return 1.0;
-  return dot / (std::sqrt(xx) * std::sqrt(yy));
+  if (xx == 0.0 || yy == 0.0) return 0.0;
+  const double inv_x = 1.0 / std::sqrt(xx), inv_y = 1.0 / std::sqrt(yy);
+  double distance = 0.0;
+  for (int64_t j = 0; j < chunk; ++j) {
+    const double d = X[j] * inv_x - Y[j] * inv_y;
+    distance += d * d;
+  }
+  return 0.5 * distance;
 }
 
 }  // namespace
@@ -55,7 +62,7 @@ ForwardResult forward(const ForwardParams& params) {
     double lowest = std::numeric_limits<double>::infinity();
     double highest = -std::numeric_limits<double>::infinity();
     int64_t dead = 0, nonfinite = 0;
-    double cosine_sum = 0.0;
+    double drift_sum = 0.0;
 
     for (int64_t n = 0; n < rows; ++n) {
       oracle::load_chunk(params.dtype, params.x, x_stride, n, col0, chunk, X.data());
@@ -77,7 +84,7 @@ ForwardResult forward(const ForwardParams& params) {
         highest = std::max(highest, v);
         if (std::fabs(v) <= static_cast<double>(params.dead_threshold)) ++dead;
       }
-      cosine_sum += row_cosine(X.data(), Y.data(), chunk);
+      drift_sum += row_one_minus_cosine(X.data(), Y.data(), chunk);
     }
 
     double* tel = result.telemetry.data() + static_cast<std::size_t>(s) * kTelemetryWidth;
@@ -91,8 +98,8 @@ ForwardResult forward(const ForwardParams& params) {
         moments.count > 0 ? static_cast<double>(dead) / static_cast<double>(moments.count) : 0.0;
     tel[kTelSignalToNoise] = moments.count > 0 ? std::fabs(mean) / std::sqrt(variance + 1e-8) : 0.0;
     tel[kTelNonfinite] = static_cast<double>(nonfinite);
-    // Exactly 0 for a copy and for N = 0, not 1 - (rounded cos of X with itself).
-    tel[kTelDrift] = seed.blends && rows > 0 ? 1.0 - cosine_sum / static_cast<double>(rows) : 0.0;
+    // Exactly 0 for a copy and for N = 0.
+    tel[kTelDrift] = seed.blends && rows > 0 ? drift_sum / static_cast<double>(rows) : 0.0;
     result.nonfinite_count[static_cast<std::size_t>(s)] = nonfinite;
   }
   return result;

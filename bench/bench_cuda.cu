@@ -1,0 +1,365 @@
+// Benchmark of the CUDA backend (STYLE.md rule 8): for the shapes of the
+// project's issue, dtypes float32/bfloat16, passes forward and
+// forward+backward, seeds all blending (mixed kinds) or all dormant (the copy
+// cost). Each timed run flushes L2 first (a memset of twice its size) and
+// starts behind a short spin kernel, so the events time the GPU work alone,
+// not the host's launch overhead. Median of --runs runs (default 50) after
+// warm-up. The floor is a device-to-device cudaMemcpyAsync of the same bytes
+// in the same run: forward moves read x + write y, forward+backward moves
+// read x + write y + read x + read dy + write dx.
+//
+//   bench_cuda [--runs N] [--json FILE]
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kasmina/kasmina.hpp"
+
+namespace {
+
+void check(cudaError_t status, const char* expr, int line) {
+  if (status != cudaSuccess) {
+    std::fprintf(stderr, "bench_cuda: line %d: %s failed: %s\n", line, expr, cudaGetErrorString(status));
+    std::exit(1);
+  }
+}
+#define CHECK(expr) check((expr), #expr, __LINE__)
+
+__global__ void spin_kernel(long long cycles) {
+  const long long start = clock64();
+  while (clock64() - start < cycles) {
+  }
+}
+
+__device__ float hash_normalish(uint64_t i, uint64_t salt) {
+  uint64_t z = i * 0x9E3779B97F4A7C15ull + salt;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  // Sum of two uniforms in (-1, 1): cheap, bell-shaped, never all zeros.
+  const float u1 = static_cast<float>(z & 0xFFFFFF) / 16777216.0f;
+  const float u2 = static_cast<float>((z >> 24) & 0xFFFFFF) / 16777216.0f;
+  return u1 + u2 - 1.0f;
+}
+
+template <typename T>
+__device__ T from_f(float v);
+template <>
+__device__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+__global__ void fill_kernel(T* p, int64_t n, uint64_t salt) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    p[i] = from_f<T>(hash_normalish(static_cast<uint64_t>(i), salt));
+  }
+}
+
+template <typename T>
+void fill(void* p, int64_t n, uint64_t salt) {
+  fill_kernel<T><<<1024, 256>>>(static_cast<T*>(p), n, salt);
+  CHECK(cudaGetLastError());
+}
+
+struct Shape {
+  int64_t rows, hidden;
+  int32_t seeds;
+};
+
+struct Row {
+  std::string pass, dtype, seeds_mode, variant;
+  Shape shape;
+  double time_us, gbps, floor_gbps, pct_floor;
+};
+
+double median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+class Bench {
+ public:
+  explicit Bench(int runs) : runs_(runs) {
+    int device = 0;
+    CHECK(cudaGetDevice(&device));
+    CHECK(cudaGetDeviceProperties(&prop_, device));
+    int l2 = 0;
+    CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+    flush_bytes_ = static_cast<std::size_t>(l2) * 2;
+    CHECK(cudaMalloc(&flush_, flush_bytes_));
+    CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    CHECK(cudaEventCreate(&start_));
+    CHECK(cudaEventCreate(&stop_));
+    // ~20 us of spin at the SM clock: longer than the host needs to enqueue
+    // one forward + backward.
+    int clock_khz = 0;
+    CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+    spin_cycles_ = static_cast<long long>(clock_khz) * 20 / 1000;
+    if (spin_cycles_ < 20000) spin_cycles_ = 20000;
+  }
+  ~Bench() {
+    (void)cudaFree(flush_);
+    (void)cudaStreamDestroy(stream_);
+    (void)cudaEventDestroy(start_);
+    (void)cudaEventDestroy(stop_);
+  }
+  const cudaDeviceProp& prop() const { return prop_; }
+
+  // Median GPU time (us) of `op` enqueued on the bench stream.
+  template <typename Op>
+  double time_us(Op op) {
+    for (int i = 0; i < 5; ++i) op();
+    CHECK(cudaStreamSynchronize(stream_));
+    std::vector<float> ms;
+    for (int r = 0; r < runs_; ++r) {
+      CHECK(cudaMemsetAsync(flush_, r & 0xFF, flush_bytes_, stream_));
+      spin_kernel<<<1, 1, 0, stream_>>>(spin_cycles_);
+      CHECK(cudaGetLastError());
+      CHECK(cudaEventRecord(start_, stream_));
+      op();
+      CHECK(cudaEventRecord(stop_, stream_));
+      CHECK(cudaEventSynchronize(stop_));
+      float t = 0.0f;
+      CHECK(cudaEventElapsedTime(&t, start_, stop_));
+      ms.push_back(t);
+    }
+    return median(ms) * 1000.0;
+  }
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  int runs_;
+  cudaDeviceProp prop_{};
+  void* flush_ = nullptr;
+  std::size_t flush_bytes_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+  long long spin_cycles_ = 0;
+};
+
+// The layer's device state for one shape: blending seeds cycle through the
+// four kinds and the four blending stages that train (one blueprint per
+// kind); dormant seeds copy.
+struct DeviceLayer {
+  int32_t S = 0, B = 64;
+  int64_t C = 0;
+  int32_t *stage = nullptr, *kind = nullptr, *blueprint = nullptr;
+  float *alpha = nullptr, *weights = nullptr, *scales = nullptr;
+  float *telemetry = nullptr, *dweights = nullptr, *dscales = nullptr, *dalpha = nullptr,
+        *grad_stats = nullptr;
+  int64_t* nonfinite = nullptr;
+
+  DeviceLayer(const Shape& s, bool blending) : S(s.seeds), C(s.hidden / s.seeds) {
+    std::vector<int32_t> st(S), kd(S), bp(S);
+    std::vector<float> al(S, 0.5f), w(static_cast<std::size_t>(B * C)), sc(B, 1.0f);
+    for (int32_t i = 0; i < S; ++i) {
+      kd[i] = (C >= 3) ? i % 4 : i % 3;
+      st[i] = blending ? 3 + i % 4 : 0;
+      bp[i] = blending ? 1 + kd[i] : 0;
+    }
+    for (std::size_t i = 0; i < w.size(); ++i) w[i] = 0.5f + 0.001f * static_cast<float>(i % 97);
+    upload(&stage, st);
+    upload(&kind, kd);
+    upload(&blueprint, bp);
+    upload(&alpha, al);
+    upload(&weights, w);
+    upload(&scales, sc);
+    CHECK(cudaMalloc(&telemetry, sizeof(float) * S * 8));
+    CHECK(cudaMalloc(&nonfinite, sizeof(int64_t) * S));
+    CHECK(cudaMalloc(&dweights, sizeof(float) * B * C));
+    CHECK(cudaMalloc(&dscales, sizeof(float) * B));
+    CHECK(cudaMalloc(&dalpha, sizeof(float) * S));
+    CHECK(cudaMalloc(&grad_stats, sizeof(float) * S * 3));
+  }
+  ~DeviceLayer() {
+    for (void* p : std::initializer_list<void*>{stage, kind, blueprint, alpha, weights, scales, telemetry,
+                                                 nonfinite, dweights, dscales, dalpha, grad_stats}) {
+      (void)cudaFree(p);
+    }
+  }
+  template <typename T>
+  static void upload(T** dst, const std::vector<T>& v) {
+    CHECK(cudaMalloc(dst, sizeof(T) * v.size()));
+    CHECK(cudaMemcpy(*dst, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
+  }
+  kasmina::SeedTable table() const { return {stage, kind, blueprint, alpha}; }
+  kasmina::RegistryView registry() const { return {weights, scales, B}; }
+};
+
+void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, std::vector<Row>& rows) {
+  const std::size_t esize = kasmina::dtype_size(dtype);
+  const int64_t numel = shape.rows * shape.hidden;
+  const std::size_t bytes = static_cast<std::size_t>(numel) * esize;
+  void *x = nullptr, *y = nullptr, *dy = nullptr, *dx = nullptr;
+  CHECK(cudaMalloc(&x, bytes + 16));
+  CHECK(cudaMalloc(&y, bytes + 16));
+  CHECK(cudaMalloc(&dy, bytes + 16));
+  CHECK(cudaMalloc(&dx, bytes + 16));
+  if (dtype == kasmina::DType::f32) {
+    fill<float>(x, numel, 1);
+    fill<float>(dy, numel, 2);
+  } else {
+    fill<__nv_bfloat16>(x, numel, 1);
+    fill<__nv_bfloat16>(dy, numel, 2);
+  }
+  CHECK(cudaDeviceSynchronize());
+
+  const double copy_us = bench.time_us([&] {
+    CHECK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice, bench.stream()));
+  });
+  const double floor_gbps = 2.0 * static_cast<double>(bytes) / (copy_us * 1e3);
+
+  for (bool blending : {true, false}) {
+    DeviceLayer layer(shape, blending);
+    kasmina::ForwardParams fp;
+    fp.x = x;
+    fp.y = y;
+    fp.dtype = dtype;
+    fp.rows = shape.rows;
+    fp.hidden = shape.hidden;
+    fp.num_seeds = shape.seeds;
+    fp.seeds = layer.table();
+    fp.registry = layer.registry();
+    fp.telemetry = layer.telemetry;
+    fp.nonfinite_count = layer.nonfinite;
+    fp.stream = bench.stream();
+    kasmina::BackwardParams bp;
+    bp.x = x;
+    bp.dy = dy;
+    bp.dx = dx;
+    bp.dtype = dtype;
+    bp.rows = shape.rows;
+    bp.hidden = shape.hidden;
+    bp.num_seeds = shape.seeds;
+    bp.seeds = layer.table();
+    bp.registry = layer.registry();
+    bp.dweights = layer.dweights;
+    bp.dscales = layer.dscales;
+    bp.dalpha = layer.dalpha;
+    bp.grad_stats = layer.grad_stats;
+    bp.stream = bench.stream();
+    fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
+    bp.workspace_bytes = kasmina::backward_workspace_bytes(bp, kasmina::Backend::cuda);
+    CHECK(cudaMalloc(&fp.workspace, fp.workspace_bytes));
+    CHECK(cudaMalloc(&bp.workspace, bp.workspace_bytes));
+    CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
+    CHECK(cudaMemset(bp.workspace, 0, bp.workspace_bytes));
+
+    const std::string mode = blending ? "blend-mixed" : "dormant";
+    const std::string dname(kasmina::dtype_name(dtype));
+    const double fwd_us = bench.time_us([&] { kasmina::forward(fp, kasmina::Backend::cuda); });
+    const double fwd_bytes = 2.0 * static_cast<double>(bytes);
+    rows.push_back({"forward", dname, mode, kasmina::describe_forward(fp, kasmina::Backend::cuda), shape,
+                    fwd_us, fwd_bytes / (fwd_us * 1e3), floor_gbps,
+                    100.0 * (fwd_bytes / floor_gbps / 1e3) / fwd_us});
+    const double both_us = bench.time_us([&] {
+      kasmina::forward(fp, kasmina::Backend::cuda);
+      kasmina::backward(bp, kasmina::Backend::cuda);
+    });
+    const double both_bytes = 5.0 * static_cast<double>(bytes);
+    rows.push_back({"forward+backward", dname, mode,
+                    kasmina::describe_backward(bp, kasmina::Backend::cuda), shape, both_us,
+                    both_bytes / (both_us * 1e3), floor_gbps,
+                    100.0 * (both_bytes / floor_gbps / 1e3) / both_us});
+    CHECK(cudaFree(fp.workspace));
+    CHECK(cudaFree(bp.workspace));
+  }
+  for (void* p : {x, y, dy, dx}) CHECK(cudaFree(p));
+}
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int runs = 50;
+  std::string json_path;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--runs" && i + 1 < argc) {
+      runs = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--json" && i + 1 < argc) {
+      json_path = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: bench_cuda [--runs N] [--json FILE]\n");
+      return 2;
+    }
+  }
+  if (!kasmina::backend_available(kasmina::Backend::cuda)) {
+    std::fprintf(stderr, "bench_cuda: no CUDA device: %s\n",
+                 kasmina::backend_unavailable_reason(kasmina::Backend::cuda).c_str());
+    return 1;
+  }
+  try {
+    Bench bench(runs);
+    std::printf("bench_cuda on %s (sm_%d%d, %d SMs), median of %d runs, L2 flushed\n",
+                bench.prop().name, bench.prop().major, bench.prop().minor,
+                bench.prop().multiProcessorCount, runs);
+    std::vector<Row> rows;
+    const Shape shapes[] = {{16384, 4096, 64}, {8192, 768, 16}, {16, 4096, 64}};
+    for (const Shape& s : shapes) {
+      for (kasmina::DType dt : {kasmina::DType::f32, kasmina::DType::bf16}) run_shape(bench, s, dt, rows);
+    }
+    std::printf("%-17s %-9s %-16s %-12s %10s %9s %9s %7s\n", "pass", "dtype", "shape", "seeds",
+                "time_us", "GB/s", "floorGB/s", "%floor");
+    for (const Row& r : rows) {
+      std::ostringstream shape;
+      shape << r.shape.rows << "x" << r.shape.hidden << "/" << r.shape.seeds;
+      std::printf("%-17s %-9s %-16s %-12s %10.1f %9.0f %9.0f %6.1f%%\n", r.pass.c_str(),
+                  r.dtype.c_str(), shape.str().c_str(), r.seeds_mode.c_str(), r.time_us, r.gbps,
+                  r.floor_gbps, r.pct_floor);
+    }
+    for (const Row& r : rows) {
+      if (r.shape.rows == 16 && r.pass == "forward") {
+        std::printf("small-batch forward (16x4096, S=64, %s, %s): %.1f us GPU time\n",
+                    r.dtype.c_str(), r.seeds_mode.c_str(), r.time_us);
+      }
+    }
+    std::printf("variants:\n");
+    for (const Row& r : rows) {
+      if (r.seeds_mode == "blend-mixed") std::printf("  %s\n", r.variant.c_str());
+    }
+    if (!json_path.empty()) {
+      std::ofstream out(json_path);
+      out << "{\n  \"device\": \"" << json_escape(bench.prop().name) << "\",\n  \"runs\": " << runs
+          << ",\n  \"rows\": [\n";
+      for (std::size_t i = 0; i < rows.size(); ++i) {
+        const Row& r = rows[i];
+        out << "    {\"pass\": \"" << r.pass << "\", \"dtype\": \"" << r.dtype
+            << "\", \"rows\": " << r.shape.rows << ", \"hidden\": " << r.shape.hidden
+            << ", \"seeds\": " << r.shape.seeds << ", \"mode\": \"" << r.seeds_mode
+            << "\", \"time_us\": " << r.time_us << ", \"gbps\": " << r.gbps
+            << ", \"floor_gbps\": " << r.floor_gbps << ", \"pct_floor\": " << r.pct_floor
+            << ", \"variant\": \"" << json_escape(r.variant) << "\"}"
+            << (i + 1 < rows.size() ? "," : "") << "\n";
+      }
+      out << "  ]\n}\n";
+      if (!out) throw std::runtime_error("cannot write " + json_path);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,644 @@
+// CUDA backward (SPEC section 5): one launch writes dX and every gradient.
+//
+// The grid is the forward's (see forward_cuda.cu); row groups have up to 32
+// lanes, as many rows per CTA as the shared memory allows. Per row a
+// group first applies the clamp mask (the forward's pre-clamp Y is
+// recomputed) and, when clipping, reduces the row chunk's ||G|| over the
+// group in a first sweep of the row (the second sweep re-reads the same
+// bytes from L1/L2). Each CTA then keeps:
+//   - column sums for dW (RESIDUAL: G, ATTENTION: G*X, MLP: G*X*m) in
+//     shared memory, one row of C floats per row group, each lane owning its
+//     columns (no atomics); CONV needs three scalars instead;
+//   - scalar sums (dscale, dalpha, CONV taps) and dX statistics (sum of
+//     squares, Welford moments, max |dX|) in registers.
+// CTA partials go to the workspace; the last CTA of a seed (integer ticket)
+// sums them in tile order, applies the kind's final formula and writes the
+// seed's dalpha and grad_stats; the last seed to finish (a second ticket)
+// writes dweights/dscales: zero, then each contributing seed added in seed
+// order. No floating-point atomics; every sum has a fixed order. Every
+// partial is cleared after it is merged, so the workspace is zero again.
+#include <cuda_runtime.h>
+
+#include <sstream>
+#include <string>
+
+#include "backends.hpp"
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.hpp"
+#include "kasmina/error.hpp"
+
+namespace kasmina::cuda {
+namespace {
+
+struct BwdStats {
+  Moments mom;   // of dX
+  float sumsq;   // of dX
+  float maxabs;  // of dX
+  float dsig;    // sum of G * dT/dsigma (times a_eff at the end)
+  float dalpha;  // sum of G * (T - X)
+  float cw0, cw1, cw2;  // CONV: sums of G[j] * X[j-k]
+
+  __device__ __forceinline__ static BwdStats identity() {
+    return {Moments::identity(), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  }
+  __device__ __forceinline__ void merge(const BwdStats& b) {
+    mom.merge(b.mom);
+    sumsq += b.sumsq;
+    maxabs = fmaxf(maxabs, b.maxabs);  // like std::max(m, |v|): a NaN is skipped
+    dsig += b.dsig;
+    dalpha += b.dalpha;
+    cw0 += b.cw0;
+    cw1 += b.cw1;
+    cw2 += b.cw2;
+  }
+  __device__ __forceinline__ BwdStats shfl_down(int off) const {
+    return {mom.shfl_down(off),
+            __shfl_down_sync(0xffffffffu, sumsq, off),
+            __shfl_down_sync(0xffffffffu, maxabs, off),
+            __shfl_down_sync(0xffffffffu, dsig, off),
+            __shfl_down_sync(0xffffffffu, dalpha, off),
+            __shfl_down_sync(0xffffffffu, cw0, off),
+            __shfl_down_sync(0xffffffffu, cw1, off),
+            __shfl_down_sync(0xffffffffu, cw2, off)};
+  }
+};
+
+__device__ __forceinline__ BwdStats load_partial(const BwdStats* p) {
+  BwdStats s;
+  s.mom.n = load_cg(&p->mom.n);
+  s.mom.mean = load_cg(&p->mom.mean);
+  s.mom.m2 = load_cg(&p->mom.m2);
+  s.sumsq = load_cg(&p->sumsq);
+  s.maxabs = load_cg(&p->maxabs);
+  s.dsig = load_cg(&p->dsig);
+  s.dalpha = load_cg(&p->dalpha);
+  s.cw0 = load_cg(&p->cw0);
+  s.cw1 = load_cg(&p->cw1);
+  s.cw2 = load_cg(&p->cw2);
+  return s;
+}
+
+struct BackwardArgs {
+  const void* x;
+  const void* dy;
+  void* dx;
+  int64_t rows;
+  int64_t x_stride;
+  int64_t dy_stride;
+  int64_t dx_stride;
+  int C;
+  int C_padded;  // per-group shared row: C rounded up to a multiple of G*V
+  int table_floats;  // coefficient table ahead of the accumulators (0 = none)
+  int group;
+  int rows_per_pass;
+  int tiles;
+  int num_seeds;
+  SeedTable seeds;
+  RegistryView registry;
+  OutputClamp clamp;
+  bool clip_enabled;
+  float clip_norm;
+  float* dweights;
+  float* dscales;
+  float* dalpha;
+  float* grad_stats;
+  unsigned* tickets;     // [S + 1], zero between launches; [S] counts finished seeds
+  BwdStats* partials;    // [S, tiles]
+  float* col_partials;   // [S, tiles, C]
+  float* seed_dw;        // [S, C]
+  float* seed_dscale;    // [S]
+};
+
+// Whether seed s adds into dweights/dscales (SPEC section 7's table).
+__device__ __forceinline__ bool seed_has_grads(const SeedTable& t, int s) {
+  return t.blueprint[s] != 0 &&
+         (stage_trains_grafted(t.stage[s]) || stage_trains_shadow(t.stage[s]));
+}
+
+// Shared-memory slot of column j = c + i (c = lane*V + k*G*V): lanes of one
+// step touch consecutive words, so the read-modify-writes are conflict-free.
+__device__ __forceinline__ int acc_slot(int j, int G, int V) {
+  const int span = G * V;
+  const int step = j / span;
+  const int r = j - step * span;
+  const int lane = r / V;
+  const int i = r - lane * V;
+  return step * span + i * G + lane;
+}
+
+// One step of a row: the V columns c..c+V-1 of X (with CONV's two left and
+// two right neighbours in xs[0..1] and xs[V+2..V+3]), their coefficients
+// (see coef_at), T at those columns (blending seeds), and G after the clamp
+// mask and the clip scale (with CONV's right neighbours in gp[V..V+1]); 0
+// past the chunk end.
+template <typename T, int V>
+__device__ __forceinline__ void load_step(const T* xr, const T* gr, int c, int C,
+                                          const SeedView& sv, const float* table, bool left_halo,
+                                          bool right_halo, const OutputClamp& clamp, float scale,
+                                          float (&xs)[V + 4], float (&cf)[V], float (&tc)[V],
+                                          float (&gp)[V + 2]) {
+  const bool is_conv = sv.kind == static_cast<int>(Kind::conv);
+  float xv[V];
+  float gv[V];
+  load_vec<T, V>(xr + c, xv);
+  load_vec<T, V>(gr + c, gv);
+  xs[0] = (left_halo && c >= 2) ? load_one(xr + c - 2) : 0.0f;
+  xs[1] = (left_halo && c >= 1) ? load_one(xr + c - 1) : 0.0f;
+#pragma unroll
+  for (int i = 0; i < V; ++i) xs[i + 2] = xv[i];
+  xs[V + 2] = (right_halo && c + V < C) ? load_one(xr + c + V) : 0.0f;
+  xs[V + 3] = (right_halo && c + V + 1 < C) ? load_one(xr + c + V + 1) : 0.0f;
+  float g[V + 2];
+#pragma unroll
+  for (int i = 0; i < V; ++i) g[i] = gv[i];
+  g[V] = (right_halo && c + V < C) ? load_one(gr + c + V) : 0.0f;
+  g[V + 1] = (right_halo && c + V + 1 < C) ? load_one(gr + c + V + 1) : 0.0f;
+#pragma unroll
+  for (int k = 0; k < V + 2; ++k) {
+    gp[k] = 0.0f;
+    if (k >= V && !right_halo) continue;
+    if (c + k >= C) continue;
+    const float coef = (k < V && !is_conv) ? coef_at(sv, table, c + k) : 0.0f;
+    if (k < V) cf[k] = coef;
+    float t = 0.0f;
+    if (sv.blends) t = seed_transform(sv, coef, xs[k + 2], xs[k + 1], xs[k]);
+    if (k < V) tc[k] = t;
+    bool pass = true;
+    if (clamp.enabled) {
+      // DESIGN 4: G passes where lo <= Y <= hi; a NaN Y passes nothing.
+      const float yk = sv.blends ? sv.a * t + (1.0f - sv.a) * xs[k + 2] : xs[k + 2];
+      pass = clamp.lo <= yk && yk <= clamp.hi;
+    }
+    gp[k] = pass ? g[k] * scale : 0.0f;
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxBlockThreads, 2) backward_kernel(const BackwardArgs args) {
+  extern __shared__ float smem[];  // [table_floats] coefficients, [rows_per_pass, C_padded] sums
+  __shared__ BwdStats red_scratch[8];
+  __shared__ SumF sum_scratch[8];
+  __shared__ MaxF max_scratch[8];
+  __shared__ BwdStats seed_total;
+  __shared__ float bcast;
+  __shared__ int is_last;
+
+  const int tiles = args.tiles;
+  const int s = static_cast<int>(blockIdx.x) / tiles;
+  const int tile = static_cast<int>(blockIdx.x) - s * tiles;
+  const int C = args.C;
+  const int Cp = args.C_padded;
+  const int G = args.group;
+  const int lane = static_cast<int>(threadIdx.x) & (G - 1);
+  const int group = static_cast<int>(threadIdx.x) / G;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int nthreads = static_cast<int>(blockDim.x);
+  const int64_t R = args.rows_per_pass;
+  const int64_t N = args.rows;
+
+  SeedView sv = load_seed_view(args.seeds, args.registry, s, C);
+  const int kind = sv.kind;
+  const bool grads = sv.grafted || sv.shadow;
+  const float a_eff = sv.shadow ? 1.0f : sv.a;  // SPEC section 7: shadow grads as if a = 1
+  const bool alpha_grad = sv.grafted && sv.alpha >= 0.0f && sv.alpha <= 1.0f;  // DESIGN 6
+  const bool is_conv = kind == static_cast<int>(Kind::conv);
+  const bool is_att = kind == static_cast<int>(Kind::attention);
+  const bool is_mlp = kind == static_cast<int>(Kind::mlp);
+  if (is_att && (sv.blends || grads)) {
+    compute_softmax(sv, C, sum_scratch, max_scratch, &bcast);
+  }
+  const bool cols = grads && !is_conv;
+  float* col_acc = smem + args.table_floats;
+  const float* table = nullptr;
+  if (args.table_floats > 0 && (sv.blends || grads) && !is_conv) {
+    fill_coef_table(sv, C, smem);
+    table = smem;
+  }
+  const bool left_halo = is_conv && (sv.blends || grads);
+  const bool right_halo = is_conv && sv.blends;
+  if (cols) {
+    for (int i = tid; i < args.rows_per_pass * Cp; i += nthreads) col_acc[i] = 0.0f;
+  }
+  __syncthreads();
+  float* my_acc = col_acc + static_cast<int64_t>(group) * Cp;
+
+  const T* x = static_cast<const T*>(args.x);
+  const T* dy = static_cast<const T*>(args.dy);
+  T* dx = static_cast<T*>(args.dx);
+  const int64_t col0 = static_cast<int64_t>(s) * C;
+  BwdStats st = BwdStats::identity();
+  ThreadMoments mom{0u, 0.0f, 0.0f};
+
+  for (int64_t pass = tile; pass * R < N; pass += tiles) {
+    const int64_t n = pass * R + group;
+    const bool active = n < N;
+    const T* xr = x + n * args.x_stride + col0;
+    const T* gr = dy + n * args.dy_stride + col0;
+    float scale = 1.0f;
+    if (args.clip_enabled) {
+      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G.
+      float ss = 0.0f;
+      if (active) {
+        for (int c = lane * V; c < C; c += G * V) {
+          float xs[V + 4], cf[V], tc[V], gp[V + 2];
+          load_step<T, V>(xr, gr, c, C, sv, table, left_halo, false, args.clamp, 1.0f, xs, cf, tc,
+                          gp);
+#pragma unroll
+          for (int i = 0; i < V; ++i) ss += gp[i] * gp[i];
+        }
+      }
+      ss = group_sum(ss, G);
+      scale = fminf(1.0f, args.clip_norm / (sqrtf(ss) + 1e-6f));
+    }
+    if (!active) continue;
+    T* dxr = dx + n * args.dx_stride + col0;
+    for (int c = lane * V; c < C; c += G * V) {
+      float xs[V + 4], cf[V], tc[V], gp[V + 2];
+      load_step<T, V>(xr, gr, c, C, sv, table, left_halo, right_halo, args.clamp, scale, xs, cf,
+                      tc, gp);
+      float dv[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const int j = c + i;
+        const float g = gp[i];
+        const float xj = xs[i + 2];
+        float d = g;
+        if (sv.blends) {
+          float through;  // dT/dX applied to G
+          if (is_conv) {
+            through = sv.sigma * (sv.w0 * g + sv.w1 * gp[i + 1] + sv.w2 * gp[i + 2]);
+          } else if (is_att) {
+            through = cf[i] * g;
+          } else if (is_mlp) {
+            const float wj = cf[i];
+            through = xj * wj > 0.0f ? sv.sigma * wj * g : 0.0f;
+          } else {
+            through = g;
+          }
+          d = (1.0f - sv.a) * g + sv.a * through;
+        }
+        dv[i] = d;
+        st.sumsq += d * d;
+        st.maxabs = fmaxf(st.maxabs, fabsf(d));
+        if (grads) {
+          if (is_conv) {
+            st.cw0 += g * xj;
+            st.cw1 += g * xs[i + 1];
+            st.cw2 += g * xs[i];
+            st.dsig += g * (sv.w0 * xj + sv.w1 * xs[i + 1] + sv.w2 * xs[i]);
+          } else {
+            float contrib;
+            if (is_att) {
+              contrib = g * xj;
+            } else if (is_mlp) {
+              const float pre = xj * cf[i];
+              contrib = pre > 0.0f ? g * xj : 0.0f;
+              st.dsig += g * relu(pre);
+            } else {
+              contrib = g;
+              st.dsig += g * cf[i];
+            }
+            my_acc[acc_slot(j, G, V)] += contrib;
+          }
+        }
+        if (alpha_grad) st.dalpha += g * (tc[i] - xj);
+      }
+      store_vec<T, V>(dxr + c, dv);
+      // Welford batch of the V values of dX, merged by Chan (V is a power
+      // of two: the mean is exact by a multiply).
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum += dv[i];
+      const float mean = sum * (1.0f / V);
+      float m2 = 0.0f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) m2 += (dv[i] - mean) * (dv[i] - mean);
+      mom.add_batch(static_cast<unsigned>(V), mean, m2);
+    }
+  }
+
+  // ---- this CTA's partials
+  st.mom = mom.to_moments();
+  const BwdStats cta = block_reduce(st, red_scratch);  // its barriers publish col_acc too
+  const int64_t part0 = static_cast<int64_t>(s) * tiles;
+  if (cols) {
+    float* mine = args.col_partials + (part0 + tile) * C;
+    for (int j = tid; j < C; j += nthreads) {
+      const int slot = acc_slot(j, G, V);
+      float v = 0.0f;
+      for (int g = 0; g < args.rows_per_pass; ++g) v += col_acc[g * Cp + slot];
+      mine[j] = v;
+    }
+  }
+  if (tid == 0) args.partials[part0 + tile] = cta;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const unsigned ticket = atomicAdd(&args.tickets[s], 1u);
+    is_last = ticket == static_cast<unsigned>(tiles - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // ---- last CTA of seed s: the seed's gradients
+  BwdStats acc = BwdStats::identity();
+  for (int i = tid; i < tiles; i += nthreads) acc.merge(load_partial(args.partials + part0 + i));
+  acc = block_reduce(acc, red_scratch);
+  if (tid == 0) seed_total = acc;
+  __syncthreads();
+  // params.hpp: the workspace is left zero-filled by every launch (the
+  // barriers above order every read of these partials before the clears).
+  for (int i = tid; i < tiles; i += nthreads) args.partials[part0 + i] = BwdStats{};
+  const BwdStats total = seed_total;
+  float* sdw = args.seed_dw + static_cast<int64_t>(s) * C;
+  if (grads) {
+    const float a_sigma = a_eff * sv.sigma;
+    if (cols) {
+      float pq = 0.0f;
+      for (int j = tid; j < C; j += nthreads) {
+        float sum = 0.0f;
+        for (int t = 0; t < tiles; ++t) {
+          float* slot = args.col_partials + (part0 + t) * C + j;
+          sum += load_cg(slot);
+          *slot = 0.0f;  // read by this thread only
+        }
+        if (is_att) {
+          const float q = a_eff * sum;
+          sdw[j] = q;
+          pq += coef_at(sv, table, j) * q;
+        } else {
+          sdw[j] = a_sigma * sum;
+        }
+      }
+      if (is_att) {
+        // SPEC section 5: dw = p * (q - <p, q>), the softmax Jacobian.
+        pq = block_sum_all(pq, sum_scratch, &bcast);
+        for (int j = tid; j < C; j += nthreads) sdw[j] = coef_at(sv, table, j) * (sdw[j] - pq);
+      }
+    } else {
+      for (int j = tid; j < C; j += nthreads) {
+        const float tap = j == 0 ? total.cw0 : (j == 1 ? total.cw1 : (j == 2 ? total.cw2 : 0.0f));
+        sdw[j] = j < 3 ? a_sigma * tap : 0.0f;
+      }
+    }
+  }
+  if (tid == 0) {
+    args.seed_dscale[s] = (grads && !is_att) ? a_eff * total.dsig : 0.0f;
+    args.dalpha[s] = alpha_grad ? total.dalpha : 0.0f;
+    const unsigned long long n = total.mom.n;
+    float* gs = args.grad_stats + static_cast<int64_t>(s) * kGradStatsWidth;
+    gs[kGradL2Norm] = sqrtf(total.sumsq);
+    gs[kGradVariance] = n > 0 ? total.mom.m2 / static_cast<float>(n) : 0.0f;
+    gs[kGradMaxAbs] = total.maxabs;
+    args.tickets[s] = 0u;
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const unsigned ticket = atomicAdd(&args.tickets[args.num_seeds], 1u);
+    is_last = ticket == static_cast<unsigned>(args.num_seeds - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // ---- last seed: dweights and dscales, seeds added in seed order (DESIGN 3)
+  const int B = args.registry.num_blueprints;
+  const int S = args.num_seeds;
+  for (int j = tid; j < C; j += nthreads) {
+    for (int b = 0; b < B; ++b) args.dweights[static_cast<int64_t>(b) * C + j] = 0.0f;
+    for (int s2 = 0; s2 < S; ++s2) {
+      if (!seed_has_grads(args.seeds, s2)) continue;
+      float* row = args.dweights + static_cast<int64_t>(args.seeds.blueprint[s2]) * C;
+      row[j] += load_cg(args.seed_dw + static_cast<int64_t>(s2) * C + j);
+    }
+  }
+  for (int b = tid; b < B; b += nthreads) {
+    float v = 0.0f;
+    for (int s2 = 0; s2 < S; ++s2) {
+      if (seed_has_grads(args.seeds, s2) && args.seeds.blueprint[s2] == b) {
+        v += load_cg(args.seed_dscale + s2);
+      }
+    }
+    args.dscales[b] = v;
+  }
+  __syncthreads();
+  for (int64_t i = tid; i < static_cast<int64_t>(S) * C; i += nthreads) args.seed_dw[i] = 0.0f;
+  for (int s2 = tid; s2 < S; s2 += nthreads) args.seed_dscale[s2] = 0.0f;
+  if (tid == 0) args.tickets[S] = 0u;
+}
+
+struct Resolved {
+  int64_t C;
+  int64_t x_stride;
+  int64_t dy_stride;
+  int64_t dx_stride;
+  bool vector;
+  const char* why;
+};
+
+Resolved resolve(const BackwardParams& p) {
+  Resolved r{};
+  r.C = p.hidden / p.num_seeds;
+  r.x_stride = p.x_row_stride != 0 ? p.x_row_stride : p.hidden;
+  r.dy_stride = p.dy_row_stride != 0 ? p.dy_row_stride : p.hidden;
+  r.dx_stride = p.dx_row_stride != 0 ? p.dx_row_stride : p.hidden;
+  const auto esize = static_cast<int64_t>(dtype_size(p.dtype));
+  const int64_t v = kVectorBytes / esize;
+  if (r.C % v != 0) {
+    r.why = "C is not a multiple of the 16-byte vector";
+  } else if (!aligned16(p.x) || !aligned16(p.dy) || !aligned16(p.dx)) {
+    r.why = "x, dy or dx is not 16-byte aligned";
+  } else if ((r.x_stride * esize) % kVectorBytes != 0 || (r.dy_stride * esize) % kVectorBytes != 0 ||
+             (r.dx_stride * esize) % kVectorBytes != 0) {
+    r.why = "a row stride is not a multiple of 16 bytes";
+  } else {
+    r.vector = true;
+    r.why = "C, base pointers and row strides allow 16-byte access";
+  }
+  return r;
+}
+
+int tiles_max_for(int32_t num_seeds, int64_t C, const DeviceInfo& dev) {
+  const Tuning& t = tuning_for(dev.cc_major);
+  int tiles = tiles_per_seed_bound(num_seeds, t, dev.sm_count);
+  const std::size_t per_tile = static_cast<std::size_t>(num_seeds) * static_cast<std::size_t>(C) * sizeof(float);
+  const std::size_t by_bytes = t.backward_partial_bytes / per_tile;
+  if (by_bytes < static_cast<std::size_t>(tiles)) tiles = by_bytes < 1 ? 1 : static_cast<int>(by_bytes);
+  return tiles;
+}
+
+// Largest C whose per-group shared row fits the tuning's shared memory.
+int64_t max_chunk(const DeviceInfo& dev) {
+  return static_cast<int64_t>(tuning_for(dev.cc_major).smem_budget_bytes / sizeof(float));
+}
+
+LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
+  const Resolved r = resolve(p);
+  const Tuning& t = tuning_for(dev.cc_major);
+  LaunchPlan plan;
+  plan.vector = r.vector ? kVectorBytes / static_cast<int>(dtype_size(p.dtype)) : 1;
+  plan.group = next_pow2(ceil_div(r.C, plan.vector));
+  const int64_t span = static_cast<int64_t>(plan.group) * plan.vector;
+  const int64_t c_padded = ceil_div(r.C, span) * span;
+  const int64_t by_smem = static_cast<int64_t>(t.smem_budget_bytes) / (c_padded * static_cast<int64_t>(sizeof(float)));
+  int64_t rows = t.block_threads / plan.group;
+  if (by_smem < rows) rows = by_smem;
+  plan.rows_per_pass = static_cast<int>(rows < 1 ? 1 : rows);
+  plan.threads = plan.group * plan.rows_per_pass;
+  const std::size_t acc_bytes = static_cast<std::size_t>(plan.rows_per_pass) * static_cast<std::size_t>(c_padded) * sizeof(float);
+  // The coefficient table goes first, when it still fits next to the sums.
+  const std::size_t table_bytes = align_up(static_cast<std::size_t>(r.C) * sizeof(float), 16);
+  plan.table_floats = acc_bytes + table_bytes <= t.smem_budget_bytes ? static_cast<int>(table_bytes / sizeof(float)) : 0;
+  plan.smem_bytes = acc_bytes + static_cast<std::size_t>(plan.table_floats) * sizeof(float);
+  plan.tiles_max = tiles_max_for(p.num_seeds, r.C, dev);
+  plan.tiles = plan.tiles_max;  // refined by finish_plan() for the kernel that runs
+  return plan;
+}
+
+struct Layout {
+  std::size_t tickets, partials, col_partials, seed_dw, seed_dscale, total;
+};
+
+Layout layout(const BackwardParams& p, const DeviceInfo& dev) {
+  const auto S = static_cast<std::size_t>(p.num_seeds);
+  const auto C = static_cast<std::size_t>(p.hidden / p.num_seeds);
+  const auto tiles = static_cast<std::size_t>(tiles_max_for(p.num_seeds, static_cast<int64_t>(C), dev));
+  Layout l{};
+  l.tickets = 0;
+  l.partials = align_up((S + 1) * sizeof(unsigned), 256);
+  l.col_partials = l.partials + align_up(S * tiles * sizeof(BwdStats), 256);
+  l.seed_dw = l.col_partials + align_up(S * tiles * C * sizeof(float), 256);
+  l.seed_dscale = l.seed_dw + align_up(S * C * sizeof(float), 256);
+  l.total = l.seed_dscale + align_up(S * sizeof(float), 256);
+  return l;
+}
+
+template <typename T, int V>
+LaunchPlan finish_plan(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev) {
+  const int resident = resident_ctas_per_sm(reinterpret_cast<const void*>(&backward_kernel<T, V>),
+                                            plan.threads, plan.smem_bytes);
+  plan.tiles = tiles_for_rows(p.rows, plan.rows_per_pass, plan.tiles_max, resident, dev.sm_count,
+                              p.num_seeds);
+  return plan;
+}
+
+// The one dispatch point: (dtype, vector width) -> kernel instance. Returns
+// the final plan; launches only when args is given.
+template <typename T>
+LaunchPlan dispatch_dtype(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev,
+                          BackwardArgs* args) {
+  constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
+  const bool vec = plan.vector == kVec;
+  plan = vec ? finish_plan<T, kVec>(plan, p, dev) : finish_plan<T, 1>(plan, p, dev);
+  if (args == nullptr) return plan;
+  args->tiles = plan.tiles;
+  const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
+  const auto threads = static_cast<unsigned>(plan.threads);
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  if (vec) {
+    backward_kernel<T, kVec><<<grid, threads, plan.smem_bytes, stream>>>(*args);
+  } else {
+    backward_kernel<T, 1><<<grid, threads, plan.smem_bytes, stream>>>(*args);
+  }
+  KASMINA_CUDA_CHECK(cudaGetLastError());
+  return plan;
+}
+
+LaunchPlan dispatch(const LaunchPlan& plan, const BackwardParams& p, const DeviceInfo& dev,
+                    BackwardArgs* args) {
+  switch (p.dtype) {
+    case DType::f32: return dispatch_dtype<float>(plan, p, dev, args);
+    case DType::bf16: return dispatch_dtype<__nv_bfloat16>(plan, p, dev, args);
+    case DType::f16: return dispatch_dtype<__half>(plan, p, dev, args);
+    case DType::f64: break;
+  }
+  KASMINA_FAIL(ErrorKind::type, "the CUDA backend takes float32, bfloat16 or float16 (got ",
+               dtype_name(p.dtype), ")");
+}
+
+}  // namespace
+}  // namespace kasmina::cuda
+
+namespace kasmina::detail {
+
+std::size_t backward_workspace_bytes_cuda(const BackwardParams& p) {
+  return cuda::layout(p, cuda::current_device_info()).total;
+}
+
+void backward_cuda(const BackwardParams& p) {
+  using namespace kasmina::cuda;
+  KASMINA_CHECK_TYPE(p.dtype == DType::f32 || p.dtype == DType::bf16 || p.dtype == DType::f16,
+                     "the CUDA backend takes float32, bfloat16 or float16 (got ",
+                     dtype_name(p.dtype), ")");
+  const DeviceInfo& dev = current_device_info();
+  const Resolved r = resolve(p);
+  KASMINA_CHECK_VALUE(r.C <= max_chunk(dev), "the CUDA backward supports a chunk (hidden / ",
+                      "num_seeds) of at most ", max_chunk(dev), " columns (got ", r.C, ")");
+  const Layout l = layout(p, dev);
+  KASMINA_CHECK_VALUE(p.workspace != nullptr && p.workspace_bytes >= l.total,
+                      "backward workspace too small: need ", l.total, " bytes (",
+                      "backward_workspace_bytes), got ", p.workspace_bytes, " bytes at ",
+                      p.workspace);
+  KASMINA_CHECK_VALUE(aligned16(p.workspace), "backward workspace must be 16-byte aligned (got ",
+                      p.workspace, ")");
+  const LaunchPlan plan = plan_backward(p, dev);
+
+  BackwardArgs args{};
+  args.x = p.x;
+  args.dy = p.dy;
+  args.dx = p.dx;
+  args.rows = p.rows;
+  args.x_stride = r.x_stride;
+  args.dy_stride = r.dy_stride;
+  args.dx_stride = r.dx_stride;
+  args.C = static_cast<int>(r.C);
+  args.table_floats = plan.table_floats;
+  args.C_padded = static_cast<int>((plan.smem_bytes / sizeof(float) - static_cast<std::size_t>(plan.table_floats)) /
+                                   static_cast<std::size_t>(plan.rows_per_pass));
+  args.group = plan.group;
+  args.rows_per_pass = plan.rows_per_pass;
+  args.num_seeds = p.num_seeds;
+  args.seeds = p.seeds;
+  args.registry = p.registry;
+  args.clamp = p.clamp;
+  args.clip_enabled = p.clip_enabled;
+  args.clip_norm = p.clip_norm;
+  args.dweights = p.dweights;
+  args.dscales = p.dscales;
+  args.dalpha = p.dalpha;
+  args.grad_stats = p.grad_stats;
+  auto* base = static_cast<unsigned char*>(p.workspace);
+  args.tickets = reinterpret_cast<unsigned*>(base + l.tickets);
+  args.partials = reinterpret_cast<BwdStats*>(base + l.partials);
+  args.col_partials = reinterpret_cast<float*>(base + l.col_partials);
+  args.seed_dw = reinterpret_cast<float*>(base + l.seed_dw);
+  args.seed_dscale = reinterpret_cast<float*>(base + l.seed_dscale);
+
+  dispatch(plan, p, dev, &args);
+}
+
+std::string describe_backward_cuda(const BackwardParams& p) {
+  using namespace kasmina::cuda;
+  if (!cuda_available()) return "cuda.backward: unavailable (" + cuda_unavailable_reason() + ")";
+  const DeviceInfo& dev = current_device_info();
+  const Resolved r = resolve(p);
+  if (r.C > max_chunk(dev)) {
+    return "cuda.backward: unsupported, C = " + std::to_string(r.C) + " > " +
+           std::to_string(max_chunk(dev)) + " (shared-memory column accumulators)";
+  }
+  const LaunchPlan plan = dispatch(plan_backward(p, dev), p, dev, nullptr);
+  std::ostringstream os;
+  os << "cuda.backward." << (r.vector ? "vec" : "scalar") << plan.vector << " "
+     << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
+     << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_per_pass
+     << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
+     << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
+     << " threads, " << plan.smem_bytes << " B shared memory (dW column sums"
+     << (plan.table_floats > 0 ? " + coefficient table)" : ", no coefficient table)")
+     << (p.clip_enabled ? ", two sweeps per row (clip)" : ", one sweep per row");
+  return os.str();
+}
+
+}  // namespace kasmina::detail

@@ -1,0 +1,378 @@
+// Shared pieces of the CUDA backend: storage conversions, vector access,
+// mergeable statistics with fixed-order block reductions, the per-seed view
+// of the table, and the host-side launch plan. Included by the .cu files of
+// this folder only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "cuda/tuning.hpp"
+#include "kasmina/params.hpp"
+#include "kasmina/types.hpp"
+
+namespace kasmina::cuda {
+
+// ---------------------------------------------------------------- host side
+
+// What the launch plan needs to know about a device; queried once per device
+// (cudaGetDeviceProperties is far too slow for every call).
+struct DeviceInfo {
+  int ordinal = 0;
+  int sm_count = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
+  std::string name;
+};
+// The current device's facts (cached, thread-safe).
+const DeviceInfo& current_device_info();
+
+// CTAs of `func` (launched with `threads` and `smem_bytes` dynamic shared
+// memory) one SM of the current device holds at once; cached per (kernel,
+// shape, device), so the occupancy calculator runs once.
+int resident_ctas_per_sm(const void* func, int threads, std::size_t smem_bytes);
+
+// How one op's grid is shaped for given params. Every field is a pure
+// function of (dtype, alignment, S, C, N, device), so two calls with equal
+// arguments run the same reduction trees and give the same bits.
+struct LaunchPlan {
+  int vector = 1;         // elements per access (16 bytes on the vector path)
+  int group = 1;          // threads per row group (power of two, <= 32)
+  int rows_per_pass = 1;  // row groups per CTA
+  int threads = 0;        // group * rows_per_pass
+  int tiles_max = 1;      // row tiles per seed the workspace is sized for
+  int tiles = 1;          // row tiles per seed of this call (<= tiles_max)
+  std::size_t smem_bytes = 0;  // dynamic shared memory per CTA
+  int table_floats = 0;        // backward: coefficient table ahead of the sums
+};
+
+inline bool aligned16(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(kVectorBytes) == 0;
+}
+
+inline int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v && p < kMaxGroupThreads) p *= 2;
+  return p;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
+
+// Row tiles per seed the workspace is sized for: the resident CTAs of the
+// device shared out over the seeds (rounded down, so the grid stays one
+// wave), at least 1, at most the tuning's bound. Depends on S and the device
+// only, never on N.
+inline int tiles_per_seed_bound(int32_t num_seeds, const Tuning& t, int sm_count) {
+  const int64_t target = static_cast<int64_t>(t.ctas_per_sm) * sm_count;
+  int64_t per_seed = target / num_seeds;
+  if (per_seed < 1) per_seed = 1;
+  if (per_seed > t.max_tiles_per_seed) per_seed = t.max_tiles_per_seed;
+  return static_cast<int>(per_seed);
+}
+
+// Tiles of one call: no more than the workspace bound, than the CTAs the
+// device holds at once shared out over the seeds (one wave: the row passes
+// are split evenly, so a partial second wave would double its CTAs' time),
+// or than there are row passes (small N launches few CTAs); at least 1 (N = 0
+// still writes telemetry and zero gradients).
+inline int tiles_for_rows(int64_t rows, int rows_per_pass, int tiles_max, int resident_per_sm,
+                          int sm_count, int32_t num_seeds) {
+  int64_t tiles = tiles_max;
+  const int64_t wave = static_cast<int64_t>(resident_per_sm) * sm_count / num_seeds;
+  if (wave < tiles) tiles = wave;
+  const int64_t passes = ceil_div(rows, rows_per_pass);
+  if (passes < tiles) tiles = passes;
+  return static_cast<int>(tiles < 1 ? 1 : tiles);
+}
+
+// -------------------------------------------------------------- device side
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// V consecutive elements as one access: 16 bytes on the vector path (the
+// caller guarantees the alignment), one element on the scalar path.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_float<T>(pk.v[i]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* p, const float (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pk.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+template <typename T>
+__device__ __forceinline__ float load_one(const T* p) {
+  return to_float<T>(*p);
+}
+
+// Population moments, merged by Chan's formula. The count is 64-bit: a
+// seed's chunk may hold more than 2^32 values.
+struct Moments {
+  unsigned long long n;
+  float mean;
+  float m2;
+
+  __device__ __forceinline__ static Moments identity() { return {0ull, 0.0f, 0.0f}; }
+  __device__ __forceinline__ void merge(const Moments& b) {
+    if (b.n == 0) return;
+    if (n == 0) {
+      *this = b;
+      return;
+    }
+    const unsigned long long total = n + b.n;
+    const float frac_b = static_cast<float>(b.n) / static_cast<float>(total);
+    const float delta = b.mean - mean;
+    mean = mean + delta * frac_b;
+    m2 = m2 + b.m2 + delta * delta * static_cast<float>(n) * frac_b;
+    n = total;
+  }
+  __device__ __forceinline__ Moments shfl_down(int offset) const {
+    return {__shfl_down_sync(0xffffffffu, n, offset), __shfl_down_sync(0xffffffffu, mean, offset),
+            __shfl_down_sync(0xffffffffu, m2, offset)};
+  }
+};
+
+// One thread's running moments on the hot path: a 32-bit count (a thread
+// never sees 2^24 values, so the float conversions are exact) and a fast
+// division for the merge weight (2 ulp; the weight only scales the update).
+// Converted to Moments for the block reduction.
+struct ThreadMoments {
+  unsigned n;
+  float mean;
+  float m2;
+
+  // Merge a batch of `cnt` values with mean `mean_b` and M2 `m2_b` (Chan).
+  __device__ __forceinline__ void add_batch(unsigned cnt, float mean_b, float m2_b) {
+    if (cnt == 0) return;
+    const unsigned total = n + cnt;
+    const float frac_b = __fdividef(static_cast<float>(cnt), static_cast<float>(total));
+    const float delta = mean_b - mean;
+    mean = mean + delta * frac_b;
+    m2 = m2 + m2_b + delta * delta * static_cast<float>(n) * frac_b;
+    n = total;
+  }
+  __device__ __forceinline__ Moments to_moments() const { return {n, mean, m2}; }
+};
+
+// Sum over the threads of a row group (width G, a power of two, within a
+// warp). A butterfly: every lane gets the same bits, because each step adds
+// the same two values (commutativity is exact).
+__device__ __forceinline__ float group_sum(float v, int group) {
+  for (int off = group / 2; off >= 1; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off, group);
+  return v;
+}
+__device__ __forceinline__ double group_sum(double v, int group) {
+  for (int off = group / 2; off >= 1; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off, group);
+  return v;
+}
+
+// Fixed-order reduction over the CTA of any type with merge()/shfl_down()
+// and identity(): a shuffle tree in each warp, then warp 0 merges the warp
+// results in warp order. The result is valid in thread 0. blockDim.x must be
+// a multiple of 32 and at most 256.
+template <typename S>
+__device__ S block_reduce(S v, S* scratch /* [8] */) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int warps = static_cast<int>(blockDim.x) >> 5;
+  for (int off = 16; off >= 1; off /= 2) {
+    const S other = v.shfl_down(off);
+    if (lane + off < 32) v.merge(other);
+  }
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? scratch[lane] : S::identity();
+    for (int off = 4; off >= 1; off /= 2) {
+      const S other = v.shfl_down(off);
+      if (lane + off < 8) v.merge(other);
+    }
+  }
+  return v;
+}
+
+struct SumF {
+  float v;
+  __device__ __forceinline__ static SumF identity() { return {0.0f}; }
+  __device__ __forceinline__ void merge(const SumF& b) { v += b.v; }
+  __device__ __forceinline__ SumF shfl_down(int off) const {
+    return {__shfl_down_sync(0xffffffffu, v, off)};
+  }
+};
+struct MaxF {
+  float v;
+  __device__ __forceinline__ static MaxF identity() { return {-INFINITY}; }
+  __device__ __forceinline__ void merge(const MaxF& b) { v = fmaxf(v, b.v); }
+  __device__ __forceinline__ MaxF shfl_down(int off) const {
+    return {__shfl_down_sync(0xffffffffu, v, off)};
+  }
+};
+
+// Block-wide sum / max broadcast to every thread.
+__device__ __forceinline__ float block_sum_all(float v, SumF* scratch, float* bcast) {
+  const SumF r = block_reduce(SumF{v}, scratch);
+  if (threadIdx.x == 0) *bcast = r.v;
+  __syncthreads();
+  const float out = *bcast;
+  __syncthreads();
+  return out;
+}
+__device__ __forceinline__ float block_max_all(float v, MaxF* scratch, float* bcast) {
+  const MaxF r = block_reduce(MaxF{v}, scratch);
+  if (threadIdx.x == 0) *bcast = r.v;
+  __syncthreads();
+  const float out = *bcast;
+  __syncthreads();
+  return out;
+}
+
+// One seed's view of the table and the registry, the same in every thread
+// of the CTA (the branches on it are uniform).
+struct SeedView {
+  int stage;
+  int kind;
+  int blueprint;
+  float alpha;    // raw
+  float a;        // clamp(alpha, 0, 1)
+  bool blends;    // SPEC section 3
+  bool grafted;   // SPEC section 7: grads with the real a, and dalpha
+  bool shadow;    // TRAINING: grads as if a = 1
+  const float* w; // w_b, C floats
+  float sigma;
+  float w0, w1, w2;  // CONV taps (0 when C < 3 or not CONV)
+  float att_max;     // ATTENTION: max_j w_j and sum_j exp(w_j - max)
+  float att_sum;
+};
+
+__device__ __forceinline__ SeedView load_seed_view(const SeedTable& table,
+                                                    const RegistryView& registry, int s, int C) {
+  SeedView v;
+  v.stage = table.stage[s];
+  v.kind = table.kind[s];
+  v.blueprint = table.blueprint[s];
+  v.alpha = table.alpha[s];
+  // fminf/fmaxf would turn a NaN alpha into 0; SPEC's clamp is std::clamp.
+  v.a = v.alpha < 0.0f ? 0.0f : (v.alpha > 1.0f ? 1.0f : v.alpha);
+  const bool has = v.blueprint != 0;
+  v.blends = has && stage_blends(v.stage);
+  v.grafted = has && stage_trains_grafted(v.stage);
+  v.shadow = has && stage_trains_shadow(v.stage);
+  v.w = registry.weights + static_cast<int64_t>(v.blueprint) * C;
+  v.sigma = registry.scales[v.blueprint];
+  const bool conv = v.kind == static_cast<int>(Kind::conv) && C >= 3;
+  v.w0 = conv ? v.w[0] : 0.0f;
+  v.w1 = conv ? v.w[1] : 0.0f;
+  v.w2 = conv ? v.w[2] : 0.0f;
+  v.att_max = 0.0f;
+  v.att_sum = 1.0f;
+  return v;
+}
+
+// ATTENTION's softmax normaliser over the blueprint's C weights, computed by
+// the whole CTA (call uniformly). Shifted by the maximum so exp never
+// overflows, like the reference.
+__device__ __forceinline__ void compute_softmax(SeedView& v, int C, SumF* sum_scratch,
+                                                MaxF* max_scratch, float* bcast) {
+  float m = -INFINITY;
+  for (int j = static_cast<int>(threadIdx.x); j < C; j += static_cast<int>(blockDim.x)) {
+    m = fmaxf(m, v.w[j]);
+  }
+  v.att_max = block_max_all(m, max_scratch, bcast);
+  float s = 0.0f;
+  for (int j = static_cast<int>(threadIdx.x); j < C; j += static_cast<int>(blockDim.x)) {
+    s += expf(v.w[j] - v.att_max);
+  }
+  v.att_sum = block_sum_all(s, sum_scratch, bcast);
+}
+
+__device__ __forceinline__ float softmax_p(const SeedView& v, int j) {
+  return expf(v.w[j] - v.att_max) / v.att_sum;
+}
+
+// std::max(v, 0) of the reference: a NaN stays NaN.
+__device__ __forceinline__ float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
+// Per-CTA table of the blueprint coefficient each column needs: w_j for
+// RESIDUAL and MLP, p_j = softmax(w)_j for ATTENTION (CONV reads w0..w2
+// only). Built once per CTA in shared memory, so the hot loop does one
+// shared load per element instead of a global load (and an exp and a
+// division for ATTENTION). Call uniformly; a __syncthreads must follow.
+__device__ __forceinline__ void fill_coef_table(const SeedView& v, int C, float* table) {
+  for (int j = static_cast<int>(threadIdx.x); j < C; j += static_cast<int>(blockDim.x)) {
+    table[j] = v.kind == static_cast<int>(Kind::attention) ? softmax_p(v, j) : v.w[j];
+  }
+}
+// The coefficient of column j from the table, or computed when the chunk is
+// too wide for one (table == nullptr).
+__device__ __forceinline__ float coef_at(const SeedView& v, const float* table, int j) {
+  if (table != nullptr) return table[j];
+  return v.kind == static_cast<int>(Kind::attention) ? softmax_p(v, j) : v.w[j];
+}
+
+// SPEC section 3: T at one column from its X, X one and two columns to the
+// left (0 at the chunk start; only CONV reads them) and its coefficient.
+__device__ __forceinline__ float seed_transform(const SeedView& v, float coef, float x, float xm1,
+                                                float xm2) {
+  switch (v.kind) {
+    case static_cast<int>(Kind::residual): return x + v.sigma * coef;
+    case static_cast<int>(Kind::attention): return x * coef;
+    case static_cast<int>(Kind::mlp): return v.sigma * relu(x * coef);
+    default: return v.sigma * (v.w0 * x + v.w1 * xm1 + v.w2 * xm2);
+  }
+}
+
+// SPEC section 3's clamp; a NaN stays NaN, as in torch.clamp.
+__device__ __forceinline__ float clamp_output(bool enabled, float lo, float hi, float v) {
+  if (!enabled) return v;
+  if (v < lo) return lo;
+  if (v > hi) return hi;
+  return v;
+}
+
+// Loads of partial results another CTA wrote in this launch: through L2,
+// never a stale L1 line.
+template <typename T>
+__device__ __forceinline__ T load_cg(const T* p) {
+  return __ldcg(p);
+}
+
+}  // namespace kasmina::cuda

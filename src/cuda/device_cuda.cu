@@ -1,0 +1,125 @@
+// Device discovery for the CUDA backend: availability (never a crash on a
+// machine without a GPU), device names, and the cached facts the launch plan
+// needs.
+#include <cuda_runtime.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "backends.hpp"
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.hpp"
+
+namespace kasmina::cuda {
+
+const DeviceInfo& current_device_info() {
+  int device = 0;
+  KASMINA_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  // unique_ptr: references handed out stay valid while the map grows.
+  static std::map<int, std::unique_ptr<DeviceInfo>> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    auto info = std::make_unique<DeviceInfo>();
+    info->ordinal = device;
+    KASMINA_CUDA_CHECK(
+        cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device));
+    KASMINA_CUDA_CHECK(
+        cudaDeviceGetAttribute(&info->cc_major, cudaDevAttrComputeCapabilityMajor, device));
+    KASMINA_CUDA_CHECK(
+        cudaDeviceGetAttribute(&info->cc_minor, cudaDevAttrComputeCapabilityMinor, device));
+    cudaDeviceProp prop{};
+    KASMINA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    info->name = prop.name;
+    it = cache.emplace(device, std::move(info)).first;
+  }
+  return *it->second;
+}
+
+int resident_ctas_per_sm(const void* func, int threads, std::size_t smem_bytes) {
+  int device = 0;
+  KASMINA_CUDA_CHECK(cudaGetDevice(&device));
+  struct Key {
+    const void* func;
+    int threads;
+    std::size_t smem;
+    int device;
+    bool operator<(const Key& o) const {
+      if (func != o.func) return std::less<const void*>()(func, o.func);
+      if (threads != o.threads) return threads < o.threads;
+      if (smem != o.smem) return smem < o.smem;
+      return device < o.device;
+    }
+  };
+  static std::mutex mutex;
+  static std::map<Key, int> cache;
+  const Key key{func, threads, smem_bytes, device};
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    int ctas = 0;
+    KASMINA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, func, threads, smem_bytes));
+    KASMINA_CHECK_RUNTIME(ctas >= 1, "a kasmina CUDA kernel cannot be resident with ", threads,
+                          " threads and ", smem_bytes, " bytes of shared memory");
+    it = cache.emplace(key, ctas).first;
+  }
+  return it->second;
+}
+
+}  // namespace kasmina::cuda
+
+namespace kasmina::detail {
+
+namespace {
+// cudaGetDeviceCount's verdict, taken once: a machine does not grow a GPU
+// while a process runs, and the query costs a driver round trip.
+struct Availability {
+  int count = 0;
+  cudaError_t status = cudaSuccess;
+};
+const Availability& availability() {
+  static const Availability cached = [] {
+    Availability a;
+    a.status = cudaGetDeviceCount(&a.count);
+    if (a.status != cudaSuccess) {
+      a.count = 0;
+      // Not sticky, but do not leave it for the next cudaGetLastError().
+      (void)cudaGetLastError();
+    }
+    return a;
+  }();
+  return cached;
+}
+}  // namespace
+
+bool cuda_available() { return availability().status == cudaSuccess && availability().count > 0; }
+
+std::string cuda_unavailable_reason() {
+  const Availability& a = availability();
+  if (a.status != cudaSuccess) {
+    return std::string("cudaGetDeviceCount failed: ") + cudaGetErrorString(a.status) + " (" +
+           cudaGetErrorName(a.status) + ")";
+  }
+  if (a.count == 0) return "no CUDA device is visible";
+  return "";
+}
+
+std::vector<std::string> cuda_device_names() {
+  std::vector<std::string> names;
+  if (!cuda_available()) return names;
+  for (int d = 0; d < availability().count; ++d) {
+    cudaDeviceProp prop{};
+    KASMINA_CUDA_CHECK(cudaGetDeviceProperties(&prop, d));
+    names.push_back(std::string(prop.name) + " (sm_" + std::to_string(prop.major) +
+                    std::to_string(prop.minor) + ", " + std::to_string(prop.multiProcessorCount) +
+                    " SMs)");
+  }
+  return names;
+}
+
+}  // namespace kasmina::detail

@@ -1,0 +1,454 @@
+// CUDA forward (SPEC sections 3 and 4): one launch reads every chunk once,
+// writes y and computes all telemetry.
+//
+// Grid: (row tiles x seeds), flattened. A CTA works on one seed's chunk; its
+// threads form row groups of G lanes (a power of two <= 8, tuning.hpp), each
+// group covers one chunk row V elements per lane per step (16-byte accesses
+// on the vector path) and loops along the row when C > G*V. The CTA visits
+// row passes tile, tile + tiles, ... so the tile count, and with it the
+// workspace, does not depend on N. The blueprint's per-column coefficients
+// (w, or softmax(w) for ATTENTION) sit in a shared-memory table built once
+// per CTA; a copy seed only copies and measures (uniform branches).
+//
+// Telemetry: per-thread statistics (Welford batches of V merged by Chan; the
+// drift's row sums in float64, DESIGN 28), a fixed shuffle/warp-order block
+// reduction into one partial per CTA in the workspace, and the last CTA of
+// each seed (an integer ticket after a __threadfence) merges the seed's
+// partials in a fixed tree, writes the telemetry row, clears the partials
+// and resets its ticket, so the workspace is zero again. No floating-point
+// atomics: the bits depend only on the launch plan, which depends only on
+// the params and the device.
+#include <cuda_runtime.h>
+
+#include <sstream>
+#include <string>
+
+#include "backends.hpp"
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.hpp"
+#include "kasmina/error.hpp"
+
+namespace kasmina::cuda {
+namespace {
+
+// One CTA's (and, merged, one seed's) telemetry over the input chunk.
+struct FwdStats {
+  Moments mom;
+  float lo;
+  float hi;
+  unsigned long long dead;
+  unsigned long long nonfinite;
+  double drift_sum;  // sum over rows of 1 - cos(X[n,:], Y[n,:]) (blending seeds only)
+
+  __device__ __forceinline__ static FwdStats identity() {
+    return {Moments::identity(), INFINITY, -INFINITY, 0ull, 0ull, 0.0};
+  }
+  __device__ __forceinline__ void merge(const FwdStats& b) {
+    mom.merge(b.mom);
+    lo = fminf(lo, b.lo);
+    hi = fmaxf(hi, b.hi);
+    dead += b.dead;
+    nonfinite += b.nonfinite;
+    drift_sum += b.drift_sum;
+  }
+  __device__ __forceinline__ FwdStats shfl_down(int off) const {
+    return {mom.shfl_down(off),
+            __shfl_down_sync(0xffffffffu, lo, off),
+            __shfl_down_sync(0xffffffffu, hi, off),
+            __shfl_down_sync(0xffffffffu, dead, off),
+            __shfl_down_sync(0xffffffffu, nonfinite, off),
+            __shfl_down_sync(0xffffffffu, drift_sum, off)};
+  }
+};
+
+__device__ __forceinline__ FwdStats load_partial(const FwdStats* p) {
+  FwdStats s;
+  s.mom.n = load_cg(&p->mom.n);
+  s.mom.mean = load_cg(&p->mom.mean);
+  s.mom.m2 = load_cg(&p->mom.m2);
+  s.lo = load_cg(&p->lo);
+  s.hi = load_cg(&p->hi);
+  s.dead = load_cg(&p->dead);
+  s.nonfinite = load_cg(&p->nonfinite);
+  s.drift_sum = load_cg(&p->drift_sum);
+  return s;
+}
+
+// One thread's telemetry on the hot path: 32-bit counts (a thread never
+// sees 2^32 values) keep the register budget small. Widened to FwdStats for
+// the block reduction.
+struct ThreadStats {
+  ThreadMoments mom;
+  float lo;
+  float hi;
+  unsigned dead;
+  unsigned nonfinite;
+  double drift_sum;
+
+  __device__ __forceinline__ FwdStats widen() const {
+    return {mom.to_moments(), lo, hi, dead, nonfinite, drift_sum};
+  }
+};
+
+// Telemetry of V input values: the finite ones as one Welford batch merged
+// by Chan (one division per batch, not per value), the others only counted.
+template <int V>
+__device__ __forceinline__ void add_values(ThreadStats& st, const float (&xv)[V],
+                                           float dead_threshold) {
+  float sum = 0.0f;
+  unsigned cnt = 0;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const float x = xv[i];
+    if (isfinite(x)) {
+      sum += x;
+      ++cnt;
+      st.lo = fminf(st.lo, x);
+      st.hi = fmaxf(st.hi, x);
+      if (fabsf(x) <= dead_threshold) ++st.dead;
+    } else {
+      ++st.nonfinite;
+    }
+  }
+  if (cnt == 0) return;
+  // V is a power of two: the usual all-finite batch divides exactly by a multiply.
+  const float mean = cnt == V ? sum * (1.0f / V) : sum / static_cast<float>(cnt);
+  float m2 = 0.0f;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const float d = xv[i] - mean;
+    if (isfinite(xv[i])) m2 += d * d;
+  }
+  st.mom.add_batch(cnt, mean, m2);
+}
+
+struct ForwardArgs {
+  const void* x;
+  void* y;
+  int64_t rows;
+  int64_t x_stride;
+  int64_t y_stride;
+  int C;
+  int group;
+  int rows_per_pass;
+  int tiles;
+  bool coef_table;  // the dynamic shared memory holds C floats of coefficients
+  SeedTable seeds;
+  RegistryView registry;
+  OutputClamp clamp;
+  float dead_threshold;
+  float* telemetry;
+  int64_t* nonfinite_count;
+  unsigned* tickets;    // [S], zero between launches
+  FwdStats* partials;   // [S, tiles]
+};
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxBlockThreads, 2) forward_kernel(const ForwardArgs args) {
+  extern __shared__ float coef_smem[];  // [C] when args.coef_table
+  __shared__ FwdStats red_scratch[8];
+  __shared__ SumF sum_scratch[8];
+  __shared__ MaxF max_scratch[8];
+  __shared__ float bcast;
+  __shared__ int is_last;
+
+  const int tiles = args.tiles;
+  const int s = static_cast<int>(blockIdx.x) / tiles;
+  const int tile = static_cast<int>(blockIdx.x) - s * tiles;
+  const int C = args.C;
+  const int G = args.group;
+  const int lane = static_cast<int>(threadIdx.x) & (G - 1);
+  const int group = static_cast<int>(threadIdx.x) / G;
+  const int64_t R = args.rows_per_pass;
+  const int64_t N = args.rows;
+
+  SeedView sv = load_seed_view(args.seeds, args.registry, s, C);
+  if (sv.blends && sv.kind == static_cast<int>(Kind::attention)) {
+    compute_softmax(sv, C, sum_scratch, max_scratch, &bcast);
+  }
+  const bool conv = sv.blends && sv.kind == static_cast<int>(Kind::conv);
+  const float* table = nullptr;
+  if (args.coef_table && sv.blends && !conv) {
+    fill_coef_table(sv, C, coef_smem);
+    table = coef_smem;
+  }
+  __syncthreads();
+
+  const T* x = static_cast<const T*>(args.x);
+  T* y = static_cast<T*>(args.y);
+  const int64_t col0 = static_cast<int64_t>(s) * C;
+  ThreadStats st{{0u, 0.0f, 0.0f}, INFINITY, -INFINITY, 0u, 0u, 0.0};
+
+  for (int64_t pass = tile; pass * R < N; pass += tiles) {
+    const int64_t n = pass * R + group;
+    const bool active = n < N;
+    // Drift is 1 - cos, small next to 1: the row sums are kept in float64
+    // (a product of two floats is exact there), so the cancellation in
+    // 1 - cos costs nothing visible at float32 output precision.
+    double dot = 0.0, xx = 0.0, yy = 0.0;
+    if (active) {
+      const T* xr = x + n * args.x_stride + col0;
+      T* yr = y + n * args.y_stride + col0;
+      for (int c = lane * V; c < C; c += G * V) {
+        // xe[k] = X[c - 2 + k]: the vector plus CONV's two left neighbours
+        // (0 at the chunk start; L1 hits, the neighbour lane loaded them).
+        float xe[V + 2];
+        float xv[V];
+        load_vec<T, V>(xr + c, xv);
+        xe[0] = (conv && c >= 2) ? load_one(xr + c - 2) : 0.0f;
+        xe[1] = (conv && c >= 1) ? load_one(xr + c - 1) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) xe[i + 2] = xv[i];
+        float yv[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float xi = xv[i];
+          float yi = xi;
+          if (sv.blends) {
+            const float coef = conv ? 0.0f : coef_at(sv, table, c + i);
+            const float t = seed_transform(sv, coef, xi, xe[i + 1], xe[i]);
+            yi = sv.a * t + (1.0f - sv.a) * xi;
+            const double xd = xi, yd = yi;
+            dot += xd * yd;
+            xx += xd * xd;
+            yy += yd * yd;
+          }
+          yv[i] = clamp_output(args.clamp.enabled, args.clamp.lo, args.clamp.hi, yi);
+        }
+        store_vec<T, V>(yr + c, yv);
+        add_values<V>(st, xv, args.dead_threshold);
+      }
+    }
+    if (sv.blends) {
+      // Every lane of the CTA reaches this point the same number of times.
+      dot = group_sum(dot, G);
+      xx = group_sum(xx, G);
+      yy = group_sum(yy, G);
+      if (active && lane == 0) {
+        // cos = 1 for a zero or non-finite row (SPEC section 4), and for a row
+        // with Y == X (dot == |X|^2 == |Y|^2), where the formula would leave
+        // rounding noise instead of the exact 0.
+        // A non-finite X or Y makes |X|^2 or |Y|^2 non-finite (squares of
+        // finite floats cannot overflow a double), so no per-value test.
+        const bool unit = !isfinite(xx) || !isfinite(yy) || xx == 0.0 || yy == 0.0 ||
+                          (dot == xx && xx == yy);
+        if (!unit) st.drift_sum += 1.0 - dot / sqrt(xx * yy);
+      }
+    }
+  }
+
+  const FwdStats cta = block_reduce(st.widen(), red_scratch);
+  FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * tiles;
+  if (threadIdx.x == 0) {
+    seed_partials[tile] = cta;
+    __threadfence();
+    const unsigned ticket = atomicAdd(&args.tickets[s], 1u);
+    is_last = ticket == static_cast<unsigned>(tiles - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  FwdStats acc = FwdStats::identity();
+  for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
+    acc.merge(load_partial(seed_partials + i));
+  }
+  acc = block_reduce(acc, red_scratch);  // its barriers order the reads before the clears
+  // params.hpp: the workspace is left zero-filled by every launch.
+  for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
+    seed_partials[i] = FwdStats{};
+  }
+  if (threadIdx.x == 0) {
+    const unsigned long long n = acc.mom.n;
+    const float mean = n > 0 ? acc.mom.mean : 0.0f;
+    const float variance = n > 0 ? acc.mom.m2 / static_cast<float>(n) : 0.0f;
+    float* tel = args.telemetry + static_cast<int64_t>(s) * kTelemetryWidth;
+    tel[kTelVariance] = variance;
+    tel[kTelMean] = mean;
+    tel[kTelMin] = acc.lo;
+    tel[kTelMax] = acc.hi;
+    tel[kTelDeadRatio] = n > 0 ? static_cast<float>(acc.dead) / static_cast<float>(n) : 0.0f;
+    tel[kTelSignalToNoise] = n > 0 ? fabsf(mean) / sqrtf(variance + 1e-8f) : 0.0f;
+    tel[kTelNonfinite] = static_cast<float>(acc.nonfinite);
+    // Exactly 0 for a copy and for N = 0 (SPEC section 4).
+    tel[kTelDrift] =
+        (sv.blends && N > 0) ? static_cast<float>(acc.drift_sum / static_cast<double>(N)) : 0.0f;
+    if (args.nonfinite_count != nullptr) {
+      args.nonfinite_count[s] = static_cast<int64_t>(acc.nonfinite);
+    }
+    args.tickets[s] = 0u;  // every CTA of this seed has taken its ticket
+  }
+}
+
+struct Resolved {
+  int64_t C;
+  int64_t x_stride;
+  int64_t y_stride;
+  bool vector;
+  const char* why;
+};
+
+Resolved resolve(const ForwardParams& p) {
+  Resolved r{};
+  r.C = p.hidden / p.num_seeds;
+  r.x_stride = p.x_row_stride != 0 ? p.x_row_stride : p.hidden;
+  r.y_stride = p.y_row_stride != 0 ? p.y_row_stride : p.hidden;
+  const auto esize = static_cast<int64_t>(dtype_size(p.dtype));
+  const int64_t v = kVectorBytes / esize;
+  if (r.C % v != 0) {
+    r.why = "C is not a multiple of the 16-byte vector";
+  } else if (!aligned16(p.x) || !aligned16(p.y)) {
+    r.why = "x or y is not 16-byte aligned";
+  } else if ((r.x_stride * esize) % kVectorBytes != 0 || (r.y_stride * esize) % kVectorBytes != 0) {
+    r.why = "a row stride is not a multiple of 16 bytes";
+  } else {
+    r.vector = true;
+    r.why = "C, base pointers and row strides allow 16-byte access";
+  }
+  return r;
+}
+
+int tiles_max_for(int32_t num_seeds, const DeviceInfo& dev) {
+  return tiles_per_seed_bound(num_seeds, tuning_for(dev.cc_major), dev.sm_count);
+}
+
+LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev) {
+  const Resolved r = resolve(p);
+  const Tuning& t = tuning_for(dev.cc_major);
+  LaunchPlan plan;
+  plan.vector = r.vector ? kVectorBytes / static_cast<int>(dtype_size(p.dtype)) : 1;
+  // At most kForwardGroupThreads lanes per row (still 128 contiguous bytes
+  // per row and access): the per-row work (the drift sums' shuffles and the
+  // float64 cosine) is then shared by more rows per warp instruction.
+  plan.group = next_pow2(ceil_div(r.C, plan.vector));
+  if (plan.group > kForwardGroupThreads) plan.group = kForwardGroupThreads;
+  plan.threads = t.block_threads;
+  plan.rows_per_pass = plan.threads / plan.group;
+  plan.tiles_max = tiles_max_for(p.num_seeds, dev);
+  // The coefficient table when it fits the shared memory every architecture
+  // gives without an opt-in; wider chunks compute coefficients on the fly.
+  const std::size_t table = static_cast<std::size_t>(r.C) * sizeof(float);
+  plan.smem_bytes = table <= t.smem_budget_bytes ? table : 0;
+  plan.tiles = plan.tiles_max;  // refined by finish_plan() for the kernel that runs
+  return plan;
+}
+
+std::size_t tickets_bytes(int32_t num_seeds) {
+  return align_up(static_cast<std::size_t>(num_seeds) * sizeof(unsigned), 256);
+}
+
+std::size_t workspace_bytes(const ForwardParams& p, const DeviceInfo& dev) {
+  return tickets_bytes(p.num_seeds) + static_cast<std::size_t>(p.num_seeds) *
+                                          static_cast<std::size_t>(tiles_max_for(p.num_seeds, dev)) *
+                                          sizeof(FwdStats);
+}
+
+template <typename T, int V>
+LaunchPlan finish_plan(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev) {
+  const int resident = resident_ctas_per_sm(reinterpret_cast<const void*>(&forward_kernel<T, V>),
+                                            plan.threads, plan.smem_bytes);
+  plan.tiles = tiles_for_rows(p.rows, plan.rows_per_pass, plan.tiles_max, resident, dev.sm_count,
+                              p.num_seeds);
+  return plan;
+}
+
+// The one dispatch point: (dtype, vector width) -> kernel instance. Returns
+// the final plan; launches only when args is given.
+template <typename T>
+LaunchPlan dispatch_dtype(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev,
+                          ForwardArgs* args) {
+  constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
+  const bool vec = plan.vector == kVec;
+  plan = vec ? finish_plan<T, kVec>(plan, p, dev) : finish_plan<T, 1>(plan, p, dev);
+  if (args == nullptr) return plan;
+  args->tiles = plan.tiles;
+  const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  if (vec) {
+    forward_kernel<T, kVec><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes, stream>>>(*args);
+  } else {
+    forward_kernel<T, 1><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes, stream>>>(*args);
+  }
+  KASMINA_CUDA_CHECK(cudaGetLastError());
+  return plan;
+}
+
+LaunchPlan dispatch(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
+                    ForwardArgs* args) {
+  switch (p.dtype) {
+    case DType::f32: return dispatch_dtype<float>(plan, p, dev, args);
+    case DType::bf16: return dispatch_dtype<__nv_bfloat16>(plan, p, dev, args);
+    case DType::f16: return dispatch_dtype<__half>(plan, p, dev, args);
+    case DType::f64: break;
+  }
+  KASMINA_FAIL(ErrorKind::type, "the CUDA backend takes float32, bfloat16 or float16 (got ",
+               dtype_name(p.dtype), ")");
+}
+
+}  // namespace
+}  // namespace kasmina::cuda
+
+namespace kasmina::detail {
+
+std::size_t forward_workspace_bytes_cuda(const ForwardParams& p) {
+  return cuda::workspace_bytes(p, cuda::current_device_info());
+}
+
+void forward_cuda(const ForwardParams& p) {
+  using namespace kasmina::cuda;
+  KASMINA_CHECK_TYPE(p.dtype == DType::f32 || p.dtype == DType::bf16 || p.dtype == DType::f16,
+                     "the CUDA backend takes float32, bfloat16 or float16 (got ",
+                     dtype_name(p.dtype), ")");
+  const DeviceInfo& dev = current_device_info();
+  const std::size_t need = workspace_bytes(p, dev);
+  KASMINA_CHECK_VALUE(p.workspace != nullptr && p.workspace_bytes >= need,
+                      "forward workspace too small: need ", need, " bytes (",
+                      "forward_workspace_bytes), got ", p.workspace_bytes, " bytes at ",
+                      p.workspace);
+  KASMINA_CHECK_VALUE(aligned16(p.workspace), "forward workspace must be 16-byte aligned (got ",
+                      p.workspace, ")");
+  const LaunchPlan plan = plan_forward(p, dev);
+  const Resolved r = resolve(p);
+
+  ForwardArgs args{};
+  args.x = p.x;
+  args.y = p.y;
+  args.rows = p.rows;
+  args.x_stride = r.x_stride;
+  args.y_stride = r.y_stride;
+  args.C = static_cast<int>(r.C);
+  args.group = plan.group;
+  args.rows_per_pass = plan.rows_per_pass;
+  args.coef_table = plan.smem_bytes > 0;
+  args.seeds = p.seeds;
+  args.registry = p.registry;
+  args.clamp = p.clamp;
+  args.dead_threshold = p.dead_threshold;
+  args.telemetry = p.telemetry;
+  args.nonfinite_count = p.nonfinite_count;
+  auto* base = static_cast<unsigned char*>(p.workspace);
+  args.tickets = reinterpret_cast<unsigned*>(base);
+  args.partials = reinterpret_cast<FwdStats*>(base + tickets_bytes(p.num_seeds));
+
+  dispatch(plan, p, dev, &args);
+}
+
+std::string describe_forward_cuda(const ForwardParams& p) {
+  using namespace kasmina::cuda;
+  if (!cuda_available()) return "cuda.forward: unavailable (" + cuda_unavailable_reason() + ")";
+  const DeviceInfo& dev = current_device_info();
+  const Resolved r = resolve(p);
+  const LaunchPlan plan = dispatch(plan_forward(p, dev), p, dev, nullptr);
+  std::ostringstream os;
+  os << "cuda.forward." << (r.vector ? "vec" : "scalar") << plan.vector << " "
+     << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
+     << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_per_pass
+     << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
+     << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
+     << " threads, one launch, "
+     << (plan.smem_bytes > 0 ? "coefficients in a shared-memory table"
+                             : "coefficients computed per element (C too wide for the table)");
+  return os.str();
+}
+
+}  // namespace kasmina::detail

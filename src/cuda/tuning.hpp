@@ -1,0 +1,55 @@
+// Tuning constants of the CUDA backend, one home per architecture (STYLE.md
+// rule 3). The kernels are written for any value that satisfies the
+// constraints noted here; the numbers are what we chose, not what the code
+// needs. Change them only with a figure in docs/PERFORMANCE.md.
+#pragma once
+
+#include <cstddef>
+
+namespace kasmina::cuda {
+
+struct Tuning {
+  // Threads per CTA of the forward kernel and upper bound of the backward
+  // one. A multiple of 32 and at most 256 (the block reductions keep one
+  // slot per warp, 8 slots).
+  int block_threads;
+  // CTAs per SM the grid aims for (resident at once, see below).
+  int ctas_per_sm;
+  // Upper bound of row tiles per seed, so the workspace stays small whatever
+  // the number of seeds.
+  int max_tiles_per_seed;
+  // Dynamic shared memory per CTA: the coefficient table (C floats) and the
+  // backward's column accumulators (rows in flight x C floats). Every
+  // architecture gives 48 KiB (static + dynamic) without an opt-in; the
+  // kernels' static reduction scratch takes under 1 KiB, so 46 KiB are left
+  // for this. It bounds the backward's C at 11776 floats (wider chunks skip
+  // the table first).
+  std::size_t smem_budget_bytes;
+  // Bytes the backward kernel may use for per-CTA column partials of dW
+  // (tiles x S x C floats): caps the tile count for very wide chunks.
+  std::size_t backward_partial_bytes;
+};
+
+// sm_80 (A100) and sm_90 (H100) share one memory-bound design: 16-byte
+// vector loads, 256 threads, 3 CTAs per SM (the kernels use 60-80 registers
+// a thread, so 3 CTAs of 256 fit and the grid is one even wave; the row
+// passes are split evenly over the tiles, so a partial second wave would
+// double the time of its CTAs). A Hopper-specific variant (TMA bulk copies)
+// would get its own entry here.
+inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20};
+inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20};
+
+inline constexpr const Tuning& tuning_for(int cc_major) {
+  return cc_major >= 9 ? kTuningSm90 : kTuningSm80;
+}
+
+// Widest access of the vector path.
+inline constexpr int kVectorBytes = 16;
+// Row groups never span more than a warp: their reductions are shuffles.
+inline constexpr int kMaxGroupThreads = 32;
+inline constexpr int kMaxBlockThreads = 256;
+// Lanes per row in the forward: 8 lanes x 16 bytes = one 128-byte line per
+// row and access, while per-row reductions are shared by 4 rows a warp.
+inline constexpr int kForwardGroupThreads = 8;
+
+}  // namespace kasmina::cuda

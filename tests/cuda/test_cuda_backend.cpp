@@ -1,0 +1,483 @@
+// GPU tests of the CUDA backend (run by scripts/gpu-check): every output
+// against the float64 reference under SPEC section 9, bit-identical reruns,
+// CUDA-graph replay, and the workspace check. Outputs are poisoned with 0xFF
+// bytes (NaN) first, so anything left unwritten fails.
+//
+// Suites named Small* hold a few small problems only: scripts/gpu-check runs
+// them under compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
+// Without a CUDA device every test fails loudly: this file only runs where a
+// GPU is expected.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "support/harness.hpp"
+
+namespace kasmina::test {
+namespace {
+
+void check_cuda(cudaError_t status, const char* expr, const char* file, int line) {
+  if (status != cudaSuccess) {
+    std::ostringstream os;
+    os << file << ":" << line << ": " << expr << " failed: " << cudaGetErrorString(status);
+    throw std::runtime_error(os.str());
+  }
+}
+#define CUDA_OK(expr) check_cuda((expr), #expr, __FILE__, __LINE__)
+
+// Owning device allocation. `offset` bytes past a 256-byte aligned base
+// gives a deliberately misaligned pointer.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(std::size_t bytes, std::size_t offset = 0) : bytes_(bytes), offset_(offset) {
+    CUDA_OK(cudaMalloc(&base_, bytes + offset + 1));
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(base_, o.base_);
+    std::swap(bytes_, o.bytes_);
+    std::swap(offset_, o.offset_);
+    return *this;
+  }
+  ~DeviceBuffer() {
+    if (base_ != nullptr) (void)cudaFree(base_);
+  }
+  void* get() const { return static_cast<unsigned char*>(base_) + offset_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(get());
+  }
+  std::size_t bytes() const { return bytes_; }
+  void upload(const void* host, std::size_t n) const {
+    if (n > 0) CUDA_OK(cudaMemcpy(get(), host, n, cudaMemcpyHostToDevice));
+  }
+  void download(void* host, std::size_t n) const {
+    if (n > 0) CUDA_OK(cudaMemcpy(host, get(), n, cudaMemcpyDeviceToHost));
+  }
+  void fill(int byte) const { CUDA_OK(cudaMemset(get(), byte, bytes_)); }
+
+ private:
+  void* base_ = nullptr;
+  std::size_t bytes_ = 0;
+  std::size_t offset_ = 0;
+};
+
+template <typename T>
+DeviceBuffer upload_vector(const std::vector<T>& v, std::size_t offset = 0) {
+  DeviceBuffer b(v.size() * sizeof(T), offset);
+  b.upload(v.data(), v.size() * sizeof(T));
+  return b;
+}
+
+// A Problem's inputs, outputs and workspaces on the device.
+struct DeviceProblem {
+  DeviceBuffer x, dy, y, dx;
+  DeviceBuffer stage, kind, blueprint, alpha, weights, scales;
+  DeviceBuffer telemetry, nonfinite, dweights, dscales, dalpha, grad_stats;
+  DeviceBuffer fwd_workspace, bwd_workspace;
+
+  // misalign: shift x, y, dy, dx by one element (scalar path).
+  DeviceProblem(Problem& p, bool misalign) {
+    const std::size_t off = misalign ? dtype_size(p.options.dtype) : 0;
+    x = DeviceBuffer(p.x.bytes.size(), off);
+    x.upload(p.x.data(), p.x.bytes.size());
+    dy = DeviceBuffer(p.dy.bytes.size(), off);
+    dy.upload(p.dy.data(), p.dy.bytes.size());
+    y = DeviceBuffer(p.y.bytes.size(), off);
+    dx = DeviceBuffer(p.dx.bytes.size(), off);
+    stage = upload_vector(p.stage);
+    kind = upload_vector(p.kind);
+    blueprint = upload_vector(p.blueprint);
+    alpha = upload_vector(p.alpha);
+    weights = upload_vector(p.weights);
+    scales = upload_vector(p.scales);
+    telemetry = DeviceBuffer(p.telemetry.size() * sizeof(float));
+    nonfinite = DeviceBuffer(p.nonfinite.size() * sizeof(int64_t));
+    dweights = DeviceBuffer(p.dweights.size() * sizeof(float));
+    dscales = DeviceBuffer(p.dscales.size() * sizeof(float));
+    dalpha = DeviceBuffer(p.dalpha.size() * sizeof(float));
+    grad_stats = DeviceBuffer(p.grad_stats.size() * sizeof(float));
+    // The sizes depend on shapes only: the host params of the problem do.
+    const std::size_t fw = forward_workspace_bytes(p.forward_params(), Backend::cuda);
+    const std::size_t bw = backward_workspace_bytes(p.backward_params(), Backend::cuda);
+    fwd_workspace = DeviceBuffer(fw);
+    bwd_workspace = DeviceBuffer(bw);
+    fwd_workspace.fill(0);
+    bwd_workspace.fill(0);
+    poison();
+  }
+
+  void poison() const {
+    for (const DeviceBuffer* b : {&y, &dx, &telemetry, &nonfinite, &dweights, &dscales, &dalpha,
+                                  &grad_stats}) {
+      b->fill(0xFF);
+    }
+  }
+
+  SeedTable seeds() const {
+    return {stage.as<const int32_t>(), kind.as<const int32_t>(), blueprint.as<const int32_t>(),
+            alpha.as<const float>()};
+  }
+
+  ForwardParams forward_params(Problem& p, Stream stream = nullptr) const {
+    ForwardParams f = p.forward_params();
+    f.x = x.get();
+    f.y = y.get();
+    f.seeds = seeds();
+    f.registry.weights = weights.as<const float>();
+    f.registry.scales = scales.as<const float>();
+    f.telemetry = telemetry.as<float>();
+    f.nonfinite_count = nonfinite.as<int64_t>();
+    f.workspace = fwd_workspace.get();
+    f.workspace_bytes = fwd_workspace.bytes();
+    f.stream = stream;
+    return f;
+  }
+
+  BackwardParams backward_params(Problem& p, Stream stream = nullptr) const {
+    BackwardParams b = p.backward_params();
+    b.x = x.get();
+    b.dy = dy.get();
+    b.dx = dx.get();
+    b.seeds = seeds();
+    b.registry.weights = weights.as<const float>();
+    b.registry.scales = scales.as<const float>();
+    b.dweights = dweights.as<float>();
+    b.dscales = dscales.as<float>();
+    b.dalpha = dalpha.as<float>();
+    b.grad_stats = grad_stats.as<float>();
+    b.workspace = bwd_workspace.get();
+    b.workspace_bytes = bwd_workspace.bytes();
+    b.stream = stream;
+    return b;
+  }
+
+  void download_forward(Problem& p) const {
+    y.download(p.y.data(), p.y.bytes.size());
+    telemetry.download(p.telemetry.data(), p.telemetry.size() * sizeof(float));
+    nonfinite.download(p.nonfinite.data(), p.nonfinite.size() * sizeof(int64_t));
+  }
+  void download_backward(Problem& p) const {
+    dx.download(p.dx.data(), p.dx.bytes.size());
+    dweights.download(p.dweights.data(), p.dweights.size() * sizeof(float));
+    dscales.download(p.dscales.data(), p.dscales.size() * sizeof(float));
+    dalpha.download(p.dalpha.data(), p.dalpha.size() * sizeof(float));
+    grad_stats.download(p.grad_stats.data(), p.grad_stats.size() * sizeof(float));
+  }
+};
+
+void require_device() {
+  ASSERT_TRUE(backend_available(Backend::cuda))
+      << "the CUDA test suite needs a CUDA device: " << backend_unavailable_reason(Backend::cuda);
+}
+
+// Run forward and backward on the device into p's host outputs.
+void run_cuda(Problem& p, const DeviceProblem& d, bool with_backward = true) {
+  d.poison();
+  p.poison_outputs();
+  forward(d.forward_params(p), Backend::cuda);
+  if (with_backward) backward(d.backward_params(p), Backend::cuda);
+  CUDA_OK(cudaDeviceSynchronize());
+  d.download_forward(p);
+  if (with_backward) d.download_backward(p);
+}
+
+struct CheckOptions {
+  bool misalign = false;
+  bool backward = true;
+  bool compare_backward = true;
+};
+
+// The whole check for one problem: reference comparison of both ops and a
+// second run that must give the same bits.
+void check_problem(const ProblemOptions& o, const CheckOptions& c = {}) {
+  Problem p = make_problem(o);
+  const std::string ctx = std::string("cuda") + (c.misalign ? " misaligned" : "") + " " + describe(o);
+  SCOPED_TRACE(ctx);
+  const DeviceProblem d(p, c.misalign);
+  run_cuda(p, d, c.backward);
+  const reference::ForwardResult fref = reference::forward(p.forward_params());
+  expect_forward_matches(p, fref, ctx);
+  if (c.backward && c.compare_backward) {
+    const reference::BackwardResult bref = reference::backward(p.backward_params());
+    expect_backward_matches(p, bref, ctx);
+  }
+  Problem again = p;
+  run_cuda(again, d, c.backward);
+  expect_forward_bits_equal(p, again, ctx + " (second run)");
+  if (c.backward) expect_backward_bits_equal(p, again, ctx + " (second run)");
+}
+
+constexpr DType kDTypes[] = {DType::f32, DType::bf16, DType::f16};
+
+// Every shape with C < 3 runs without CONV seeds (the harness's mixed mode
+// skips CONV there).
+ProblemOptions shape(int64_t rows, int64_t chunk, int32_t seeds, DType dtype, uint64_t rng) {
+  ProblemOptions o;
+  o.rows = rows;
+  o.chunk = chunk;
+  o.num_seeds = seeds;
+  o.dtype = dtype;
+  o.rng_seed = rng;
+  return o;
+}
+
+class CudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override { require_device(); }
+};
+
+// ------------------------------------------------------------- small suite
+
+class SmallCuda : public CudaTest {};
+
+TEST_F(SmallCuda, MixedShapes) {
+  uint64_t rng = 100;
+  for (DType dt : {DType::f32, DType::bf16}) {
+    for (int64_t rows : {0, 7}) {
+      for (int64_t chunk : {1, 3, 48, 65}) check_problem(shape(rows, chunk, 3, dt, ++rng));
+    }
+  }
+}
+
+TEST_F(SmallCuda, ClampClipMisaligned) {
+  ProblemOptions o = shape(9, 48, 3, DType::f16, 7);
+  o.clamp = true;
+  o.clip = true;
+  check_problem(o);
+  o.row_pad = 3;
+  check_problem(o, {.misalign = true});
+}
+
+// -------------------------------------------------------------- full suite
+
+class CudaBackend : public CudaTest {};
+
+TEST_F(CudaBackend, Sweep) {
+  uint64_t rng = 1000;
+  for (DType dt : kDTypes) {
+    for (int32_t seeds : {1, 3, 16}) {
+      for (int64_t chunk : {1, 3, 4, 48, 65, 1000}) {
+        for (int64_t rows : {0, 1, 7, 1000}) check_problem(shape(rows, chunk, seeds, dt, ++rng));
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackend, EveryKindAlone) {
+  uint64_t rng = 2000;
+  for (DType dt : kDTypes) {
+    for (int32_t kind = 0; kind < kNumKinds; ++kind) {
+      for (int64_t chunk : {3, 48, 65}) {
+        ProblemOptions o = shape(257, chunk, 4, dt, ++rng);
+        o.only_kind = kind;
+        check_problem(o);
+        // Every stage with this kind: blending, shadow and copy seeds alike.
+        for (int32_t stage = 0; stage < kNumStages; ++stage) {
+          o.only_stage = stage;
+          o.rng_seed = ++rng;
+          check_problem(o);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackend, ClampAndClip) {
+  uint64_t rng = 3000;
+  for (DType dt : kDTypes) {
+    for (int64_t chunk : {3, 48, 65, 1000}) {
+      for (int mode = 0; mode < 3; ++mode) {
+        ProblemOptions o = shape(300, chunk, 3, dt, ++rng);
+        o.clamp = mode != 1;
+        o.clip = mode != 0;
+        check_problem(o);
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackend, PaddedStrideAndMisalignedBase) {
+  uint64_t rng = 4000;
+  for (DType dt : kDTypes) {
+    for (int64_t chunk : {4, 48, 1000}) {
+      for (int64_t pad : {8, 3}) {  // 8: vector path stays possible; 3: scalar path
+        ProblemOptions o = shape(100, chunk, 3, dt, ++rng);
+        o.row_pad = pad;
+        check_problem(o);
+      }
+      check_problem(shape(100, chunk, 3, dt, ++rng), {.misalign = true});
+    }
+  }
+}
+
+TEST_F(CudaBackend, NonFiniteAndDenormalInputs) {
+  uint64_t rng = 5000;
+  for (DType dt : kDTypes) {
+    for (int64_t chunk : {3, 48, 65}) {
+      ProblemOptions o = shape(200, chunk, 3, dt, ++rng);
+      o.special_fraction = 0.05;
+      // Gradients of NaN inputs are NaN in the reference as well; the
+      // telemetry is what this test is about. Backward still must run and be
+      // deterministic.
+      check_problem(o, {.compare_backward = false});
+    }
+  }
+}
+
+TEST_F(CudaBackend, BenchmarkShapes) {
+  struct Shape {
+    int64_t rows, hidden;
+    int32_t seeds;
+  };
+  uint64_t rng = 6000;
+  for (const Shape& s : {Shape{16384, 4096, 64}, Shape{8192, 768, 16}, Shape{16, 4096, 64}}) {
+    check_problem(shape(s.rows, s.hidden / s.seeds, s.seeds, DType::f32, ++rng));
+  }
+}
+
+bool all_bytes(const std::vector<uint8_t>& v, uint8_t byte) {
+  for (uint8_t b : v) {
+    if (b != byte) return false;
+  }
+  return true;
+}
+template <typename T>
+bool all_bytes(const std::vector<T>& v, uint8_t byte) {
+  std::vector<uint8_t> raw(v.size() * sizeof(T));
+  if (!raw.empty()) std::memcpy(raw.data(), v.data(), raw.size());
+  return all_bytes(raw, byte);
+}
+
+// Wide chunks: the forward's coefficient table stops at 46 KiB (C > 11776
+// computes coefficients per element), the backward drops its table first
+// (C = 8192: the column sums alone fill the shared memory) and refuses
+// C > 11776 with an Error, writing nothing (DESIGN 27).
+TEST_F(CudaBackend, WideChunks) {
+  uint64_t rng = 7000;
+  for (int64_t chunk : {8192, 11776}) check_problem(shape(5, chunk, 2, DType::f32, ++rng));
+  check_problem(shape(5, 11776, 2, DType::bf16, ++rng));
+
+  ProblemOptions o = shape(5, 11777, 2, DType::f32, ++rng);
+  check_problem(o, {.backward = false});
+  Problem p = make_problem(o);
+  const DeviceProblem d(p, false);
+  d.poison();
+  EXPECT_THROW(backward(d.backward_params(p), Backend::cuda), Error);
+  CUDA_OK(cudaDeviceSynchronize());
+  d.download_backward(p);
+  EXPECT_TRUE(all_bytes(p.dx.bytes, 0xFF)) << "dx was written by a refused backward";
+}
+
+// Capture forward + backward on a non-default stream into a CUDA graph,
+// replay it twice: both replays give the eager bits.
+void graph_replay(const ProblemOptions& o) {
+  Problem eager = make_problem(o);
+  const DeviceProblem d(eager, false);
+  run_cuda(eager, d);
+
+  cudaStream_t stream = nullptr;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  Problem replay = eager;
+  const ForwardParams fp = d.forward_params(replay, stream);
+  const BackwardParams bp = d.backward_params(replay, stream);
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  try {
+    forward(fp, Backend::cuda);
+    backward(bp, Backend::cuda);
+  } catch (...) {
+    (void)cudaStreamEndCapture(stream, &graph);
+    throw;
+  }
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int round = 0; round < 2; ++round) {
+    d.poison();
+    replay.poison_outputs();
+    CUDA_OK(cudaGraphLaunch(exec, stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    d.download_forward(replay);
+    d.download_backward(replay);
+    const std::string ctx = "graph replay " + std::to_string(round) + " " + describe(o);
+    expect_forward_bits_equal(eager, replay, ctx);
+    expect_backward_bits_equal(eager, replay, ctx);
+  }
+  CUDA_OK(cudaGraphExecDestroy(exec));
+  CUDA_OK(cudaGraphDestroy(graph));
+  CUDA_OK(cudaStreamDestroy(stream));
+}
+
+TEST_F(SmallCuda, GraphReplay) { graph_replay(shape(33, 48, 3, DType::bf16, 77)); }
+
+TEST_F(CudaBackend, GraphReplayLarge) {
+  ProblemOptions o = shape(4000, 64, 16, DType::f32, 78);
+  o.clamp = true;
+  o.clip = true;
+  graph_replay(o);
+}
+
+TEST_F(SmallCuda, WorkspaceTooSmallWritesNothing) {
+  Problem p = make_problem(shape(7, 48, 3, DType::f32, 9));
+  const DeviceProblem d(p, false);
+  ForwardParams fp = d.forward_params(p);
+  fp.workspace_bytes -= 1;
+  EXPECT_THROW(forward(fp, Backend::cuda), Error);
+  fp.workspace = nullptr;
+  EXPECT_THROW(forward(fp, Backend::cuda), Error);
+  BackwardParams bp = d.backward_params(p);
+  bp.workspace_bytes = 16;
+  EXPECT_THROW(backward(bp, Backend::cuda), Error);
+  CUDA_OK(cudaDeviceSynchronize());
+  d.download_forward(p);
+  d.download_backward(p);
+  EXPECT_TRUE(all_bytes(p.y.bytes, 0xFF)) << "y was written";
+  EXPECT_TRUE(all_bytes(p.dx.bytes, 0xFF)) << "dx was written";
+  EXPECT_TRUE(all_bytes(p.telemetry, 0xFF)) << "telemetry was written";
+  EXPECT_TRUE(all_bytes(p.nonfinite, 0xFF)) << "nonfinite counts were written";
+  EXPECT_TRUE(all_bytes(p.dweights, 0xFF)) << "dweights were written";
+  EXPECT_TRUE(all_bytes(p.grad_stats, 0xFF)) << "grad_stats were written";
+}
+
+// params.hpp: a workspace is left zero-filled by every launch (the Python
+// front end declares it unmutated).
+TEST_F(SmallCuda, WorkspaceLeftZeroFilled) {
+  for (int32_t seeds : {1, 5}) {
+    ProblemOptions o = shape(300, 65, seeds, DType::f32, 11);
+    o.clip = true;
+    Problem p = make_problem(o);
+    const DeviceProblem d(p, false);
+    run_cuda(p, d);
+    std::vector<uint8_t> fw(d.fwd_workspace.bytes()), bw(d.bwd_workspace.bytes());
+    d.fwd_workspace.download(fw.data(), fw.size());
+    d.bwd_workspace.download(bw.data(), bw.size());
+    EXPECT_TRUE(all_bytes(fw, 0)) << "forward workspace not zero after the launch, " << describe(o);
+    EXPECT_TRUE(all_bytes(bw, 0)) << "backward workspace not zero after the launch, " << describe(o);
+  }
+}
+
+TEST_F(SmallCuda, DescribeNamesTheVariant) {
+  Problem p = make_problem(shape(7, 48, 3, DType::f32, 10));
+  const DeviceProblem aligned(p, false);
+  const DeviceProblem shifted(p, true);
+  EXPECT_NE(describe_forward(aligned.forward_params(p), Backend::cuda).find("vec4"), std::string::npos)
+      << describe_forward(aligned.forward_params(p), Backend::cuda);
+  EXPECT_NE(describe_forward(shifted.forward_params(p), Backend::cuda).find("scalar"), std::string::npos)
+      << describe_forward(shifted.forward_params(p), Backend::cuda);
+  EXPECT_NE(describe_backward(aligned.backward_params(p), Backend::cuda).find("cuda.backward"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace kasmina::test
