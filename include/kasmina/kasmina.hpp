@@ -6,5 +6,6 @@
 #include "kasmina/ops.hpp"
 #include "kasmina/params.hpp"
 #include "kasmina/reference.hpp"
+#include "kasmina/telemetry.hpp"
 #include "kasmina/types.hpp"
 #include "kasmina/version.hpp"

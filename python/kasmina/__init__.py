@@ -8,6 +8,7 @@ a plain-PyTorch restatement of the same math (kasmina.reference).
 from . import _C
 from . import _ops  # registers torch.ops.kasmina.*
 from . import reference
+from . import distributed  # DDP helpers, cross-rank telemetry (docs/DISTRIBUTED.md)
 from .enums import GRAD_STATS_COLUMNS, TELEMETRY_COLUMNS, Kind, Stage, Strategy
 from .layer import KasminaLayer
 from ._ops import info
@@ -21,6 +22,7 @@ __all__ = [
     "KasminaLayer",
     "Stage",
     "Strategy",
+    "distributed",
     "info",
     "reference",
 ]

@@ -99,6 +99,11 @@ class KasminaLayer(nn.Module):
                              persistent=False)
         self.register_buffer("nonfinite_counts", torch.zeros(s, dtype=torch.int64),
                              persistent=False)
+        # Rows N of the latest forward (-1: none yet). Telemetry of row shards
+        # can only be merged across ranks knowing each shard's N
+        # (kasmina.distributed.merged_telemetry).
+        self.register_buffer("telemetry_rows", torch.tensor(-1, dtype=torch.int64),
+                             persistent=False)
         self.register_buffer("grad_stats", torch.full((s, len(GRAD_STATS_COLUMNS)), math.nan),
                              persistent=False)
         # CUDA scratch, zero-filled once and kept zero by the kernels; sized
@@ -151,6 +156,7 @@ class KasminaLayer(nn.Module):
         # in the graph as ordinary buffer mutations.
         self.telemetry.copy_(telemetry)
         self.nonfinite_counts.copy_(nonfinite)
+        self.telemetry_rows.fill_(x.numel() // self.hidden)
         return y
 
     # --- lifecycle -----------------------------------------------------------
@@ -195,15 +201,18 @@ class KasminaLayer(nn.Module):
                         int(current["ramp_steps"]), float(current["drift_threshold"]),
                         float(current["grad_norm_lower"]), float(current["grad_norm_upper"]))
 
-    def step(self, loss, grad_norm=None) -> None:
+    def step(self, loss, grad_norm=None, drift=None) -> None:
         """Controller step (SPEC section 7). loss: a float for every seed, or S
         floats (NaN = not measured). grad_norm defaults to grad_stats[:, 0] of
-        the latest backward; drift comes from the latest forward's telemetry."""
+        the latest backward; drift defaults to the latest forward's telemetry
+        column 7 (kasmina.distributed passes the drift merged over all ranks)."""
         loss = self._per_seed(loss, "loss")
         if grad_norm is None:
             grad_norm = self.grad_stats[:, 0]
         grad_norm = self._per_seed(grad_norm, "grad_norm")
-        drift = self._per_seed(self.telemetry[:, 7], "drift")
+        if drift is None:
+            drift = self.telemetry[:, 7]
+        drift = self._per_seed(drift, "drift")
         self._lifecycle(self._core.step, loss, grad_norm, drift)
 
     def _per_seed(self, value, name: str) -> np.ndarray:

@@ -464,6 +464,36 @@ kasmina::LayerConfig make_config(int64_t hidden, int32_t num_seeds, int32_t max_
   return c;
 }
 
+// Cross-rank telemetry (kasmina.distributed): the gathered rows of every rank
+// merged in rank order by the core (include/kasmina/telemetry.hpp). Host
+// arrays in, fresh numpy arrays out.
+using HostTelemetry = nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+using HostCounts2 = nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using HostCounts1 = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+nb::tuple merge_telemetry(const HostTelemetry& telemetry, const HostCounts2& nonfinite,
+                          const HostCounts1& rows, int64_t chunk) {
+  const auto ranks = static_cast<int32_t>(telemetry.shape(0));
+  const auto seeds = static_cast<int32_t>(telemetry.shape(1));
+  KASMINA_CHECK_VALUE(telemetry.shape(2) == static_cast<size_t>(kasmina::kTelemetryWidth),
+                      "telemetry must have shape [ranks, seeds, ", kasmina::kTelemetryWidth,
+                      "], got ", shape_str(telemetry));
+  KASMINA_CHECK_VALUE(nonfinite.shape(0) == telemetry.shape(0) &&
+                          nonfinite.shape(1) == telemetry.shape(1),
+                      "nonfinite must have shape [", ranks, ", ", seeds, "], got ",
+                      shape_str(nonfinite));
+  std::vector<float> out(static_cast<size_t>(seeds) * kasmina::kTelemetryWidth);
+  std::vector<int64_t> out_nf(static_cast<size_t>(seeds));
+  kasmina::merge_telemetry(
+      std::span<const float>(telemetry.data(), telemetry.size()),
+      std::span<const int64_t>(nonfinite.data(), nonfinite.size()),
+      std::span<const int64_t>(rows.data(), rows.shape(0)), ranks, seeds, chunk, out, out_nf);
+  return nb::make_tuple(
+      to_numpy<float>(out.data(), {static_cast<size_t>(seeds),
+                                   static_cast<size_t>(kasmina::kTelemetryWidth)}),
+      to_numpy(out_nf));
+}
+
 void translate(const std::exception_ptr& p, void*) {
   try {
     std::rethrow_exception(p);
@@ -520,6 +550,9 @@ NB_MODULE(_C, m) {
       out.push_back(static_cast<int>(s));
     return out;
   });
+  m.def("merge_telemetry", &merge_telemetry, "telemetry"_a, "nonfinite"_a, "rows"_a, "chunk"_a,
+        "Telemetry [ranks, seeds, 8] of row shards merged in rank order (Chan): "
+        "(telemetry [seeds, 8] float32, nonfinite [seeds] int64).");
   m.attr("TELEMETRY_WIDTH") = kasmina::kTelemetryWidth;
   m.attr("GRAD_STATS_WIDTH") = kasmina::kGradStatsWidth;
   m.attr("DRIFT_WINDOW") = kasmina::kDriftWindow;
