@@ -156,10 +156,18 @@ struct BackwardJob {
   const SeedPlan* plans;
 };
 
-// Floats of per-thread scratch the row kernels need.
-inline int64_t forward_scratch_floats(int64_t hidden, int64_t chunk) { return 2 * hidden + 2 + chunk; }
+// Floats of per-thread scratch the row kernels need: row and chunk buffers,
+// then a block's per-seed state (kSeedStateFloats per seed, 32-byte aligned;
+// used by the AVX2 kernels).
+inline constexpr int64_t kSeedStateFloats = 96;
+inline int64_t seed_state_floats(int64_t hidden, int64_t chunk) {
+  return (chunk > 0 ? hidden / chunk : 0) * kSeedStateFloats + 8;
+}
+inline int64_t forward_scratch_floats(int64_t hidden, int64_t chunk) {
+  return 2 * hidden + 2 + chunk + seed_state_floats(hidden, chunk);
+}
 inline int64_t backward_scratch_floats(int64_t hidden, int64_t chunk) {
-  return 3 * hidden + 3 * chunk + 4;
+  return 3 * hidden + 3 * chunk + 4 + seed_state_floats(hidden, chunk);
 }
 
 // The row kernels exist once per instruction set (cpu_rows.hpp, compiled by

@@ -8,12 +8,18 @@
 // and -ffp-contract=off (no FMA contraction: the forward blend and the
 // backward clamp mask must give the same bits wherever they are inlined).
 //
-// Forward, per row chunk of C values (all in L1): one sweep over X for sum,
-// min/max, dead and non-finite counts and ||x||^2; one sweep that writes the
-// blended Y and sums the squared deviations from the chunk mean (two-pass,
-// no E[x^2]-E[x]^2), ||y||^2 and Y's non-finite test; one sweep for the
-// drift's ||x/|x| - y/|y|||^2. Backward: one sweep writes dX and sums its
-// statistics, one adds the blueprint sums, one sums dX's squared deviations.
+// The row loops (forward_rows, backward_rows) are shared; what they do per
+// row chunk is a policy: on the generic path the omp simd loops below
+// (GenericForwardChunks, GenericBackwardChunks), on the AVX2 path the
+// intrinsics of cpu_chunks_avx2.hpp (one sweep per chunk; see there).
+//
+// Generic forward, per row chunk of C values (all in L1): one sweep over X
+// for sum, min/max, dead and non-finite counts and ||x||^2; one sweep that
+// writes the blended Y and sums the squared deviations from the chunk mean
+// (two-pass, no E[x^2]-E[x]^2), ||y||^2 and Y's non-finite test; one sweep
+// for the drift's ||x/|x| - y/|y|||^2. Backward: one sweep writes dX and sums
+// its statistics, one adds the blueprint sums, one sums dX's squared
+// deviations.
 #ifndef KASMINA_CPU_ISA
 #error "define KASMINA_CPU_ISA (the namespace of this instruction set) before including cpu_rows.hpp"
 #endif
@@ -118,7 +124,7 @@ inline void blend_chunk(const SeedPlan& p, const float* x, float* y, int64_t n) 
 
 // Statistics of the finite values of a chunk that holds a non-finite value
 // (rare): masked sweeps. Returns the chunk's non-finite count.
-int64_t masked_statistics(const float* x, int64_t n, float dead_threshold, TelemetryPartial& part) {
+inline int64_t masked_statistics(const float* x, int64_t n, float dead_threshold, TelemetryPartial& part) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   float sum = 0.0f, lo = inf, hi = -inf;
   int32_t count = 0, dead = 0;
@@ -181,9 +187,11 @@ inline void add_finite_sums(const XSums& s, float m2, float mean, int64_t n, Tel
   part.dead += s.dead;
 }
 
+inline double drift_f64(const float* x, const float* y, int64_t n);
+
 // 1 - cos(x, y) of one row chunk whose x is all finite, given ||x||^2 and
 // ||y||^2 in float32 and y's non-finite test.
-double chunk_drift(const float* x, const float* y, int64_t n, float xx, float yy, float ybad) {
+inline double chunk_drift(const float* x, const float* y, int64_t n, float xx, float yy, float ybad) {
   // ybad is NaN as soon as one y is NaN or +-Inf: that row's cos is 1.
   if (!(ybad == 0.0f)) return 0.0;
   constexpr float kSafeLo = 1e-30f, kSafeHi = 1e30f;
@@ -199,8 +207,12 @@ double chunk_drift(const float* x, const float* y, int64_t n, float xx, float yy
     }
     return 0.5 * static_cast<double>(d2);
   }
-  // Squares that underflow or overflow float32: redo the row in float64, which
-  // also tells an all-zero row (cos = 1) from a tiny one.
+  return drift_f64(x, y, n);
+}
+
+// Squares that underflow or overflow float32: redo the row in float64, which
+// also tells an all-zero row (cos = 1) from a tiny one.
+inline double drift_f64(const float* x, const float* y, int64_t n) {
   double dxy = 0.0, dxx = 0.0, dyy = 0.0;
   for (int64_t j = 0; j < n; ++j) {
     dxy += static_cast<double>(x[j]) * y[j];
@@ -231,7 +243,48 @@ inline void blend_with_statistics(const Blend& t, const float* x, float* y, int6
   part.drift += chunk_drift(x, y, n, s.xx, yy, ybad);
 }
 
-template <typename S>
+// The generic chunk kernels as the row loops' policy (see forward_rows): the
+// omp simd loops above, every row chunk's moments merged by Chan.
+struct GenericForwardChunks {
+  float dead_threshold;
+  GenericForwardChunks(const ForwardJob& job, float* /*block_scratch*/)
+      : dead_threshold(job.params.dead_threshold) {}
+
+  // Statistics of a chunk that is copied.
+  void copy_stats(int32_t /*seed*/, const float* x, int64_t n, TelemetryPartial& part) const {
+    const XSums sums = x_sums(x, n, dead_threshold);
+    if (sums.bad == 0.0f) {
+      const float mean = sums.sum / static_cast<float>(n);
+      float m2 = 0.0f;
+#pragma omp simd reduction(+ : m2)
+      for (int64_t j = 0; j < n; ++j) m2 += (x[j] - mean) * (x[j] - mean);
+      add_finite_sums(sums, m2, mean, n, part);
+    } else {
+      masked_statistics(x, n, dead_threshold, part);
+    }
+  }
+  // Statistics, Y (unclamped) and the drift of a blending chunk; xb is x, or
+  // its copy with CONV's padding.
+  void blend_stats(int32_t /*seed*/, const SeedPlan& plan, const float* x, const float* xb, float* y, int64_t n,
+                   TelemetryPartial& part) const {
+    const XSums sums = x_sums(x, n, dead_threshold);
+    if (sums.bad == 0.0f) {
+      with_blend(plan, [&](const auto& t) { blend_with_statistics(t, xb, y, n, sums, part); });
+    } else {
+      // The row's cos is 1 (SPEC section 4): no drift term.
+      masked_statistics(x, n, dead_threshold, part);
+      KASMINA_CPU_ISA::blend_chunk(plan, xb, y, n);
+    }
+  }
+  // After every row's chunks: what the chunk calls left for the row's end.
+  void end_row(TelemetryPartial* /*parts*/) const {}
+  // Folds what the block kept aside into the partials.
+  void finish(TelemetryPartial* /*parts*/, int32_t /*num_seeds*/, int64_t /*chunk*/) const {}
+};
+
+// Rows of one block. `Chunks` computes each chunk's statistics (and a
+// blending chunk's Y); block_scratch is the scratch past the row buffers.
+template <typename S, typename Chunks>
 void forward_rows(const ForwardJob& job, int64_t row_begin, int64_t row_end, TelemetryPartial* parts,
                   float* scratch) {
   using raw = typename S::raw;
@@ -246,6 +299,7 @@ void forward_rows(const ForwardJob& job, int64_t row_begin, int64_t row_end, Tel
   float* yrow = xrow_buf + H;
   float* conv_x = yrow + H + 2;
   conv_x[-1] = conv_x[-2] = 0.0f;
+  Chunks stats(job, conv_x + C);
   // Without a clamp, a float32 output is written in place and a 16-bit one
   // once per row from yrow.
   const bool direct = kFloat && !clamp.enabled;
@@ -266,19 +320,9 @@ void forward_rows(const ForwardJob& job, int64_t row_begin, int64_t row_end, Tel
       const int64_t off = static_cast<int64_t>(s) * C;
       const float* x = xrow + off;
       TelemetryPartial& part = parts[s];
-      const XSums sums = x_sums(x, C, p.dead_threshold);
-      const bool all_finite = sums.bad == 0.0f;
 
       if (!plan.blend) {
-        if (all_finite) {
-          const float mean = sums.sum / static_cast<float>(C);
-          float m2 = 0.0f;
-#pragma omp simd reduction(+ : m2)
-          for (int64_t j = 0; j < C; ++j) m2 += (x[j] - mean) * (x[j] - mean);
-          add_finite_sums(sums, m2, mean, C, part);
-        } else {
-          masked_statistics(x, C, p.dead_threshold, part);
-        }
+        stats.copy_stats(s, x, C, part);
         // A copy must be bit-identical, so raw elements move, never floats.
         if (!clamp.enabled) {
           std::memcpy(yout + off, xin + off, static_cast<std::size_t>(C) * sizeof(raw));
@@ -301,13 +345,7 @@ void forward_rows(const ForwardJob& job, int64_t row_begin, int64_t row_end, Tel
         xb = conv_x;
       }
       float* y = direct ? reinterpret_cast<float*>(yout) + off : yrow + off;
-      if (all_finite) {
-        with_blend(plan, [&](const auto& t) { blend_with_statistics(t, xb, y, C, sums, part); });
-      } else {
-        // The row's cos is 1 (SPEC section 4): no drift term.
-        masked_statistics(x, C, p.dead_threshold, part);
-        blend_chunk(plan, xb, y, C);
-      }
+      stats.blend_stats(s, plan, x, xb, y, C, part);
 
       if (clamp.enabled) {
 #pragma omp simd
@@ -318,6 +356,7 @@ void forward_rows(const ForwardJob& job, int64_t row_begin, int64_t row_end, Tel
         if (clamp.enabled) std::memcpy(yout + off, yrow + off, static_cast<std::size_t>(C) * sizeof(float));
       }
     }
+    stats.end_row(parts);
     if constexpr (!kFloat) {
       // Blended chunks go out in one conversion per run of blending seeds.
       if (stage_row) {
@@ -336,6 +375,7 @@ void forward_rows(const ForwardJob& job, int64_t row_begin, int64_t row_end, Tel
       }
     }
   }
+  stats.finish(parts, p.num_seeds, C);
 }
 
 // Backward: dX of one row chunk with its statistics (sum, sum of squares,
@@ -375,7 +415,7 @@ inline void add_grad_stats(const float* dx, int64_t n, const DxSums& s, GradPart
 // dX and the blueprint sums of one row chunk for each kind. x has two zeros
 // before x[0] and g two zeros after g[C-1] for CONV; acc is the block's
 // float32 vector for the seed.
-DxSums residual_chunk(const SeedPlan& p, const float* g, float* dx, float* acc, int64_t n,
+inline DxSums residual_chunk(const SeedPlan& p, const float* g, float* dx, float* acc, int64_t n,
                       GradPartial& part) {
   const DxSums s = write_dx(dx, n, [&](int64_t j) { return g[j]; });
   if (!p.grads) return s;
@@ -390,7 +430,7 @@ DxSums residual_chunk(const SeedPlan& p, const float* g, float* dx, float* acc, 
   return s;
 }
 
-DxSums attention_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, float* acc,
+inline DxSums attention_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, float* acc,
                        int64_t n) {
   const float* prob = p.vec;
   const float a = p.a, om = p.one_minus_a;
@@ -402,7 +442,7 @@ DxSums attention_chunk(const SeedPlan& p, const float* x, const float* g, float*
   return s;
 }
 
-DxSums mlp_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, float* acc, int64_t n,
+inline DxSums mlp_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, float* acc, int64_t n,
                  GradPartial& part) {
   const float* w = p.w;
   const float om = p.one_minus_a, a_sigma = p.a * p.sigma, sigma = p.sigma;
@@ -428,7 +468,7 @@ DxSums mlp_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, f
   return s;
 }
 
-DxSums conv_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, float* acc, int64_t n,
+inline DxSums conv_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, float* acc, int64_t n,
                   GradPartial& part) {
   if (!p.blend && !p.grads) return write_dx(dx, n, [&](int64_t j) { return g[j]; });
   // Without a blueprint there is no w to read; with one, w0..w2 exist.
@@ -459,15 +499,68 @@ DxSums conv_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, 
   return s;
 }
 
-template <typename S>
+// G of one row chunk (SPEC section 5): dy with the clamp mask and the clip
+// applied, in gchunk (two zeros after it) when anything changes it or when
+// CONV needs its neighbours; otherwise dy itself.
+inline const float* form_g(const BackwardParams& p, const SeedPlan& plan, const float* x, const float* dy,
+                           bool neighbours, float* ychunk, float* gchunk, int64_t C) {
+  const OutputClamp clamp = p.clamp;
+  if (!(clamp.enabled || p.clip_enabled || neighbours)) return dy;
+  if (clamp.enabled) {
+    // The forward's Y before its clamp, recomputed bit for bit.
+    const float* y = x;
+    if (plan.blend) {
+      blend_chunk(plan, x, ychunk, C);
+      y = ychunk;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) {
+      gchunk[j] = ((clamp.lo <= y[j]) & (y[j] <= clamp.hi)) ? dy[j] : 0.0f;
+    }
+  } else {
+    std::memcpy(gchunk, dy, static_cast<std::size_t>(C) * sizeof(float));
+  }
+  if (p.clip_enabled) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < C; ++j) ss += gchunk[j] * gchunk[j];
+    const float factor = p.clip_norm / (std::sqrt(ss) + 1e-6f);
+    if (factor < 1.0f) {
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) gchunk[j] *= factor;
+    }
+  }
+  return gchunk;
+}
+
+// The generic backward chunk kernels as the row loops' policy.
+struct GenericBackwardChunks {
+  GenericBackwardChunks(const BackwardJob& /*job*/, float* /*block_scratch*/) {}
+
+  // dX of one row chunk, its statistics and the blueprint sums. x has two
+  // zeros before x[0] and g two zeros after g[n-1] for CONV.
+  void chunk(int32_t /*seed*/, const SeedPlan& plan, const float* x, const float* g, float* dx, float* acc,
+             int64_t n, GradPartial& part) const {
+    DxSums sums;
+    switch (plan.kind) {
+      case static_cast<int32_t>(Kind::residual): sums = residual_chunk(plan, g, dx, acc, n, part); break;
+      case static_cast<int32_t>(Kind::attention): sums = attention_chunk(plan, x, g, dx, acc, n); break;
+      case static_cast<int32_t>(Kind::mlp): sums = mlp_chunk(plan, x, g, dx, acc, n, part); break;
+      default: sums = conv_chunk(plan, x, g, dx, acc, n, part); break;
+    }
+    add_grad_stats(dx, n, sums, part);
+  }
+  void end_row(GradPartial* /*parts*/) const {}
+  void finish(GradPartial* /*parts*/, int32_t /*num_seeds*/, int64_t /*chunk*/) const {}
+};
+
+template <typename S, typename Chunks>
 void backward_rows(const BackwardJob& job, int64_t row_begin, int64_t row_end, GradPartial* parts,
                    float* acc_block, float* scratch) {
   using raw = typename S::raw;
   constexpr bool kFloat = S::dtype == DType::f32;
   const BackwardParams& p = job.params;
   const int64_t H = p.hidden, C = job.chunk;
-  const OutputClamp clamp = p.clamp;
-  const bool clip = p.clip_enabled;
   // scratch: [x row | dy row | dx row | y chunk | 2 zeros | x chunk | g chunk | 2 zeros]
   // The zeros are CONV's padding: before the chunk start for X, past its end for G.
   float* xrow_buf = scratch;
@@ -478,6 +571,7 @@ void backward_rows(const BackwardJob& job, int64_t row_begin, int64_t row_end, G
   float* gchunk = conv_x + C;
   conv_x[-1] = conv_x[-2] = 0.0f;
   gchunk[C] = gchunk[C + 1] = 0.0f;
+  Chunks chunks(job, gchunk + C + 2);
 
   for (int64_t n = row_begin; n < row_end; ++n) {
     const raw* xin = static_cast<const raw*>(p.x) + n * job.x_stride;
@@ -509,58 +603,33 @@ void backward_rows(const BackwardJob& job, int64_t row_begin, int64_t row_end, G
         x = conv_x;
       }
 
-      const float* g = dyrow + off;
-      if (clamp.enabled || clip || neighbours) {
-        if (clamp.enabled) {
-          // The forward's Y before its clamp, recomputed bit for bit.
-          const float* y = x;
-          if (plan.blend) {
-            blend_chunk(plan, x, ychunk, C);
-            y = ychunk;
-          }
-#pragma omp simd
-          for (int64_t j = 0; j < C; ++j) {
-            gchunk[j] = ((clamp.lo <= y[j]) & (y[j] <= clamp.hi)) ? g[j] : 0.0f;
-          }
-        } else {
-          std::memcpy(gchunk, g, static_cast<std::size_t>(C) * sizeof(float));
-        }
-        if (clip) {
-          float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-          for (int64_t j = 0; j < C; ++j) ss += gchunk[j] * gchunk[j];
-          const float factor = p.clip_norm / (std::sqrt(ss) + 1e-6f);
-          if (factor < 1.0f) {
-#pragma omp simd
-            for (int64_t j = 0; j < C; ++j) gchunk[j] *= factor;
-          }
-        }
-        g = gchunk;
-      }
+      const float* g = form_g(p, plan, x, dyrow + off, neighbours, ychunk, gchunk, C);
 
-      float* acc = acc_block + off;
-      GradPartial& part = parts[s];
-      DxSums sums;
-      switch (plan.kind) {
-        case static_cast<int32_t>(Kind::residual): sums = residual_chunk(plan, g, dx, acc, C, part); break;
-        case static_cast<int32_t>(Kind::attention): sums = attention_chunk(plan, x, g, dx, acc, C); break;
-        case static_cast<int32_t>(Kind::mlp): sums = mlp_chunk(plan, x, g, dx, acc, C, part); break;
-        default: sums = conv_chunk(plan, x, g, dx, acc, C, part); break;
-      }
-      add_grad_stats(dx, C, sums, part);
+      chunks.chunk(s, plan, x, g, dx, acc_block + off, C, parts[s]);
     }
+    chunks.end_row(parts);
     if constexpr (!kFloat) store_row<S>(dxrow_buf, dxout, H);
   }
+  chunks.finish(parts, p.num_seeds, C);
 }
+
+#if defined(KASMINA_CPU_AVX2)
+#include "cpu/cpu_chunks_avx2.hpp"
+using ForwardChunks = Avx2ForwardChunks;
+using BackwardChunks = Avx2BackwardChunks;
+#else
+using ForwardChunks = GenericForwardChunks;
+using BackwardChunks = GenericBackwardChunks;
+#endif
 
 }  // namespace
 
 void forward_block(const ForwardJob& job, int64_t row_begin, int64_t row_end, TelemetryPartial* parts,
                    float* scratch) {
   switch (job.params.dtype) {
-    case DType::f32: forward_rows<F32>(job, row_begin, row_end, parts, scratch); return;
-    case DType::bf16: forward_rows<BF16>(job, row_begin, row_end, parts, scratch); return;
-    case DType::f16: forward_rows<F16>(job, row_begin, row_end, parts, scratch); return;
+    case DType::f32: forward_rows<F32, ForwardChunks>(job, row_begin, row_end, parts, scratch); return;
+    case DType::bf16: forward_rows<BF16, ForwardChunks>(job, row_begin, row_end, parts, scratch); return;
+    case DType::f16: forward_rows<F16, ForwardChunks>(job, row_begin, row_end, parts, scratch); return;
     case DType::f64: return;  // refused by forward_cpu
   }
 }
@@ -568,9 +637,9 @@ void forward_block(const ForwardJob& job, int64_t row_begin, int64_t row_end, Te
 void backward_block(const BackwardJob& job, int64_t row_begin, int64_t row_end, GradPartial* parts,
                     float* acc_block, float* scratch) {
   switch (job.params.dtype) {
-    case DType::f32: backward_rows<F32>(job, row_begin, row_end, parts, acc_block, scratch); return;
-    case DType::bf16: backward_rows<BF16>(job, row_begin, row_end, parts, acc_block, scratch); return;
-    case DType::f16: backward_rows<F16>(job, row_begin, row_end, parts, acc_block, scratch); return;
+    case DType::f32: backward_rows<F32, BackwardChunks>(job, row_begin, row_end, parts, acc_block, scratch); return;
+    case DType::bf16: backward_rows<BF16, BackwardChunks>(job, row_begin, row_end, parts, acc_block, scratch); return;
+    case DType::f16: backward_rows<F16, BackwardChunks>(job, row_begin, row_end, parts, acc_block, scratch); return;
     case DType::f64: return;  // refused by backward_cpu
   }
 }

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -21,6 +22,7 @@
 #pragma GCC target("avx2,f16c")
 #define KASMINA_CPU_ISA avx2
 #define KASMINA_CPU_F16C 1
+#define KASMINA_CPU_AVX2 1
 #include "cpu/cpu_rows.hpp"
 #pragma GCC pop_options
 #else

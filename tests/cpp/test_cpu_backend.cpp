@@ -134,6 +134,36 @@ TEST(CpuBackend, SpecialValuesInTelemetry) {
   }
 }
 
+TEST(CpuBackend, RowOffsetsAndSmallDriftMatchReference) {
+  // The AVX2 row kernels sum each chunk's deviations from the seed's previous
+  // chunk mean and fall back to two passes where that cancels; and take the
+  // drift from y - λx with λ the previous row's <x,y>/||x||^2, with a second
+  // sweep where that cancels. Rows whose means jump far apart, and seeds
+  // that barely move their input, exercise both fallbacks and the fast paths.
+  uint64_t rng_seed = 750;
+  for (DType dtype : kDtypes) {
+    for (int64_t chunk : {5, 48, 65}) {
+      for (float alpha : {1e-3f, 0.5f}) {
+        ProblemOptions o = options_for(300, chunk, 8, dtype, ++rng_seed);
+        Problem p = make_problem(o);
+        for (float& a : p.alpha) a = alpha;
+        for (int64_t n = 0; n < p.rows; ++n) {
+          // Every third row sits on a large offset of alternating sign.
+          const double offset = n % 3 == 0 ? (n % 2 == 0 ? 3000.0 : -3000.0) : 0.0;
+          for (int64_t j = 0; j < p.hidden; ++j) {
+            const int64_t i = n * p.row_stride + j;
+            p.x.set(i, p.x.get(i) + offset);
+          }
+        }
+        run_forward(p, 2);
+        expect_forward_matches(p, reference::forward(p.forward_params()), "row offsets, small drift");
+        run_backward(p, 2);
+        expect_backward_matches(p, reference::backward(p.backward_params()), "row offsets, small drift");
+      }
+    }
+  }
+}
+
 TEST(CpuBackend, CopySeedsAreBitIdentical) {
   // A seed that does not blend copies its chunk: same bytes even for bf16/f16
   // NaN payloads, subnormals and signed zeros.

@@ -1,0 +1,737 @@
+// The AVX2 chunk kernels: the row loops' policies of cpu_rows.hpp on the AVX2
+// path. Included by cpu_rows.hpp inside its per-ISA anonymous namespace, under
+// `#pragma GCC target("avx2,f16c")` (cpu_rows_avx2.cpp) only.
+//
+// Why intrinsics: GCC lowers every `omp simd reduction` to a store of the
+// vector accumulator to the stack and a serial scalar sum, about ten per row
+// chunk, which dominated a C = 48 chunk; 8-lane arrays in plain C++ were not
+// kept in registers. Here the accumulators are __m256 values, the sums a chunk
+// needs at once leave the registers in one batched horizontal sum, and what
+// is only needed per block never leaves them per chunk:
+//  - min, max, dead count (forward) and max |dX| (backward) are exact, so they
+//    stay 8-lane vectors per seed for the whole block (one horizontal
+//    reduction per block and seed);
+//  - every all-finite row chunk has the same count C, so the block's chunk
+//    moments are pooled by Welford over the chunk means (equal weights: a
+//    multiplication by 1/k from a table, no division) and merged by Chan once
+//    per block and seed instead of once per row;
+//  - "all finite" is read off a sum of squares (finite only if every value is): a
+//    chunk with an Inf or NaN, or one whose squares overflow, is re-tested
+//    exactly, so the common chunk pays no finite test.
+// One sweep per chunk: the moments come from the deviations from a shift
+// (add_chunk_moments), the drift from y - λx (Avx2ForwardChunks::drift), each
+// with a fallback in L1 where its guard sees cancellation. The forward leaves
+// the scalar part of a row's chunks for the row's end (Avx2ForwardChunks). No
+// FMA (-ffp-contract=off and no _mm256_fmadd): the blend here performs the
+// very operations of the Blend* functors, so the backward's clamp mask
+// (blend_chunk) sees the forward's bits.
+// Tails (C % 8) use masked loads and stores; masked lanes load 0, which adds
+// nothing to any sum, and are excluded from min, max and the dead count.
+#pragma once
+
+// The 8 lanes of a full vector, or the first `rem` of a tail.
+inline __m256i tail_mask(int64_t rem) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+struct FullLanes {
+  __m256 load(const float* p) const { return _mm256_loadu_ps(p); }
+  void store(float* p, __m256 v) const { _mm256_storeu_ps(p, v); }
+  __m256 keep(__m256 v) const { return v; }
+  __m256 keep_or(__m256 v, __m256 /*fill*/) const { return v; }
+};
+
+struct TailLanes {
+  __m256i mask;
+  __m256 load(const float* p) const { return _mm256_maskload_ps(p, mask); }
+  void store(float* p, __m256 v) const { _mm256_maskstore_ps(p, mask, v); }
+  __m256 keep(__m256 v) const { return _mm256_and_ps(v, _mm256_castsi256_ps(mask)); }
+  __m256 keep_or(__m256 v, __m256 fill) const { return _mm256_blendv_ps(fill, v, _mm256_castsi256_ps(mask)); }
+};
+
+// body(j, lanes) for every 8 values of [0, n), the last vector masked.
+template <typename Body>
+inline void sweep(int64_t n, Body&& body) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) body(j, FullLanes{});
+  if (j < n) body(j, TailLanes{tail_mask(n - j)});
+}
+
+// Sums of a and b, each in a fixed order.
+inline void hsum2(__m256 a, __m256 b, float& sa, float& sb) {
+  const __m256 t = _mm256_hadd_ps(a, b);  // a01 a23 b01 b23 | a45 a67 b45 b67
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  r = _mm_hadd_ps(r, r);  // a b a b
+  sa = _mm_cvtss_f32(r);
+  sb = _mm_cvtss_f32(_mm_shuffle_ps(r, r, 1));
+}
+
+// Sums of a, b, c, d in the lanes 0..3, each in a fixed order.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+inline float hmin(__m256 v) {
+  alignas(32) float out[8];
+  _mm256_store_ps(out, v);
+  float m = out[0];
+  for (int i = 1; i < 8; ++i) m = std::min(m, out[i]);
+  return m;
+}
+inline float hmax(__m256 v) {
+  alignas(32) float out[8];
+  _mm256_store_ps(out, v);
+  float m = out[0];
+  for (int i = 1; i < 8; ++i) m = std::max(m, out[i]);
+  return m;
+}
+inline int64_t hsum_epi32(__m256i v) {
+  alignas(32) int32_t out[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), v);
+  int64_t total = 0;
+  for (int i = 0; i < 8; ++i) total += out[i];
+  return total;
+}
+
+// True when one value of v[0, n) is NaN or +-Inf (v - v is NaN exactly then).
+inline bool any_nonfinite(const float* v, int64_t n) {
+  __m256 bad = _mm256_setzero_ps();
+  sweep(n, [&](int64_t j, const auto& lanes) {
+    const __m256 x = lanes.load(v + j);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+  });
+  return _mm256_movemask_ps(bad) != 0;
+}
+
+// Moments of a block's all-finite row chunks of one seed, all of the same
+// count: Welford over the chunk means with equal weights, plus the sum of the
+// chunks' own M2. The pooled M2 is m2 + C * spread.
+struct PooledMoments {
+  double chunks = 0.0, mean = 0.0, spread = 0.0, m2 = 0.0;
+
+  void add(double chunk_mean, double chunk_m2) {
+    // 1/k for k = 1..kMaxBlockRows, correctly rounded at compile time.
+    static constexpr auto kInverse = [] {
+      std::array<double, kMaxBlockRows + 1> t{};
+      for (int64_t k = 1; k <= kMaxBlockRows; ++k) t[static_cast<std::size_t>(k)] = 1.0 / static_cast<double>(k);
+      return t;
+    }();
+    chunks += 1.0;
+    const double m = chunk_mean;
+    const double delta = m - mean;
+    mean += delta * kInverse[static_cast<std::size_t>(chunks)];
+    spread += delta * (m - mean);
+    m2 += chunk_m2;
+  }
+  void merge_into(Moments& moments, int64_t chunk) const {
+    if (chunks == 0.0) return;
+    const double c = static_cast<double>(chunk);
+    moments.merge(chunks * c, mean, m2 + c * spread);
+  }
+};
+
+// Per-seed state of one block, in the block scratch (32-byte aligned; after
+// the S states come S chunk records, kSeedStateFloats per seed in all).
+struct ForwardSeedState {
+  __m256 lo, hi;
+  __m256i dead;
+  PooledMoments pooled;
+  float shift;   // the previous chunk mean, NaN at the block start
+  float lambda;  // the previous chunk's <x,y>/||x||^2, NaN at the block start
+};
+struct BackwardSeedState {
+  __m256 max_abs;
+  PooledMoments pooled;
+  float shift;
+};
+
+template <typename State>
+inline State* seed_states(float* block_scratch) {
+  const auto at = reinterpret_cast<std::uintptr_t>(block_scratch);
+  return reinterpret_cast<State*>((at + 31) & ~static_cast<std::uintptr_t>(31));
+}
+
+// Squared deviations of v[0, n) from mean.
+inline float deviations(const float* v, int64_t n, float mean) {
+  const __m256 m = _mm256_set1_ps(mean);
+  __m256 m2 = _mm256_setzero_ps();
+  sweep(n, [&](int64_t j, const auto& lanes) {
+    const __m256 d = lanes.keep(_mm256_sub_ps(lanes.load(v + j), m));
+    m2 = _mm256_add_ps(m2, _mm256_mul_ps(d, d));
+  });
+  float total, unused;
+  hsum2(m2, m2, total, unused);
+  return total;
+}
+
+// The Blend* functors of cpu_rows.hpp on 8 lanes, the same operations in the
+// same order; xv = x[j..j+8).
+struct VecResidual {
+  const float* v;
+  __m256 a, om;
+  template <typename L>
+  __m256 operator()(__m256 xv, const float* /*x*/, int64_t j, const L& lanes) const {
+    return _mm256_add_ps(_mm256_mul_ps(a, _mm256_add_ps(xv, lanes.load(v + j))), _mm256_mul_ps(om, xv));
+  }
+};
+struct VecAttention {
+  const float* v;
+  __m256 a, om;
+  template <typename L>
+  __m256 operator()(__m256 xv, const float* /*x*/, int64_t j, const L& lanes) const {
+    return _mm256_add_ps(_mm256_mul_ps(a, _mm256_mul_ps(xv, lanes.load(v + j))), _mm256_mul_ps(om, xv));
+  }
+};
+struct VecMlp {
+  const float* v;
+  __m256 a, om, sigma;
+  template <typename L>
+  __m256 operator()(__m256 xv, const float* /*x*/, int64_t j, const L& lanes) const {
+    const __m256 h = _mm256_mul_ps(xv, lanes.load(v + j));
+    const __m256 relu = _mm256_and_ps(h, _mm256_cmp_ps(h, _mm256_setzero_ps(), _CMP_GT_OQ));
+    return _mm256_add_ps(_mm256_mul_ps(a, _mm256_mul_ps(sigma, relu)), _mm256_mul_ps(om, xv));
+  }
+};
+struct VecConv {
+  __m256 w0, w1, w2, a, om, sigma;
+  template <typename L>
+  __m256 operator()(__m256 xv, const float* x, int64_t j, const L& lanes) const {
+    const __m256 c = _mm256_add_ps(
+        _mm256_add_ps(_mm256_mul_ps(w0, xv), _mm256_mul_ps(w1, lanes.load(x + j - 1))),
+        _mm256_mul_ps(w2, lanes.load(x + j - 2)));
+    return _mm256_add_ps(_mm256_mul_ps(a, _mm256_mul_ps(sigma, c)), _mm256_mul_ps(om, xv));
+  }
+};
+
+template <typename Fn>
+inline void with_vec_blend(const SeedPlan& p, Fn&& fn) {
+  const __m256 a = _mm256_set1_ps(p.a), om = _mm256_set1_ps(p.one_minus_a);
+  switch (p.kind) {
+    case static_cast<int32_t>(Kind::residual): fn(VecResidual{p.vec, a, om}); break;
+    case static_cast<int32_t>(Kind::attention): fn(VecAttention{p.vec, a, om}); break;
+    case static_cast<int32_t>(Kind::mlp): fn(VecMlp{p.vec, a, om, _mm256_set1_ps(p.sigma)}); break;
+    default:
+      fn(VecConv{_mm256_set1_ps(p.vec[0]), _mm256_set1_ps(p.vec[1]), _mm256_set1_ps(p.vec[2]), a, om,
+                 _mm256_set1_ps(p.sigma)});
+      break;
+  }
+}
+
+// Moments of one all-finite row chunk from sums of the deviations from a
+// shift k (the seed's previous chunk mean): sd = Σ(v-k), dd = Σ(v-k)^2. With k
+// near the mean there is no cancellation; where there is (dd - sd^2/n below
+// dd/4: more than 2 bits lost), or dd overflowed, the chunk is redone two-pass
+// in L1. `shift` becomes the chunk mean, the next chunk's shift.
+inline void add_chunk_moments(const float* v, int64_t n, double inv_n, float k, float sd, float dd,
+                              PooledMoments& pooled, float& shift) {
+  const double mean_d = static_cast<double>(sd) * inv_n;
+  const double m2 = static_cast<double>(dd) - static_cast<double>(sd) * mean_d;
+  double mean = static_cast<double>(k) + mean_d;
+  if (m2 >= 0.25 * static_cast<double>(dd) && finite(dd)) {
+    pooled.add(mean, m2);
+  } else {
+    const float mean_f = static_cast<float>(mean);
+    pooled.add(mean_f, deviations(v, n, mean_f));
+    mean = mean_f;
+  }
+  shift = static_cast<float>(mean);
+}
+
+// The shift of a chunk: the seed's previous chunk mean, or for the block's
+// first chunk its first value (finite or not: a non-finite one makes the
+// chunk's sums non-finite, which the caller tests anyway).
+inline float chunk_shift(float previous, const float* v) { return finite(previous) ? previous : v[0]; }
+
+// Sums of 8 vectors: lane i of the result is the sum of the i-th vector.
+inline __m256 hsum8(__m256 a, __m256 b, __m256 c, __m256 d, __m256 e, __m256 f, __m256 g, __m256 h) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(e, f), _mm256_hadd_ps(g, h));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+
+// What one row chunk's sweep leaves for the row's end (Avx2ForwardChunks).
+struct ForwardChunkRecord {
+  __m256 lo, hi;
+  __m256i dead;
+  // Σ(x-k), Σ(x-k)^2, then blending only ||x||^2, ||z||^2, <x,z> (z = y - λx).
+  // Stored once at the sweep's end and read as scalars long after, so no
+  // load waits on a store.
+  alignas(32) float sums[8];
+  const float* x;
+  const float* y;  // the unclamped Y of a blending chunk
+  float shift;
+  float lambda;
+  float drift;        // fast_drifts: 1 - cos, or NaN for drift() to decide
+  float next_lambda;  // fast_drifts: <x,y>/||x||^2
+  bool blend;
+};
+// The block scratch holds S states, then S records.
+static_assert(sizeof(ForwardSeedState) + sizeof(ForwardChunkRecord) <= kSeedStateFloats * sizeof(float));
+
+// The forward in two phases per row: each chunk's sweep (blend, store, sums)
+// only records its sums; at the row's end the scalar work (finite test,
+// moments, drift, fallbacks) runs for all seeds at once, while the row is
+// still in L1. The sweeps of a row are then independent of each other and of
+// the scalar work (float64 arithmetic, a square root, branches), which the
+// processor overlaps instead of waiting on each chunk's tail. With a clamp,
+// the unclamped Y is gone by the row's end, so each chunk is finished at once.
+class Avx2ForwardChunks {
+ public:
+  Avx2ForwardChunks(const ForwardJob& job, float* block_scratch)
+      : dead_threshold_(job.params.dead_threshold),
+        threshold_(_mm256_set1_ps(job.params.dead_threshold)),
+        num_seeds_(job.params.num_seeds),
+        chunk_(job.chunk),
+        inv_chunk_(1.0 / static_cast<double>(job.chunk)),
+        defer_(!job.params.clamp.enabled),
+        states_(seed_states<ForwardSeedState>(block_scratch)),
+        records_(reinterpret_cast<ForwardChunkRecord*>(states_ + job.params.num_seeds)) {
+    const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    for (int32_t s = 0; s < num_seeds_; ++s) {
+      states_[s].lo = inf;
+      states_[s].hi = _mm256_sub_ps(_mm256_setzero_ps(), inf);
+      states_[s].dead = _mm256_setzero_si256();
+      states_[s].pooled = PooledMoments{};
+      states_[s].shift = std::numeric_limits<float>::quiet_NaN();
+      states_[s].lambda = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+
+  // One sweep: shifted sums, min, max, dead count.
+  void copy_stats(int32_t seed, const float* x, int64_t n, TelemetryPartial& part) const {
+    ForwardChunkRecord& r = records_[seed];
+    r.shift = chunk_shift(states_[seed].shift, x);
+    r.x = x;
+    r.y = nullptr;
+    r.blend = false;
+    copy_sweep(x, n, _mm256_set1_ps(r.shift), threshold_, r);
+    if (!defer_) finish_chunk(seed, part);
+  }
+
+  // One sweep: Y (written to y whatever the values), shifted sums, min, max,
+  // dead count, ||x||^2, ||z||^2, <x,z>.
+  void blend_stats(int32_t seed, const SeedPlan& plan, const float* x, const float* xb, float* y, int64_t n,
+                   TelemetryPartial& part) const {
+    ForwardChunkRecord& r = records_[seed];
+    r.shift = chunk_shift(states_[seed].shift, x);
+    r.x = x;
+    r.y = y;
+    r.blend = true;
+    const float lambda = states_[seed].lambda;
+    r.lambda = finite(lambda) ? lambda : first_lambda(plan, n);
+    const __m256 kv = _mm256_set1_ps(r.shift), lv = _mm256_set1_ps(r.lambda);
+    with_vec_blend(plan, [&](const auto& t) { blend_sweep(t, xb, y, n, kv, lv, threshold_, r); });
+    if (!defer_) finish_chunk(seed, part);
+  }
+
+  void end_row(TelemetryPartial* parts) const {
+    if (!defer_) return;
+    for (int32_t s = 0; s < num_seeds_; s += 8) {
+      const int32_t count = std::min<int32_t>(8, num_seeds_ - s);
+      fast_drifts(records_ + s, count);
+      for (int32_t i = 0; i < count; ++i) finish_scalar(s + i, parts[s + i]);
+    }
+  }
+
+  void finish(TelemetryPartial* parts, int32_t num_seeds, int64_t chunk) const {
+    for (int32_t s = 0; s < num_seeds; ++s) {
+      const ForwardSeedState& st = states_[s];
+      TelemetryPartial& part = parts[s];
+      st.pooled.merge_into(part.moments, chunk);
+      part.min = std::min(part.min, hmin(st.lo));
+      part.max = std::max(part.max, hmax(st.hi));
+      part.dead += hsum_epi32(st.dead);
+    }
+  }
+
+ private:
+  // Min, max and dead count of a chunk's values on 8 lanes.
+  template <typename L>
+  [[gnu::always_inline]] static inline void extremes(__m256 v, const L& lanes, __m256 threshold, __m256& lo,
+                                                     __m256& hi, __m256i& dead) {
+    lo = _mm256_min_ps(lo, lanes.keep_or(v, _mm256_set1_ps(std::numeric_limits<float>::infinity())));
+    hi = _mm256_max_ps(hi, lanes.keep_or(v, _mm256_set1_ps(-std::numeric_limits<float>::infinity())));
+    const __m256 is_dead = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v), threshold, _CMP_LE_OQ);
+    dead = _mm256_sub_epi32(dead, _mm256_castps_si256(lanes.keep(is_dead)));
+  }
+
+  // The sweeps keep their accumulators as locals, so that they stay in
+  // registers even where GCC does not inline the sweep.
+  static void copy_sweep(const float* x, int64_t n, __m256 kv, __m256 threshold, ForwardChunkRecord& r) {
+    __m256 sd = _mm256_setzero_ps(), dd = _mm256_setzero_ps();
+    __m256 lo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    __m256 hi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256i dead = _mm256_setzero_si256();
+    sweep(n, [&](int64_t j, const auto& lanes) {
+      const __m256 v = lanes.load(x + j);
+      const __m256 d = lanes.keep(_mm256_sub_ps(v, kv));
+      sd = _mm256_add_ps(sd, d);
+      dd = _mm256_add_ps(dd, _mm256_mul_ps(d, d));
+      extremes(v, lanes, threshold, lo, hi, dead);
+    });
+    const __m256 zero = _mm256_setzero_ps();
+    r.lo = lo;
+    r.hi = hi;
+    r.dead = dead;
+    _mm256_store_ps(r.sums, _mm256_insertf128_ps(zero, hsum4(sd, dd, zero, zero), 0));
+  }
+
+  template <typename T>
+  static void blend_sweep(const T& t, const float* xb, float* y, int64_t n, __m256 kv, __m256 lv,
+                          __m256 threshold, ForwardChunkRecord& r) {
+    __m256 sd = _mm256_setzero_ps(), dd = _mm256_setzero_ps(), xx = _mm256_setzero_ps();
+    __m256 zz = _mm256_setzero_ps(), xz = _mm256_setzero_ps();
+    __m256 lo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    __m256 hi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256i dead = _mm256_setzero_si256();
+    sweep(n, [&](int64_t j, const auto& lanes) {
+      const __m256 v = lanes.load(xb + j);
+      const __m256 d = lanes.keep(_mm256_sub_ps(v, kv));
+      sd = _mm256_add_ps(sd, d);
+      dd = _mm256_add_ps(dd, _mm256_mul_ps(d, d));
+      xx = _mm256_add_ps(xx, _mm256_mul_ps(v, v));
+      extremes(v, lanes, threshold, lo, hi, dead);
+      const __m256 out = t(v, xb, j, lanes);
+      lanes.store(y + j, out);
+      const __m256 z = lanes.keep(_mm256_sub_ps(out, _mm256_mul_ps(lv, v)));
+      zz = _mm256_add_ps(zz, _mm256_mul_ps(z, z));
+      xz = _mm256_add_ps(xz, _mm256_mul_ps(v, z));
+    });
+    const __m256 zero = _mm256_setzero_ps();
+    r.lo = lo;
+    r.hi = hi;
+    r.dead = dead;
+    _mm256_store_ps(r.sums, hsum8(sd, dd, xx, zz, xz, zero, zero, zero));
+  }
+
+  void finish_chunk(int32_t seed, TelemetryPartial& part) const {
+    fast_drifts(records_ + seed, 1);
+    finish_scalar(seed, part);
+  }
+
+  // The drift of up to 8 recorded blending chunks at once, 8 lanes of float32
+  // (the formula of drift() below; every term is positive, so float32 keeps
+  // about 1e-6 relative), into each record's `drift`, or NaN where the lane
+  // is not usable (a sum out of range, non-finite, or q^2 below a quarter of
+  // ||z||^2) and drift() must decide.
+  static void fast_drifts(ForwardChunkRecord* records, int32_t count) {
+    // Lanes past `count` or of copy chunks compute harmless values.
+    const auto pick = [&](int32_t i, int at, float otherwise) {
+      return i < count && records[i].blend ? records[i].sums[at] : otherwise;
+    };
+    const auto gather = [&](int at, float otherwise) {
+      return _mm256_setr_ps(pick(0, at, otherwise), pick(1, at, otherwise), pick(2, at, otherwise),
+                            pick(3, at, otherwise), pick(4, at, otherwise), pick(5, at, otherwise),
+                            pick(6, at, otherwise), pick(7, at, otherwise));
+    };
+    const auto lambda_of = [&](int32_t i) { return i < count && records[i].blend ? records[i].lambda : 0.0f; };
+    const __m256 vx2 = gather(2, 1.0f), vz2 = gather(3, 0.0f), vxz = gather(4, 0.0f);
+    const __m256 vlambda = _mm256_setr_ps(lambda_of(0), lambda_of(1), lambda_of(2), lambda_of(3), lambda_of(4),
+                                          lambda_of(5), lambda_of(6), lambda_of(7));
+    const __m256 lo = _mm256_set1_ps(1e-30f), hi = _mm256_set1_ps(1e30f), zero = _mm256_setzero_ps();
+    const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), vx2);
+    const __m256 ratio = _mm256_add_ps(vlambda, _mm256_mul_ps(vxz, inv));
+    const __m256 q2 = _mm256_sub_ps(vz2, _mm256_mul_ps(_mm256_mul_ps(vxz, vxz), inv));
+    const __m256 p = _mm256_mul_ps(ratio, _mm256_sqrt_ps(vx2));
+    const __m256 ny = _mm256_sqrt_ps(_mm256_add_ps(_mm256_mul_ps(p, p), q2));
+    const __m256 positive = _mm256_cmp_ps(p, zero, _CMP_GT_OQ);
+    const __m256 num = _mm256_blendv_ps(_mm256_sub_ps(ny, p), q2, positive);
+    const __m256 den = _mm256_blendv_ps(ny, _mm256_mul_ps(ny, _mm256_add_ps(ny, p)), positive);
+    __m256 ok = _mm256_and_ps(_mm256_cmp_ps(vx2, lo, _CMP_GE_OQ), _mm256_cmp_ps(vx2, hi, _CMP_LE_OQ));
+    ok = _mm256_and_ps(ok, _mm256_and_ps(_mm256_cmp_ps(vz2, lo, _CMP_GE_OQ), _mm256_cmp_ps(vz2, hi, _CMP_LE_OQ)));
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(q2, _mm256_mul_ps(_mm256_set1_ps(0.25f), vz2), _CMP_GE_OQ));
+    const __m256 nan = _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN());
+    alignas(32) float drift[8], next[8];
+    _mm256_store_ps(drift, _mm256_blendv_ps(nan, _mm256_div_ps(num, den), ok));
+    _mm256_store_ps(next, ratio);
+    for (int32_t i = 0; i < count; ++i) {
+      records[i].drift = drift[i];
+      records[i].next_lambda = next[i];
+    }
+  }
+
+  // The scalar part of one recorded chunk.
+  void finish_scalar(int32_t seed, TelemetryPartial& part) const {
+    const ForwardChunkRecord& r = records_[seed];
+    ForwardSeedState& st = states_[seed];
+    const float* sums = r.sums;
+    // Σ(x-k)^2 (copy) or ||x||^2 (blend) is finite unless a value is NaN or
+    // +-Inf, or the squares overflow.
+    if (!finite(r.blend ? sums[2] : sums[1]) && any_nonfinite(r.x, chunk_)) {
+      // A blending row's cos is 1 (SPEC section 4): no drift term.
+      masked_statistics(r.x, chunk_, dead_threshold_, part);
+      return;
+    }
+    st.lo = _mm256_min_ps(st.lo, r.lo);
+    st.hi = _mm256_max_ps(st.hi, r.hi);
+    st.dead = _mm256_add_epi32(st.dead, r.dead);
+    add_chunk_moments(r.x, chunk_, inv_chunk_, r.shift, sums[0], sums[1], st.pooled, st.shift);
+    if (!r.blend) return;
+    if (finite(r.drift)) {
+      part.drift += r.drift;
+      st.lambda = r.next_lambda;
+    } else {
+      part.drift += drift(r.x, r.y, chunk_, r.lambda, sums[2], sums[3], sums[4], st.lambda);
+    }
+  }
+
+  // λ for a seed's first chunk of a block, where no previous <x,y>/||x||^2
+  // exists: what the blend scales x by, roughly (a wrong guess only costs
+  // that chunk the second drift sweep).
+  static float first_lambda(const SeedPlan& plan, int64_t n) {
+    switch (plan.kind) {
+      case static_cast<int32_t>(Kind::residual): return 1.0f;
+      case static_cast<int32_t>(Kind::attention): return plan.one_minus_a + plan.a / static_cast<float>(n);
+      case static_cast<int32_t>(Kind::mlp): {
+        float w_abs = 0.0f;
+        for (int64_t j = 0; j < n; ++j) w_abs += std::fabs(plan.vec[j]);
+        return plan.one_minus_a + plan.a * plan.sigma * w_abs / static_cast<float>(2 * n);
+      }
+      default: return plan.one_minus_a + plan.a * plan.sigma * plan.vec[0];
+    }
+  }
+
+  // 1 - cos(x, y) of a row chunk whose x is all finite, from ||x||^2, and
+  // ||z||^2, <x,z> of z = y - λx (chunk_drift's rules). With p = <x,y>/|x|
+  // and q^2 = ||z||^2 - <x,z>^2/||x||^2 (y's part orthogonal to x), |y|^2 =
+  // p^2 + q^2 and 1 - cos = q^2 / (|y| (|y| + p)) for p > 0: no cancellation
+  // however small the drift, as long as λ is close enough to <x,y>/||x||^2
+  // that q^2 keeps at least a quarter of ||z||^2 (at most 2 bits lost); the
+  // rows of a seed change little, so the previous row's ratio serves. Else a
+  // second sweep. `next_lambda` gets this chunk's <x,y>/||x||^2.
+  static double drift(const float* x, const float* y, int64_t n, float lambda, float xx, float zz, float xz,
+                      float& next_lambda) {
+    constexpr float kSafeLo = 1e-30f, kSafeHi = 1e30f;
+    if (!finite(zz) && any_nonfinite(y, n)) return 0.0;  // a non-finite y: cos is 1
+    if (!(xx >= kSafeLo && xx <= kSafeHi)) return drift_f64(x, y, n);
+    const double x2 = xx, z2 = zz, x_z = xz;
+    const double ratio = static_cast<double>(lambda) + x_z / x2;
+    next_lambda = static_cast<float>(ratio);
+    const double q2 = z2 - x_z * x_z / x2;
+    if (zz >= kSafeLo && zz <= kSafeHi && q2 >= 0.25 * z2) {
+      const double nx = std::sqrt(x2);
+      const double p = ratio * nx;
+      const double ny = std::sqrt(p * p + q2);
+      return p > 0.0 ? q2 / (ny * (ny + p)) : (ny - p) / ny;
+    }
+    return drift_sweeps(x, y, n, xx);
+  }
+
+  // chunk_drift with ||y||^2 summed first: 1 - cos = ||x/|x| - y/|y|||^2 / 2.
+  static double drift_sweeps(const float* x, const float* y, int64_t n, float xx) {
+    __m256 acc = _mm256_setzero_ps();
+    sweep(n, [&](int64_t j, const auto& lanes) {
+      const __m256 v = lanes.load(y + j);
+      acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    });
+    float yy, unused;
+    hsum2(acc, acc, yy, unused);
+    constexpr float kSafeLo = 1e-30f, kSafeHi = 1e30f;
+    if (!(yy >= kSafeLo && yy <= kSafeHi)) return drift_f64(x, y, n);
+    const __m256 ix = _mm256_set1_ps(1.0f / std::sqrt(xx)), iy = _mm256_set1_ps(1.0f / std::sqrt(yy));
+    __m256 d2 = _mm256_setzero_ps();
+    sweep(n, [&](int64_t j, const auto& lanes) {
+      const __m256 d = _mm256_sub_ps(_mm256_mul_ps(lanes.load(x + j), ix), _mm256_mul_ps(lanes.load(y + j), iy));
+      d2 = _mm256_add_ps(d2, _mm256_mul_ps(d, d));
+    });
+    float total;
+    hsum2(d2, d2, total, unused);
+    return 0.5 * static_cast<double>(total);
+  }
+
+  float dead_threshold_;
+  __m256 threshold_;
+  int32_t num_seeds_;
+  int64_t chunk_;
+  double inv_chunk_;
+  bool defer_;
+  ForwardSeedState* states_;
+  ForwardChunkRecord* records_;
+};
+
+// What one backward row chunk's sweep leaves for the row's end: Σ(dX-k),
+// Σ(dX-k)^2, ||dX||^2, then the kind's blueprint sums.
+struct BackwardChunkRecord {
+  enum class Tail : int32_t { none, dsigma, dsigma_dalpha, conv };
+  alignas(32) float sums[8];
+  const float* dx;
+  float* acc;
+  float shift;
+  Tail tail;
+};
+static_assert(sizeof(BackwardSeedState) + sizeof(BackwardChunkRecord) <= kSeedStateFloats * sizeof(float));
+
+class Avx2BackwardChunks {
+ public:
+  Avx2BackwardChunks(const BackwardJob& job, float* block_scratch)
+      : chunk_(job.chunk),
+        inv_chunk_(1.0 / static_cast<double>(job.chunk)),
+        num_seeds_(job.params.num_seeds),
+        states_(seed_states<BackwardSeedState>(block_scratch)),
+        records_(reinterpret_cast<BackwardChunkRecord*>(states_ + job.params.num_seeds)) {
+    for (int32_t s = 0; s < job.params.num_seeds; ++s) {
+      states_[s].max_abs = _mm256_setzero_ps();
+      states_[s].pooled = PooledMoments{};
+      states_[s].shift = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+
+  void chunk(int32_t seed, const SeedPlan& plan, const float* x, const float* g, float* dx, float* acc, int64_t n,
+             GradPartial& /*part: end_row*/) const {
+    const bool blend = plan.blend, grads = plan.grads;
+    switch (plan.kind) {
+      case static_cast<int32_t>(Kind::residual):
+        if (grads) return kind_chunk<Kind::residual, false, true>(seed, plan, x, g, dx, acc, n);
+        return kind_chunk<Kind::residual, false, false>(seed, plan, x, g, dx, acc, n);
+      case static_cast<int32_t>(Kind::attention):
+        if (blend && grads) return kind_chunk<Kind::attention, true, true>(seed, plan, x, g, dx, acc, n);
+        if (blend) return kind_chunk<Kind::attention, true, false>(seed, plan, x, g, dx, acc, n);
+        if (grads) return kind_chunk<Kind::attention, false, true>(seed, plan, x, g, dx, acc, n);
+        return kind_chunk<Kind::attention, false, false>(seed, plan, x, g, dx, acc, n);
+      case static_cast<int32_t>(Kind::mlp):
+        if (blend && grads) return kind_chunk<Kind::mlp, true, true>(seed, plan, x, g, dx, acc, n);
+        if (blend) return kind_chunk<Kind::mlp, true, false>(seed, plan, x, g, dx, acc, n);
+        if (grads) return kind_chunk<Kind::mlp, false, true>(seed, plan, x, g, dx, acc, n);
+        return kind_chunk<Kind::mlp, false, false>(seed, plan, x, g, dx, acc, n);
+      default:
+        if (blend && grads) return kind_chunk<Kind::conv, true, true>(seed, plan, x, g, dx, acc, n);
+        if (blend) return kind_chunk<Kind::conv, true, false>(seed, plan, x, g, dx, acc, n);
+        if (grads) return kind_chunk<Kind::conv, false, true>(seed, plan, x, g, dx, acc, n);
+        return kind_chunk<Kind::conv, false, false>(seed, plan, x, g, dx, acc, n);
+    }
+  }
+
+  // The scalar part of the row's chunks, for all seeds at once (as in the
+  // forward, so that the sweeps do not wait on each chunk's tail).
+  void end_row(GradPartial* parts) const {
+    for (int32_t s = 0; s < num_seeds_; ++s) {
+      const BackwardChunkRecord& r = records_[s];
+      BackwardSeedState& st = states_[s];
+      GradPartial& part = parts[s];
+      const float* sums = r.sums;
+      part.sumsq += sums[2];
+      switch (r.tail) {
+        case BackwardChunkRecord::Tail::dsigma: part.dsigma += sums[3]; break;
+        case BackwardChunkRecord::Tail::dsigma_dalpha:
+          part.dsigma += sums[3];
+          part.dalpha += sums[4];
+          break;
+        case BackwardChunkRecord::Tail::conv:
+          r.acc[0] += sums[3];
+          r.acc[1] += sums[4];
+          r.acc[2] += sums[5];
+          part.dsigma += sums[6];
+          part.dalpha += sums[7];
+          break;
+        case BackwardChunkRecord::Tail::none: break;
+      }
+      add_chunk_moments(r.dx, chunk_, inv_chunk_, r.shift, sums[0], sums[1], st.pooled, st.shift);
+    }
+  }
+
+  void finish(GradPartial* parts, int32_t num_seeds, int64_t chunk) const {
+    for (int32_t s = 0; s < num_seeds; ++s) {
+      states_[s].pooled.merge_into(parts[s].moments, chunk);
+      parts[s].max_abs = std::max(parts[s].max_abs, hmax(states_[s].max_abs));
+    }
+  }
+
+ private:
+  // dX (the formulas of residual_chunk .. conv_chunk, same operations), its
+  // shifted sums (add_chunk_moments), sum of squares and max |dX|, and the
+  // blueprint sums, in one sweep.
+  template <Kind K, bool Blend, bool Grads>
+  void kind_chunk(int32_t seed, const SeedPlan& p, const float* x, const float* g, float* dx, float* acc,
+                  int64_t n) const {
+    const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    const __m256 om = _mm256_set1_ps(p.one_minus_a), a = _mm256_set1_ps(p.a);
+    const __m256 a_sigma = _mm256_set1_ps(p.a * p.sigma), sigma = _mm256_set1_ps(p.sigma);
+    __m256 w0 = zero, w1 = zero, w2 = zero;
+    if constexpr (K == Kind::conv && (Blend || Grads)) {
+      w0 = _mm256_set1_ps(p.w[0]);
+      w1 = _mm256_set1_ps(p.w[1]);
+      w2 = _mm256_set1_ps(p.w[2]);
+    }
+    BackwardSeedState& st = states_[seed];
+    // The shift is the previous chunk's mean of dX; at the block start, 0
+    // (gradients are mostly centred; the fallback covers the rest).
+    const float k = finite(st.shift) ? st.shift : 0.0f;
+    const __m256 kv = _mm256_set1_ps(k);
+    __m256 sd = zero, dd = zero, sq = zero, k0 = zero, k1 = zero, k2 = zero, k3 = zero, k4 = zero;
+    __m256 max_abs = st.max_abs;
+    sweep(n, [&](int64_t j, const auto& lanes) {
+      const __m256 gv = lanes.load(g + j);
+      __m256 d = gv;
+      if constexpr (K == Kind::residual) {
+        if constexpr (Grads) {
+          lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), gv));
+          k0 = _mm256_add_ps(k0, _mm256_mul_ps(gv, lanes.load(p.w + j)));
+        }
+      } else if constexpr (K == Kind::attention) {
+        if constexpr (Blend) {
+          d = _mm256_add_ps(_mm256_mul_ps(om, gv), _mm256_mul_ps(a, _mm256_mul_ps(lanes.load(p.vec + j), gv)));
+        }
+        if constexpr (Grads) lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), _mm256_mul_ps(gv, lanes.load(x + j))));
+      } else if constexpr (K == Kind::mlp) {
+        if constexpr (Blend || Grads) {
+          const __m256 xv = lanes.load(x + j), wv = lanes.load(p.w + j);
+          const __m256 h = _mm256_mul_ps(xv, wv);
+          const __m256 m = _mm256_cmp_ps(h, zero, _CMP_GT_OQ);
+          if constexpr (Blend) {
+            d = _mm256_add_ps(_mm256_mul_ps(om, gv), _mm256_mul_ps(a_sigma, _mm256_mul_ps(wv, _mm256_and_ps(gv, m))));
+          }
+          if constexpr (Grads) {
+            const __m256 r = _mm256_and_ps(h, m);
+            lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), _mm256_and_ps(_mm256_mul_ps(gv, xv), m)));
+            k0 = _mm256_add_ps(k0, _mm256_mul_ps(gv, r));
+            k1 = _mm256_add_ps(k1, _mm256_mul_ps(gv, _mm256_sub_ps(_mm256_mul_ps(sigma, r), xv)));
+          }
+        }
+      } else {
+        if constexpr (Blend) {
+          const __m256 conv = _mm256_add_ps(
+              _mm256_add_ps(_mm256_mul_ps(w0, gv), _mm256_mul_ps(w1, lanes.load(g + j + 1))),
+              _mm256_mul_ps(w2, lanes.load(g + j + 2)));
+          d = _mm256_add_ps(_mm256_mul_ps(om, gv), _mm256_mul_ps(a_sigma, conv));
+        }
+        if constexpr (Grads) {
+          const __m256 x0 = lanes.load(x + j), x1 = lanes.load(x + j - 1), x2 = lanes.load(x + j - 2);
+          const __m256 c =
+              _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(w0, x0), _mm256_mul_ps(w1, x1)), _mm256_mul_ps(w2, x2));
+          k0 = _mm256_add_ps(k0, _mm256_mul_ps(gv, x0));
+          k1 = _mm256_add_ps(k1, _mm256_mul_ps(gv, x1));
+          k2 = _mm256_add_ps(k2, _mm256_mul_ps(gv, x2));
+          k3 = _mm256_add_ps(k3, _mm256_mul_ps(gv, c));
+          k4 = _mm256_add_ps(k4, _mm256_mul_ps(gv, _mm256_sub_ps(_mm256_mul_ps(sigma, c), x0)));
+        }
+      }
+      lanes.store(dx + j, d);
+      const __m256 dk = lanes.keep(_mm256_sub_ps(d, kv));
+      sd = _mm256_add_ps(sd, dk);
+      dd = _mm256_add_ps(dd, _mm256_mul_ps(dk, dk));
+      sq = _mm256_add_ps(sq, _mm256_mul_ps(d, d));
+      // NaN |dX| leaves the maximum as it was, like std::max(max, |d|).
+      max_abs = _mm256_max_ps(_mm256_andnot_ps(sign, d), max_abs);
+    });
+    st.max_abs = max_abs;
+    BackwardChunkRecord& r = records_[seed];
+    _mm256_store_ps(r.sums, hsum8(sd, dd, sq, k0, k1, k2, k3, k4));
+    r.dx = dx;
+    r.acc = acc;
+    r.shift = k;
+    using Tail = BackwardChunkRecord::Tail;
+    r.tail = !Grads                  ? Tail::none
+             : K == Kind::residual  ? Tail::dsigma
+             : K == Kind::mlp       ? Tail::dsigma_dalpha
+             : K == Kind::conv      ? Tail::conv
+                                    : Tail::none;
+  }
+
+  int64_t chunk_;
+  double inv_chunk_;
+  int32_t num_seeds_;
+  BackwardSeedState* states_;
+  BackwardChunkRecord* records_;
+};
