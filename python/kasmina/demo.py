@@ -1,10 +1,14 @@
 """`kasmina demo`: grow a network on real data and compare it with the host alone.
 
 The data set is scikit-learn's 8x8 digits (it ships inside the package, so no
-network is needed). The host is an MLP with two KasminaLayers:
+network is needed). The host is linear, with two KasminaLayers:
 
-    64 -> Linear(64, H) -> ReLU -> KasminaLayer(H, S)
-       -> Linear(H, H/2) -> ReLU -> KasminaLayer(H/2, S) -> Linear(H/2, 10)
+    64 -> Linear(64, H) -> KasminaLayer(H, S)
+       -> Linear(H, H/2) -> KasminaLayer(H/2, S) -> Linear(H/2, 10)
+
+so until seeds graft in it is a linear classifier; MLP seeds
+(sigma * relu(X * w)) add the nonlinearity it lacks (``host="mlp"`` puts a
+ReLU before each KasminaLayer instead).
 
 The same host, with the same initial weights, data order and epochs, is
 trained twice: once driven by a controller (default
@@ -72,8 +76,8 @@ class DemoConfig:
     # "mlp": ReLU before each KasminaLayer (the host is already nonlinear).
     host: str = "linear"
     # PlateauController settings the demo passes (see docs/CONTROLLER.md).
-    # Grow early and wide: on a plateau germinate up to 8 seeds, and let every
-    # seed of a layer be active at once (None = --seeds).
+    # Grow wide: on a plateau germinate up to 8 seeds, and let every seed of
+    # a layer be active at once (None = --seeds).
     seeds_per_plateau: int = 8
     max_active: int | None = None
     harm_patience: int = 3
@@ -503,7 +507,7 @@ def run_demo(cfg: DemoConfig, controller: Controller | None = None,
     pristine = copy.deepcopy(controller)  # for the repeats: controllers keep state
     data = load_data(cfg.seed, cfg.split)
     log(f"kasmina demo: digits 8x8, {len(data['train'][0])} train / {len(data['val'][0])} held-out "
-        f"(controller) / {len(data['test'][0])} test, hidden {cfg.hidden}, {cfg.seeds} seeds per "
+        f"(controller) / {len(data['test'][0])} test, {cfg.host} host, hidden {cfg.hidden}, {cfg.seeds} seeds per "
         f"layer, strategy {strategy.name}, device {device}, seed {cfg.seed}")
     log(f"stages: {' '.join(f'{c}={s.name}' for s, c in STAGE_CHAR.items())}")
     t0 = time.perf_counter()

@@ -24,6 +24,18 @@ from .enums import Kind, Stage
 
 Tensor = torch.Tensor
 
+# Plain-int copies of the enum values the math compares against. Under
+# torch.compile (dynamo, torch 2.15) ``tensor == Kind.RESIDUAL`` with an IntEnum
+# member folds to a Python bool and torch.where rejects it; plain ints trace
+# as ordinary tensor-scalar comparisons.
+_RESIDUAL = int(Kind.RESIDUAL)
+_ATTENTION = int(Kind.ATTENTION)
+_MLP = int(Kind.MLP)
+_GRAFTING = int(Stage.GRAFTING)
+_TRAINING = int(Stage.TRAINING)
+_FINE_TUNING = int(Stage.FINE_TUNING)
+_FOSSILIZED = int(Stage.FOSSILIZED)
+
 
 class _ClipRowGrad(torch.autograd.Function):
     """Identity on [N, S, C]; backward scales each row's chunk of G by
@@ -56,9 +68,9 @@ def _seed_transform(x: Tensor, kind: Tensor, w: Tensor, sigma: Tensor) -> Tensor
     shift2 = F.pad(x, (2, 0))[..., :chunk]
     conv = s * (taps[:, 0, None] * x + taps[:, 1, None] * shift1 + taps[:, 2, None] * shift2)
     k = kind[:, None]
-    return torch.where(k == Kind.RESIDUAL, residual,
-                       torch.where(k == Kind.ATTENTION, attention,
-                                   torch.where(k == Kind.MLP, mlp, conv)))
+    return torch.where(k == _RESIDUAL, residual,
+                       torch.where(k == _ATTENTION, attention,
+                                   torch.where(k == _MLP, mlp, conv)))
 
 
 def _telemetry(x: Tensor, y: Tensor, blends: Tensor, dead_threshold: float) -> Tensor:
@@ -120,9 +132,9 @@ def forward(
     kind = kind.to(device=x.device, dtype=torch.long)
     blueprint = blueprint.to(device=x.device, dtype=torch.long)
 
-    blends = (stage >= Stage.GRAFTING) & (stage <= Stage.FOSSILIZED) & (blueprint != 0)
-    trains = (stage >= Stage.GRAFTING) & (stage <= Stage.FINE_TUNING) & (blueprint != 0)
-    shadow = (stage == Stage.TRAINING) & (blueprint != 0)
+    blends = (stage >= _GRAFTING) & (stage <= _FOSSILIZED) & (blueprint != 0)
+    trains = (stage >= _GRAFTING) & (stage <= _FINE_TUNING) & (blueprint != 0)
+    shadow = (stage == _TRAINING) & (blueprint != 0)
 
     w = weights.to(work)[blueprint]
     sigma = scales.to(work)[blueprint]

@@ -117,3 +117,25 @@ def test_demo_repeats(tmp_path, capsys):
     assert rep["test_acc"]["grown_mean"] == pytest.approx(sum(accs) / 2)
     t = rep["test_acc"]
     assert t["grown_better"] + t["baseline_better"] <= 2
+
+
+def test_controller_kind_record_rule():
+    """"record": MLP first; a kind culled more often than kept loses to an untried one."""
+    class L:
+        chunk = 8
+        telemetry = __import__("torch").zeros(1, 8)
+
+        def seed_info(self, s):
+            return {"kind": int(kasmina.Kind.MLP)}
+    ctl = PlateauController()
+    assert ctl._pick_kind(L(), 0)[0] == kasmina.Kind.MLP
+    ctl._verdict(L(), 0, kasmina.Stage.CULLED)
+    assert ctl.record[kasmina.Kind.MLP] == [0, 1]
+    assert ctl._pick_kind(L(), 0)[0] == kasmina.Kind.CONV
+    ctl._verdict(L(), 0, kasmina.Stage.FOSSILIZED)
+    ctl._verdict(L(), 0, kasmina.Stage.FOSSILIZED)
+    assert ctl._pick_kind(L(), 0)[0] == kasmina.Kind.MLP
+    rot = PlateauController(kind_rule="rotate")
+    assert rot._pick_kind(L(), 0)[0] == kasmina.Kind.MLP
+    with pytest.raises(ValueError):
+        PlateauController(kind_rule="nope")
