@@ -3,11 +3,22 @@
 
 A tiny input (8 rows x 64 features, 8 seeds, all GRAFTING) makes the kernel's
 own work negligible, so the median wall time per call is the cost of getting
-there: nn.Module call, torch.library dispatch, DLPack export of ~11 tensors,
-the binding's checks and the launch. It is printed next to a trivial torch op
-on the same tensor (x + 1) and a bare _C.forward call (no torch.library).
+there. Rows, from the full module call down to the bare binding:
+- KasminaLayer.forward under no_grad (the eager path: no torch.library, the
+  binding called directly, telemetry written into the buffers);
+- KasminaLayer.forward with gradients (through kasmina._ops.EagerForward, a
+  torch.autograd.Function; forward only, no backward);
+- torch.ops.kasmina.forward (the registered custom op: torch.library's Python
+  dispatch; what torch.compile sees);
+- kasmina._C.forward (the bare binding: DLPack C exchange views, checks,
+  launch);
+- x + 1, a trivial torch op on the same tensor.
 
-    python scripts/bench_overhead.py [--device cpu|cuda] [--calls 20000]
+    python scripts/bench_overhead.py [--device cpu|cuda] [--calls 5000]
+
+On a busy CPU machine run it with OMP_NUM_THREADS=1: the CPU backend's
+OpenMP team otherwise waits for cores taken by other processes, which is
+scheduling noise, not call overhead.
 """
 
 import argparse
@@ -51,6 +62,7 @@ def main():
     layer.to(dev)
     x = torch.randn(8, 64, device=dev)
 
+    grad_us = per_call_us(lambda: layer(x), args.calls, args.repeats, sync)
     with torch.no_grad():
         layer_us = per_call_us(lambda: layer(x), args.calls, args.repeats, sync)
         op_args = (x, layer.seed_stage, layer.seed_kind, layer.seed_blueprint, layer.alpha,
@@ -63,7 +75,7 @@ def main():
         tel = torch.empty(8, 8, device=dev)
         nf = torch.empty(8, dtype=torch.int64, device=dev)
         b = _ops.resolve_backend("auto", x)
-        stream = _ops._stream(x)
+        stream = None  # the binding asks PyTorch for the current stream
         ws = layer.workspace if dev.type == "cuda" else None
         raw = (x, y, tel, nf, layer.seed_stage, layer.seed_kind, layer.seed_blueprint,
                layer.alpha.detach(), layer.weights.detach(), layer.scales.detach(), ws, 1e-6,
@@ -73,7 +85,9 @@ def main():
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"device: {dev} ({name}), torch {torch.__version__}, kasmina {kasmina.__version__}")
-    print(f"KasminaLayer.forward      {layer_us:8.2f} us/call")
+    print(f"DLPack C exchange API: {_C.has_exchange_api(x)}")
+    print(f"KasminaLayer.forward      {layer_us:8.2f} us/call (no_grad)")
+    print(f"KasminaLayer.forward      {grad_us:8.2f} us/call (params require grad)")
     print(f"torch.ops.kasmina.forward {op_us:8.2f} us/call")
     print(f"kasmina._C.forward        {binding_us:8.2f} us/call")
     print(f"x + 1 (trivial torch op)  {add_us:8.2f} us/call")

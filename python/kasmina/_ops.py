@@ -1,12 +1,19 @@
 """The two kasmina ops as PyTorch custom ops (``torch.ops.kasmina.forward`` and
-``torch.ops.kasmina.backward``).
+``torch.ops.kasmina.backward``), and the eager fast path beside them.
 
 Each op is a thin call into the C++ library through ``kasmina._C``: tensors
-cross as DLPack views, the C++ side checks them and runs the kernel. What this
-file adds is what PyTorch needs around an opaque kernel: fake (meta)
+cross as DLPack views (the DLPack C exchange API where PyTorch has it), the
+C++ side checks them and runs the kernel on PyTorch's current stream. What
+this file adds is what PyTorch needs around an opaque kernel: fake (meta)
 implementations so ``torch.compile`` can trace through without running it, an
 autograd formula that calls the backward op, the backend choice, and on CUDA
-the device guard and the current stream.
+the device guard.
+
+Eager calls (nothing tracing, see ``eager_ok``) skip ``torch.library``'s
+Python dispatch: ``EagerForward`` (a ``torch.autograd.Function``) calls the
+binding directly in forward and backward, or the binding is called bare when
+no gradient is needed. Both paths run the same binding on the same arguments,
+so they give the same bits (tests/python/test_ops.py).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _C
 
@@ -22,6 +30,10 @@ Tensor = torch.Tensor
 BACKENDS = {"reference": 0, "cpu": 1, "cuda": 2}
 TELEMETRY_WIDTH = _C.TELEMETRY_WIDTH
 GRAD_STATS_WIDTH = _C.GRAD_STATS_WIDTH
+_CUDA = BACKENDS["cuda"]
+_REFERENCE = BACKENDS["reference"]
+_CPU = BACKENDS["cpu"]
+_CONTIGUOUS = torch.contiguous_format
 
 
 def resolve_backend(backend: str, x: Tensor) -> int:
@@ -29,9 +41,9 @@ def resolve_backend(backend: str, x: Tensor) -> int:
     fast backend, except float64, which only the float64 reference takes (so
     that gradcheck runs through C++)."""
     if backend == "auto":
-        if x.device.type == "cuda":
-            return BACKENDS["cuda"]
-        return BACKENDS["reference"] if x.dtype == torch.float64 else BACKENDS["cpu"]
+        if x.is_cuda:
+            return _CUDA
+        return _REFERENCE if x.dtype == torch.float64 else _CPU
     try:
         return BACKENDS[backend]
     except KeyError:
@@ -40,21 +52,23 @@ def resolve_backend(backend: str, x: Tensor) -> int:
         ) from None
 
 
-def _stream(x: Tensor) -> int:
-    return torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else 0
+# --- what may skip torch.library ------------------------------------------------
+_is_compiling = torch.compiler.is_compiling
+_has_torch_function = torch._C._has_torch_function
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_jit_tracing = torch._C._get_tracing_state
 
 
-def _detached(*tensors: Optional[Tensor]):
-    # DLPack refuses tensors that require grad; the kernels never record
-    # autograd history anyway (the autograd formula below does).
-    return [t.detach() if t is not None and t.requires_grad else t for t in tensors]
-
-
-def _cuda_guard(x: Tensor):
-    # The CUDA backend launches on the current device: make it x's.
-    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
-        return torch.cuda.device(x.device)
-    return _NullContext()
+def eager_ok(*tensors: Tensor) -> bool:
+    """True when a call may go straight to the binding: not under
+    torch.compile / export (Dynamo), no torch.jit trace, no functorch
+    transform, no TorchDispatchMode (FakeTensor, make_fx, ...), and plain
+    tensors (no subclass or TorchFunctionMode with __torch_function__; an
+    nn.Parameter counts as plain). Anything else takes the registered op,
+    which every one of those understands. ~0.4 us."""
+    return not (_is_compiling() or _has_torch_function(tensors) or _dispatch_modes()
+                or _functorch_level() is not None or _jit_tracing() is not None)
 
 
 class _NullContext:
@@ -65,14 +79,69 @@ class _NullContext:
         return False
 
 
+_NULL = _NullContext()
+
+
+def _cuda_guard(x: Tensor):
+    # The CUDA backend launches on the current device: make it x's. (The
+    # stream is the binding's business: it asks PyTorch for the current stream
+    # of x's device at call time.)
+    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return _NULL
+
+
 def _default_workspace(backend: int, x: Tensor, stage: Tensor, weights: Tensor) -> Optional[Tensor]:
     # Direct op calls (opcheck, users) may pass no workspace; the layer passes
     # its cached one, so this path allocates only outside the layer.
-    if backend != BACKENDS["cuda"]:
+    if backend != _CUDA:
         return None
     hidden = stage.numel() * weights.shape[-1]
     nbytes = _C.workspace_bytes(hidden, stage.numel(), weights.shape[0], backend)
     return torch.zeros(nbytes, dtype=torch.uint8, device=x.device)
+
+
+# --- the binding calls, shared by the ops and the eager path ---------------------
+def run_forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                workspace, dead_threshold, clamp_lo, clamp_hi, b: int) -> None:
+    """kasmina::forward into the given outputs (the binding checks every
+    tensor before anything is written)."""
+    if x.is_neg():  # a lazy negation view: DLPack cannot say so
+        raise ValueError("kasmina: x has its negative bit set (a lazy negation view); "
+                         "call .resolve_neg() first")
+    if workspace is None and b == _CUDA:
+        workspace = _default_workspace(b, x, stage, weights)
+    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            _C.forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights,
+                       scales, workspace, dead_threshold, clamp_lo, clamp_hi, b, None)
+    else:
+        _C.forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                   workspace, dead_threshold, clamp_lo, clamp_hi, b, None)
+
+
+def run_backward(x, dy, grad_stats, stage, kind, blueprint, alpha, weights, scales, workspace,
+                 clamp_lo, clamp_hi, grad_clip, b: int):
+    """kasmina::backward: (dx, dweights, dscales, dalpha, grad_stats), all
+    fully overwritten; grad_stats is written into the given tensor if any."""
+    if dy.is_neg():  # a lazy negation view (DLPack cannot say so): resolve it
+        dy = dy.resolve_neg()
+    # empty_like is ~1 us cheaper than torch.empty(shape, dtype=, device=).
+    # W, scale and alpha are float32 of [B, C], [B], [S] when the call is
+    # valid, and the binding checks them before these outputs.
+    dx = torch.empty_like(x, memory_format=_CONTIGUOUS)
+    dweights = torch.empty_like(weights, dtype=torch.float32, memory_format=_CONTIGUOUS)
+    dscales = torch.empty_like(scales, dtype=torch.float32, memory_format=_CONTIGUOUS)
+    dalpha = torch.empty_like(alpha, dtype=torch.float32, memory_format=_CONTIGUOUS)
+    if grad_stats is None:
+        grad_stats = torch.empty((stage.shape[0], GRAD_STATS_WIDTH), dtype=torch.float32,
+                                 device=x.device)
+    if workspace is None and b == _CUDA:
+        workspace = _default_workspace(b, x, stage, weights)
+    with _cuda_guard(x):
+        _C.backward(x, dy, dx, dweights, dscales, dalpha, grad_stats, stage, kind, blueprint,
+                    alpha, weights, scales, workspace, clamp_lo, clamp_hi, grad_clip, b, None)
+    return dx, dweights, dscales, dalpha, grad_stats
 
 
 # The workspace is declared as not mutated: every launch leaves it as it found
@@ -105,16 +174,13 @@ def forward(
     into a forward input inside the backward graph is supported by
     AOTAutograd). The forward itself never touches it."""
     b = resolve_backend(backend, x)
-    num_seeds = stage.numel()
-    y = x.new_empty(x.shape)
-    telemetry = torch.empty((num_seeds, TELEMETRY_WIDTH), dtype=torch.float32, device=x.device)
-    nonfinite = torch.empty((num_seeds,), dtype=torch.int64, device=x.device)
-    if workspace is None:
-        workspace = _default_workspace(b, x, stage, weights)
-    alpha, weights, scales, x = _detached(alpha, weights, scales, x)
-    with _cuda_guard(x):
-        _C.forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
-                   workspace, dead_threshold, clamp_lo, clamp_hi, b, _stream(x))
+    num_seeds = stage.shape[0]
+    dev = x.device
+    y = torch.empty_like(x, memory_format=_CONTIGUOUS)
+    telemetry = torch.empty((num_seeds, TELEMETRY_WIDTH), dtype=torch.float32, device=dev)
+    nonfinite = torch.empty((num_seeds,), dtype=torch.int64, device=dev)
+    run_forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                workspace, dead_threshold, clamp_lo, clamp_hi, b)
     return y, telemetry, nonfinite
 
 
@@ -148,21 +214,8 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx, dweights [B, C], dscales [B], dalpha [S], grad_stats [S, 3] (SPEC 5).
     All outputs are fully overwritten (DESIGN decision 3)."""
-    b = resolve_backend(backend, x)
-    num_seeds = stage.numel()
-    dx = x.new_empty(x.shape)
-    dweights = torch.empty(weights.shape, dtype=torch.float32, device=x.device)
-    dscales = torch.empty(scales.shape, dtype=torch.float32, device=x.device)
-    dalpha = torch.empty((num_seeds,), dtype=torch.float32, device=x.device)
-    grad_stats = torch.empty((num_seeds, GRAD_STATS_WIDTH), dtype=torch.float32, device=x.device)
-    if workspace is None:
-        workspace = _default_workspace(b, x, stage, weights)
-    x, dy, alpha, weights, scales = _detached(x, dy, alpha, weights, scales)
-    with _cuda_guard(x):
-        _C.backward(x, dy, dx, dweights, dscales, dalpha, grad_stats, stage, kind, blueprint,
-                    alpha, weights, scales, workspace, clamp_lo, clamp_hi, grad_clip, b,
-                    _stream(x))
-    return dx, dweights, dscales, dalpha, grad_stats
+    return run_backward(x, dy, None, stage, kind, blueprint, alpha, weights, scales, workspace,
+                        clamp_lo, clamp_hi, grad_clip, resolve_backend(backend, x))
 
 
 @backward.register_fake
@@ -182,14 +235,18 @@ def _backward_fake(x, dy, stage, kind, blueprint, alpha, weights, scales, worksp
 def _setup_context(ctx, inputs, output):
     (x, stage, kind, blueprint, alpha, weights, scales, workspace, grad_stats_out, _dead,
      clamp_lo, clamp_hi, grad_clip, backend) = inputs
-    ctx.save_for_backward(x, stage, kind, blueprint, alpha, weights, scales, workspace,
-                          grad_stats_out)
+    ctx.save_for_backward(x, stage, kind, blueprint, alpha, weights, scales, workspace)
+    # Written, never read, by the backward: an attribute, not a saved tensor
+    # (a saved one would fail autograd's version check once another backward
+    # of the same layer has written it, e.g. a layer used twice in a graph).
+    ctx.grad_stats_out = grad_stats_out
     ctx.config = (clamp_lo, clamp_hi, grad_clip, backend)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward_formula(ctx, dy, _dtelemetry, _dnonfinite):
-    x, stage, kind, blueprint, alpha, weights, scales, workspace, grad_stats_out = ctx.saved_tensors
+    x, stage, kind, blueprint, alpha, weights, scales, workspace = ctx.saved_tensors
+    grad_stats_out = ctx.grad_stats_out
     clamp_lo, clamp_hi, grad_clip, backend = ctx.config
     if dy is None:  # y unused: its gradient is zero
         dy = torch.zeros_like(x)
@@ -207,6 +264,82 @@ def _backward_formula(ctx, dy, _dtelemetry, _dnonfinite):
 
 
 torch.library.register_autograd("kasmina::forward", _backward_formula, setup_context=_setup_context)
+
+
+# --- the eager path ---------------------------------------------------------------
+class EagerForward(torch.autograd.Function):
+    """The forward op's autograd formula without torch.library: forward writes
+    y (returned) and telemetry / nonfinite (given, written in place, never
+    differentiable); backward runs kasmina::backward and writes grad_stats
+    into grad_stats_out when given. Same binding calls as the ops.
+
+    Only the differentiable tensors are arguments of ``apply`` (each argument
+    costs autograd time); the rest rides in one tuple. The seed table and the
+    workspace are still saved with save_for_backward, so a lifecycle call
+    between forward and backward (which rewrites the seed table in place) is
+    refused by autograd's version check, as on the op path."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, weights, scales, rest):
+        (stage, kind, blueprint, workspace, grad_stats_out, telemetry, nonfinite, dead_threshold,
+         clamp_lo, clamp_hi, grad_clip, b) = rest
+        y = torch.empty_like(x, memory_format=_CONTIGUOUS)
+        run_forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                    workspace, dead_threshold, clamp_lo, clamp_hi, b)
+        ctx.save_for_backward(x, alpha, weights, scales, stage, kind, blueprint, workspace)
+        # grad_stats_out is written, never read, by the backward: held as an
+        # attribute, not a saved tensor (no version check against the writes
+        # of other backwards of the same layer).
+        ctx.grad_stats_out = grad_stats_out
+        ctx.config = (clamp_lo, clamp_hi, grad_clip, b)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, alpha, weights, scales, stage, kind, blueprint, workspace = ctx.saved_tensors
+        clamp_lo, clamp_hi, grad_clip, b = ctx.config
+        # Autograd may hand over expanded (stride 0) or otherwise strided
+        # grads; the kernels want a contiguous last dimension.
+        dy = dy.contiguous()
+        dx, dweights, dscales, dalpha, _ = run_backward(
+            x, dy, ctx.grad_stats_out, stage, kind, blueprint, alpha, weights, scales, workspace,
+            clamp_lo, clamp_hi, grad_clip, b)
+        return dx, dalpha, dweights, dscales, None
+
+
+def forward_into(x, stage, kind, blueprint, alpha, weights, scales, workspace, grad_stats_out,
+                 telemetry, nonfinite, dead_threshold, clamp_lo, clamp_hi, grad_clip,
+                 b: int) -> Tensor:
+    """Eager forward (the caller checked ``eager_ok``): y; telemetry and
+    nonfinite are written in place. Through EagerForward when a gradient is
+    needed, else the binding alone."""
+    if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad
+                                    or weights.requires_grad or scales.requires_grad):
+        return EagerForward.apply(x, alpha, weights, scales, (
+            stage, kind, blueprint, workspace, grad_stats_out, telemetry, nonfinite,
+            dead_threshold, clamp_lo, clamp_hi, grad_clip, b))
+    y = torch.empty_like(x, memory_format=_CONTIGUOUS)
+    run_forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                workspace, dead_threshold, clamp_lo, clamp_hi, b)
+    return y
+
+
+def forward_auto(x, stage, kind, blueprint, alpha, weights, scales, workspace, grad_stats_out,
+                 dead_threshold, clamp_lo, clamp_hi, grad_clip, backend):
+    """torch.ops.kasmina.forward's signature and results; eager calls skip
+    torch.library (same bits), traced ones take the op."""
+    if not eager_ok(x, alpha, weights, scales, stage, kind, blueprint):
+        return torch.ops.kasmina.forward(x, stage, kind, blueprint, alpha, weights, scales,
+                                         workspace, grad_stats_out, dead_threshold, clamp_lo,
+                                         clamp_hi, grad_clip, backend)
+    b = resolve_backend(backend, x)
+    num_seeds = stage.shape[0]
+    telemetry = torch.empty((num_seeds, TELEMETRY_WIDTH), dtype=torch.float32, device=x.device)
+    nonfinite = torch.empty((num_seeds,), dtype=torch.int64, device=x.device)
+    y = forward_into(x, stage, kind, blueprint, alpha, weights, scales, workspace, grad_stats_out,
+                     telemetry, nonfinite, dead_threshold, clamp_lo, clamp_hi, grad_clip, b)
+    return y, telemetry, nonfinite
 
 
 def info(hidden: int = 1024, num_seeds: int = 8, rows: int = 4096,
@@ -256,7 +389,7 @@ def info(hidden: int = 1024, num_seeds: int = 8, rows: int = 4096,
             with _cuda_guard(x):
                 dispatch[name] = _C.describe_forward(
                     x, torch.empty_like(x), telemetry, nonfinite, stage, kind, blueprint, alpha,
-                    weights, scales, ws, 1e-6, None, None, b, _stream(x))
+                    weights, scales, ws, 1e-6, None, None, b, None)
         except (ValueError, TypeError, RuntimeError) as e:
             dispatch[name] = f"unsupported: {e}"
     return dict(

@@ -109,6 +109,9 @@ class KasminaLayer(nn.Module):
         # CUDA scratch, zero-filled once and kept zero by the kernels; sized
         # when the layer lands on a CUDA device (see _apply).
         self.register_buffer("workspace", torch.zeros(0, dtype=torch.uint8), persistent=False)
+        # (rows, buffer, its version) of the latest eager telemetry_rows fill;
+        # False once a CUDA graph captured the fill (then always filled).
+        self._rows_written = None
 
     # --- configuration -----------------------------------------------------
     @property
@@ -146,17 +149,58 @@ class KasminaLayer(nn.Module):
 
     # --- the op --------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._parameters
+        bufs = self._buffers
+        alpha, weights, scales = p["alpha"], p["weights"], p["scales"]
+        if _ops.eager_ok(x, alpha, weights, scales):
+            return self._forward_eager(x, alpha, weights, scales, bufs)
+        # Traced (torch.compile, export, make_fx, ...): the registered op.
         c = self._config
         ws = self.workspace if self.workspace.device.type == "cuda" else None
         y, telemetry, nonfinite = torch.ops.kasmina.forward(
-            x, self.seed_stage, self.seed_kind, self.seed_blueprint, self.alpha, self.weights,
-            self.scales, ws, self.grad_stats, c["dead_threshold"], c["clamp_lo"], c["clamp_hi"],
+            x, self.seed_stage, self.seed_kind, self.seed_blueprint, alpha, weights,
+            scales, ws, self.grad_stats, c["dead_threshold"], c["clamp_lo"], c["clamp_hi"],
             c["grad_clip"], self.backend)
         # Buffer copies (not attribute rebinding) so torch.compile keeps them
         # in the graph as ordinary buffer mutations.
         self.telemetry.copy_(telemetry)
         self.nonfinite_counts.copy_(nonfinite)
         self.telemetry_rows.fill_(x.numel() // self.hidden)
+        return y
+
+    def _forward_eager(self, x, alpha, weights, scales, bufs) -> torch.Tensor:
+        """Eager call: no torch.library dispatch, telemetry and counts written
+        straight into the buffers (the binding checks every tensor before
+        anything is written), the rows buffer filled only when it changes."""
+        c = self._config
+        ws = bufs["workspace"]
+        is_cuda = x.is_cuda
+        if self.backend == "auto":
+            b = _ops._CUDA if is_cuda else (
+                _ops._REFERENCE if x.dtype == torch.float64 else _ops._CPU)
+        else:
+            b = _ops.BACKENDS[self.backend]
+        y = _ops.forward_into(
+            x, bufs["seed_stage"], bufs["seed_kind"], bufs["seed_blueprint"], alpha, weights,
+            scales, ws if ws.is_cuda else None, bufs["grad_stats"], bufs["telemetry"],
+            bufs["nonfinite_counts"], c["dead_threshold"], c["clamp_lo"], c["clamp_hi"],
+            c["grad_clip"], b)
+        rows_buf = bufs["telemetry_rows"]
+        rows = x.numel() // c["hidden"]
+        # Skip the fill (a kernel launch on CUDA) when this very buffer already
+        # holds rows and nobody wrote it since (its version counter). A CUDA
+        # graph capture records the fill, and from then on always fills: a
+        # replay writes the buffer without bumping its version.
+        last = self._rows_written
+        if last is False or (is_cuda and torch.cuda.is_current_stream_capturing()):
+            rows_buf.fill_(rows)
+            self._rows_written = False
+        else:
+            version = _version(rows_buf)
+            if (last is None or version is None or last[0] != rows or last[1] is not rows_buf
+                    or last[2] != version):
+                rows_buf.fill_(rows)
+                self._rows_written = (rows, rows_buf, _version(rows_buf))
         return y
 
     # --- lifecycle -----------------------------------------------------------
@@ -382,6 +426,7 @@ class KasminaLayer(nn.Module):
         self._push()
         state = self.__dict__.copy()
         state["_core"] = self._core.save()
+        state["_rows_written"] = None
         return state
 
     def __setstate__(self, state):
@@ -389,7 +434,16 @@ class KasminaLayer(nn.Module):
         core = _C.Layer(**state["_config"])
         core.load(_as_bytes(blob))
         state["_core"] = core
+        state["_rows_written"] = None
         super().__setstate__(state)
+
+
+def _version(t: torch.Tensor):
+    # An inference tensor has no version counter: never "unchanged".
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _as_bytes(state) -> np.ndarray:

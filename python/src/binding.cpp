@@ -1,6 +1,7 @@
 // kasmina._C: the one file between Python and the C++ API (tiny-cuda-nn
-// style). Tensors arrive as DLPack views (nb::ndarray), so the extension never
-// links libtorch and builds against any PyTorch; see docs/PYTHON.md.
+// style). Tensors arrive as DLPack views (the DLPack C exchange API, else
+// __dlpack__ through nb::ndarray), so the extension never links libtorch and
+// builds against any PyTorch; see docs/PYTHON.md.
 //
 // The checks are grouped here (dtype of every tensor, shapes, one device,
 // last dimension contiguous, leading dimensions viewable as rows) and run
@@ -29,10 +30,168 @@ namespace {
 using kasmina::Backend;
 using kasmina::DType;
 
-// A tensor argument as DLPack hands it over. Inputs are taken read-only
-// (nanobind then asks PyTorch for the cheaper unversioned capsule).
-using In = nb::ndarray<nb::ro>;
-using Out = nb::ndarray<>;
+// A tensor argument as a DLPack view (nb::dlpack::dltensor is DLPack's
+// DLTensor). Recent PyTorch publishes the DLPack C exchange API
+// (`type(t).__dlpack_c_exchange_api__`, see lookup_exchange_api): one C call fills a
+// non-owning DLTensor of a tensor, and another gives the producer's current
+// stream of a device. That is what the binding uses (tens of nanoseconds per
+// tensor); a tensor type without it goes through `__dlpack__` as a nanobind
+// ndarray (a Python method, ~2-3 us per tensor). Both give the same view and
+// run the same checks below. See docs/PYTHON.md.
+struct DLPackVersion_ {
+  uint32_t major;
+  uint32_t minor;
+};
+struct DLPackExchangeAPIHeader_ {
+  DLPackVersion_ version;
+  DLPackExchangeAPIHeader_* prev_api;
+};
+struct DLPackExchangeAPI_ {  // DLPack's DLPackExchangeAPI (dlpack.h, 1.2 and 1.3 alike)
+  DLPackExchangeAPIHeader_ header;
+  void* managed_tensor_allocator;
+  void* managed_tensor_from_py_object_no_sync;
+  void* managed_tensor_to_py_object_no_sync;
+  int (*dltensor_from_py_object_no_sync)(void* py_object, nb::dlpack::dltensor* out);
+  int (*current_work_stream)(int32_t device_type, int32_t device_id, void** out_stream);
+};
+
+// The exchange API of a tensor's exact type (nullptr: none), cached per type.
+// Cached types are kept alive so that a cached address is never reused by
+// another type.
+struct ExchangeCache {
+  struct Entry {
+    PyTypeObject* type;
+    const DLPackExchangeAPI_* api;
+  };
+  Entry entries[8] = {};
+  int size = 0;
+  bool enabled = true;  // tests switch it off to run the __dlpack__ path
+};
+ExchangeCache g_exchange;
+
+// The table behind `type.__dlpack_c_exchange_api__` (DLPack 1.3: a capsule
+// named "dlpack_exchange_api") or its earlier spelling
+// `__c_dlpack_exchange_api__` (DLPack 1.2 drafts, PyTorch 2.10-era: the
+// address as a Python int, or the same capsule); the table's layout is the same
+// in both. nullptr when absent, of another major version, or without the
+// non-owning view and stream functions.
+const DLPackExchangeAPI_* lookup_exchange_api(PyTypeObject* type) {
+  const void* ptr = nullptr;
+  for (const char* attr : {"__dlpack_c_exchange_api__", "__c_dlpack_exchange_api__"}) {
+    PyObject* o = PyObject_GetAttrString(reinterpret_cast<PyObject*>(type), attr);
+    if (o == nullptr) {
+      PyErr_Clear();
+      continue;
+    }
+    if (PyCapsule_IsValid(o, "dlpack_exchange_api")) {
+      ptr = PyCapsule_GetPointer(o, "dlpack_exchange_api");
+    } else if (PyLong_Check(o)) {
+      ptr = PyLong_AsVoidPtr(o);
+      if (ptr == nullptr) PyErr_Clear();
+    }
+    Py_DECREF(o);
+    if (ptr != nullptr) break;
+  }
+  const auto* api = static_cast<const DLPackExchangeAPI_*>(ptr);
+  if (api == nullptr || api->header.version.major != 1 ||
+      api->dltensor_from_py_object_no_sync == nullptr || api->current_work_stream == nullptr)
+    return nullptr;
+  return api;
+}
+
+const DLPackExchangeAPI_* exchange_api(PyObject* obj) {
+  if (!g_exchange.enabled) return nullptr;
+  PyTypeObject* type = Py_TYPE(obj);
+  for (int i = 0; i < g_exchange.size; ++i)
+    if (g_exchange.entries[i].type == type) return g_exchange.entries[i].api;
+  const DLPackExchangeAPI_* api = lookup_exchange_api(type);
+  if (g_exchange.size < 8) {
+    Py_INCREF(reinterpret_cast<PyObject*>(type));
+    g_exchange.entries[g_exchange.size++] = {type, api};
+  }
+  return api;
+}
+
+// A non-owning view of one tensor argument, valid during the call (the caller
+// holds the tensors). Same accessors as nb::ndarray.
+class View {
+ public:
+  View(nb::handle h, const char* name) {
+    if (const DLPackExchangeAPI_* api = exchange_api(h.ptr())) {
+      if (api->dltensor_from_py_object_no_sync(h.ptr(), &t_) != 0) throw nb::python_error();
+    } else {
+      nb::ndarray<> a;
+      if (!nb::try_cast(h, a, false)) {
+        // PyTorch's __dlpack__ refuses tensors that require grad; the kernels
+        // never record autograd history (the autograd formulas do).
+        bool retried = false;
+        if (nb::hasattr(h, "requires_grad") && nb::cast<bool>(h.attr("requires_grad"))) {
+          nb::object detached = h.attr("detach")();
+          retried = nb::try_cast(detached, a, false);
+        }
+        if (!retried)
+          KASMINA_FAIL(kasmina::ErrorKind::type, name, " must be a tensor, got ",
+                       nb::inst_name(h).c_str());
+      }
+      t_.data = a.data();
+      t_.device = {a.device_type(), a.device_id()};
+      t_.ndim = static_cast<int32_t>(a.ndim());
+      t_.dtype = a.dtype();
+      t_.shape = const_cast<int64_t*>(a.shape_ptr());
+      t_.strides = const_cast<int64_t*>(a.stride_ptr());
+      t_.byte_offset = 0;
+      keep_ = std::move(a);
+    }
+    if (t_.strides == nullptr && t_.ndim > 0) {  // DLPack: null strides = compact row-major
+      own_strides_.resize(static_cast<size_t>(t_.ndim));
+      int64_t s = 1;
+      for (int32_t d = t_.ndim; d-- > 0;) {
+        own_strides_[static_cast<size_t>(d)] = s;
+        s *= t_.shape[d];
+      }
+      t_.strides = own_strides_.data();
+    }
+  }
+  View(const View&) = delete;
+  View& operator=(const View&) = delete;
+
+  size_t ndim() const { return static_cast<size_t>(t_.ndim); }
+  int64_t shape(size_t i) const { return t_.shape[i]; }
+  int64_t stride(size_t i) const { return t_.strides[i]; }
+  nb::dlpack::dtype dtype() const { return t_.dtype; }
+  int device_type() const { return t_.device.device_type; }
+  int device_id() const { return t_.device.device_id; }
+  void* data() const { return static_cast<char*>(t_.data) + t_.byte_offset; }
+  int64_t size() const {
+    int64_t n = 1;
+    for (int32_t d = 0; d < t_.ndim; ++d) n *= t_.shape[d];
+    return n;
+  }
+
+ private:
+  nb::dlpack::dltensor t_;
+  nb::ndarray<> keep_;
+  std::vector<int64_t> own_strides_;
+};
+
+using In = View;
+using Out = View;
+
+// The stream of a call: the given one, or (None) the producer's current
+// stream of x's device at call time (CUDA; the CPU has none).
+uintptr_t call_stream(nb::handle x_obj, const View& x, std::optional<uintptr_t> stream) {
+  if (stream) return *stream;
+  if (x.device_type() != nb::device::cuda::value) return 0;
+  const DLPackExchangeAPI_* api = exchange_api(x_obj.ptr());
+  if (api == nullptr)  // PyTorch without the exchange API: ask in Python
+    return nb::cast<uintptr_t>(nb::module_::import_("torch.cuda")
+                                   .attr("current_stream")(x_obj.attr("device"))
+                                   .attr("cuda_stream"));
+  void* s = nullptr;
+  if (api->current_work_stream(nb::device::cuda::value, x.device_id(), &s) != 0)
+    throw nb::python_error();
+  return reinterpret_cast<uintptr_t>(s);
+}
 
 constexpr int kDeviceCpu = nb::device::cpu::value;
 constexpr int kDeviceCuda = nb::device::cuda::value;
@@ -245,9 +404,8 @@ LayerTensors layer_tensors(const In& stage, const In& kind, const In& blueprint,
   return t;
 }
 
-void set_workspace(const std::optional<Out>& workspace, DeviceCheck& dev, void*& ptr,
-                   std::size_t& bytes) {
-  if (!workspace) return;
+void set_workspace(const View* workspace, DeviceCheck& dev, void*& ptr, std::size_t& bytes) {
+  if (workspace == nullptr) return;
   using C = nb::dlpack::dtype_code;
   KASMINA_CHECK_TYPE(is_dtype(*workspace, C::UInt, 8), "workspace must be uint8, got ",
                      dtype_str(*workspace));
@@ -255,13 +413,35 @@ void set_workspace(const std::optional<Out>& workspace, DeviceCheck& dev, void*&
                       "workspace must be a contiguous 1-D tensor, got shape ", shape_str(*workspace));
   dev.add(*workspace, "workspace");
   ptr = workspace->data();
-  bytes = workspace->shape(0);
+  bytes = static_cast<std::size_t>(workspace->shape(0));
 }
+
+// An optional tensor argument (None: absent).
+struct OptView {
+  std::optional<View> v;
+  OptView(nb::handle h, const char* name) {
+    if (!h.is_none()) v.emplace(h, name);
+  }
+  const View* get() const { return v ? &*v : nullptr; }
+};
+
+// The tensor arguments of forward, viewed in argument order.
+struct ForwardViews {
+  View x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales;
+  OptView workspace;
+  ForwardViews(nb::handle x_, nb::handle y_, nb::handle tel_, nb::handle nf_, nb::handle stage_,
+               nb::handle kind_, nb::handle bp_, nb::handle alpha_, nb::handle w_,
+               nb::handle sc_, nb::handle ws_)
+      : x(x_, "x"), y(y_, "y"), telemetry(tel_, "telemetry"), nonfinite(nf_, "nonfinite"),
+        stage(stage_, "stage"), kind(kind_, "kind"), blueprint(bp_, "blueprint"),
+        alpha(alpha_, "alpha"), weights(w_, "weights"), scales(sc_, "scales"),
+        workspace(ws_, "workspace") {}
+};
 
 kasmina::ForwardParams forward_params(const In& x, const Out& y, const Out& telemetry,
                                       const Out& nonfinite, const In& stage, const In& kind,
                                       const In& blueprint, const In& alpha, const In& weights,
-                                      const In& scales, const std::optional<Out>& workspace,
+                                      const In& scales, const View* workspace,
                                       double dead_threshold, std::optional<double> clamp_lo,
                                       std::optional<double> clamp_hi, Backend backend,
                                       uintptr_t stream) {
@@ -305,41 +485,58 @@ kasmina::ForwardParams forward_params(const In& x, const Out& y, const Out& tele
   return p;
 }
 
-void forward(const In& x, const Out& y, const Out& telemetry, const Out& nonfinite,
-             const In& stage, const In& kind, const In& blueprint, const In& alpha,
-             const In& weights, const In& scales, const std::optional<Out>& workspace,
-             double dead_threshold, std::optional<double> clamp_lo, std::optional<double> clamp_hi,
-             int backend, uintptr_t stream) {
+kasmina::ForwardParams forward_params(const ForwardViews& v, nb::handle x_obj,
+                                      double dead_threshold, std::optional<double> clamp_lo,
+                                      std::optional<double> clamp_hi, Backend b,
+                                      std::optional<uintptr_t> stream) {
+  return forward_params(v.x, v.y, v.telemetry, v.nonfinite, v.stage, v.kind, v.blueprint, v.alpha,
+                        v.weights, v.scales, v.workspace.get(), dead_threshold, clamp_lo, clamp_hi,
+                        b, call_stream(x_obj, v.x, stream));
+}
+
+void forward(nb::handle x, nb::handle y, nb::handle telemetry, nb::handle nonfinite,
+             nb::handle stage, nb::handle kind, nb::handle blueprint, nb::handle alpha,
+             nb::handle weights, nb::handle scales, nb::handle workspace, double dead_threshold,
+             std::optional<double> clamp_lo, std::optional<double> clamp_hi, int backend,
+             std::optional<uintptr_t> stream) {
   const Backend b = to_backend(backend);
+  const ForwardViews v(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                       workspace);
   const kasmina::ForwardParams p =
-      forward_params(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
-                     workspace, dead_threshold, clamp_lo, clamp_hi, b, stream);
+      forward_params(v, x, dead_threshold, clamp_lo, clamp_hi, b, stream);
   // The CPU backend threads with OpenMP; let other Python threads run meanwhile.
   nb::gil_scoped_release release;
   kasmina::forward(p, b);
 }
 
-std::string describe_forward(const In& x, const Out& y, const Out& telemetry, const Out& nonfinite,
-                             const In& stage, const In& kind, const In& blueprint, const In& alpha,
-                             const In& weights, const In& scales,
-                             const std::optional<Out>& workspace, double dead_threshold,
+std::string describe_forward(nb::handle x, nb::handle y, nb::handle telemetry,
+                             nb::handle nonfinite, nb::handle stage, nb::handle kind,
+                             nb::handle blueprint, nb::handle alpha, nb::handle weights,
+                             nb::handle scales, nb::handle workspace, double dead_threshold,
                              std::optional<double> clamp_lo, std::optional<double> clamp_hi,
-                             int backend, uintptr_t stream) {
+                             int backend, std::optional<uintptr_t> stream) {
   const Backend b = to_backend(backend);
+  const ForwardViews v(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                       workspace);
   return kasmina::describe_forward(
-      forward_params(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
-                     workspace, dead_threshold, clamp_lo, clamp_hi, b, stream),
-      b);
+      forward_params(v, x, dead_threshold, clamp_lo, clamp_hi, b, stream), b);
 }
 
-void backward(const In& x, const In& dy, const Out& dx, const Out& dweights, const Out& dscales,
-              const Out& dalpha, const Out& grad_stats, const In& stage, const In& kind,
-              const In& blueprint, const In& alpha, const In& weights, const In& scales,
-              const std::optional<Out>& workspace, std::optional<double> clamp_lo,
+void backward(nb::handle x_obj, nb::handle dy_obj, nb::handle dx_obj, nb::handle dweights_obj,
+              nb::handle dscales_obj, nb::handle dalpha_obj, nb::handle grad_stats_obj,
+              nb::handle stage_obj, nb::handle kind_obj, nb::handle blueprint_obj,
+              nb::handle alpha_obj, nb::handle weights_obj, nb::handle scales_obj,
+              nb::handle workspace_obj, std::optional<double> clamp_lo,
               std::optional<double> clamp_hi, std::optional<double> grad_clip, int backend,
-              uintptr_t stream) {
+              std::optional<uintptr_t> stream_arg) {
   using C = nb::dlpack::dtype_code;
   const Backend b = to_backend(backend);
+  const View x(x_obj, "x"), dy(dy_obj, "dy"), dx(dx_obj, "dx"), dweights(dweights_obj, "dweights"),
+      dscales(dscales_obj, "dscales"), dalpha(dalpha_obj, "dalpha"),
+      grad_stats(grad_stats_obj, "grad_stats"), stage(stage_obj, "stage"),
+      kind(kind_obj, "kind"), blueprint(blueprint_obj, "blueprint"), alpha(alpha_obj, "alpha"),
+      weights(weights_obj, "weights"), scales(scales_obj, "scales");
+  const OptView workspace(workspace_obj, "workspace");
   DeviceCheck dev;
   dev.add(x, "x");
   const LayerTensors t = layer_tensors(stage, kind, blueprint, alpha, weights, scales, dev);
@@ -370,7 +567,7 @@ void backward(const In& x, const In& dy, const Out& dx, const Out& dweights, con
   dev.add(dscales, "dscales");
   dev.add(dalpha, "dalpha");
   dev.add(grad_stats, "grad_stats");
-  set_workspace(workspace, dev, p.workspace, p.workspace_bytes);
+  set_workspace(workspace.get(), dev, p.workspace, p.workspace_bytes);
   dev.match(b);
   KASMINA_CHECK_VALUE(!grad_clip || *grad_clip > 0.0, "grad_clip must be > 0, got ",
                       grad_clip ? *grad_clip : 0.0);
@@ -393,7 +590,7 @@ void backward(const In& x, const In& dy, const Out& dx, const Out& dweights, con
   p.dscales = static_cast<float*>(dscales.data());
   p.dalpha = static_cast<float*>(dalpha.data());
   p.grad_stats = static_cast<float*>(grad_stats.data());
-  p.stream = reinterpret_cast<kasmina::Stream>(stream);
+  p.stream = reinterpret_cast<kasmina::Stream>(call_stream(x_obj, x, stream_arg));
   nb::gil_scoped_release release;
   kasmina::backward(p, b);
 }
@@ -514,15 +711,21 @@ NB_MODULE(_C, m) {
 
   m.def("forward", &forward, "x"_a, "y"_a, "telemetry"_a, "nonfinite"_a, "stage"_a, "kind"_a,
         "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a, "workspace"_a.none(),
-        "dead_threshold"_a, "clamp_lo"_a.none(), "clamp_hi"_a.none(), "backend"_a, "stream"_a);
+        "dead_threshold"_a, "clamp_lo"_a.none(), "clamp_hi"_a.none(), "backend"_a,
+        "stream"_a.none());
   m.def("describe_forward", &describe_forward, "x"_a, "y"_a, "telemetry"_a, "nonfinite"_a,
         "stage"_a, "kind"_a, "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a,
         "workspace"_a.none(), "dead_threshold"_a, "clamp_lo"_a.none(), "clamp_hi"_a.none(),
-        "backend"_a, "stream"_a);
+        "backend"_a, "stream"_a.none());
   m.def("backward", &backward, "x"_a, "dy"_a, "dx"_a, "dweights"_a, "dscales"_a, "dalpha"_a,
         "grad_stats"_a, "stage"_a, "kind"_a, "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a,
         "workspace"_a.none(), "clamp_lo"_a.none(), "clamp_hi"_a.none(), "grad_clip"_a.none(),
-        "backend"_a, "stream"_a);
+        "backend"_a, "stream"_a.none());
+  m.def("has_exchange_api",
+        [](nb::handle t) { return exchange_api(t.ptr()) != nullptr; }, "tensor"_a,
+        "Whether the tensor's type publishes the DLPack C exchange API (and it is enabled).");
+  m.def("_set_exchange_api_enabled", [](bool on) { g_exchange.enabled = on; }, "on"_a,
+        "Tests only: False makes every tensor cross through __dlpack__.");
   m.def("workspace_bytes", &workspace_bytes, "hidden"_a, "num_seeds"_a, "num_blueprints"_a,
         "backend"_a);
   m.def("backend_available",

@@ -173,6 +173,84 @@ __device__ __forceinline__ void load_step(const T* xr, const T* gr, int c, int C
   }
 }
 
+// G at V columns after the clamp mask (Y = X for a seed that does not
+// blend) and the clip scale: load_step's gp for such a seed, without the
+// coefficients, T or halos; X is read only when the clamp is on.
+template <typename T, int V>
+__device__ __forceinline__ void copy_step(const T* xr, const T* gr, int c,
+                                          const OutputClamp& clamp, float scale,
+                                          float (&gp)[V]) {
+  float gv[V];
+  load_vec<T, V>(gr + c, gv);
+  float xv[V];
+  if (clamp.enabled) load_vec<T, V>(xr + c, xv);
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    // DESIGN 4: G passes where lo <= Y <= hi; a NaN Y passes nothing.
+    const bool pass = !clamp.enabled || (clamp.lo <= xv[i] && xv[i] <= clamp.hi);
+    gp[i] = pass ? gv[i] * scale : 0.0f;
+  }
+}
+
+// The rows of a seed that neither blends nor trains: dX = G after the mask
+// and the clip scale, and dX's statistics, by the same arithmetic as the
+// general loop of backward_kernel (the same bits), without its per-element
+// tests of the kind and stage.
+template <typename T, int V>
+__device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int tile, int lane,
+                                                   int group, int64_t col0, BwdStats& st,
+                                                   ThreadMoments& mom) {
+  const int C = args.C;
+  const int G = args.group;
+  const int tiles = args.tiles;
+  const int64_t R = args.rows_per_pass;
+  const int64_t N = args.rows;
+  const T* x = static_cast<const T*>(args.x);
+  const T* dy = static_cast<const T*>(args.dy);
+  T* dx = static_cast<T*>(args.dx);
+  for (int64_t pass = tile; pass * R < N; pass += tiles) {
+    const int64_t n = pass * R + group;
+    const bool active = n < N;
+    const T* xr = x + n * args.x_stride + col0;
+    const T* gr = dy + n * args.dy_stride + col0;
+    float scale = 1.0f;
+    if (args.clip_enabled) {
+      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G.
+      float ss = 0.0f;
+      if (active) {
+        for (int c = lane * V; c < C; c += G * V) {
+          float gp[V];
+          copy_step<T, V>(xr, gr, c, args.clamp, 1.0f, gp);
+#pragma unroll
+          for (int i = 0; i < V; ++i) ss += gp[i] * gp[i];
+        }
+      }
+      ss = group_sum(ss, G);
+      scale = fminf(1.0f, args.clip_norm / (sqrtf(ss) + 1e-6f));
+    }
+    if (!active) continue;
+    T* dxr = dx + n * args.dx_stride + col0;
+    for (int c = lane * V; c < C; c += G * V) {
+      float dv[V];
+      copy_step<T, V>(xr, gr, c, args.clamp, scale, dv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        st.sumsq += dv[i] * dv[i];
+        st.maxabs = fmaxf(st.maxabs, fabsf(dv[i]));
+      }
+      store_vec<T, V>(dxr + c, dv);
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum += dv[i];
+      const float mean = sum * (1.0f / V);
+      float m2 = 0.0f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) m2 += (dv[i] - mean) * (dv[i] - mean);
+      mom.add_batch(static_cast<unsigned>(V), mean, m2);
+    }
+  }
+}
+
 template <typename T, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads, 2) backward_kernel(const BackwardArgs args) {
   extern __shared__ float smem[];  // [table_floats] coefficients, [rows_per_pass, C_padded] sums
@@ -229,7 +307,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 2) backward_kernel(const Bac
   BwdStats st = BwdStats::identity();
   ThreadMoments mom{0u, 0.0f, 0.0f};
 
-  for (int64_t pass = tile; pass * R < N; pass += tiles) {
+  // A seed that neither blends nor trains takes the copy loop (uniform).
+  const bool copy_only = !sv.blends && !grads;
+  if (copy_only) backward_copy_rows<T, V>(args, tile, lane, group, col0, st, mom);
+  for (int64_t pass = tile; !copy_only && pass * R < N; pass += tiles) {
     const int64_t n = pass * R + group;
     const bool active = n < N;
     const T* xr = x + n * args.x_stride + col0;

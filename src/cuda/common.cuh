@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cuda/tuning.hpp"
 #include "kasmina/params.hpp"
@@ -117,25 +118,98 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 // V consecutive elements as one access: 16 bytes on the vector path (the
-// caller guarantees the alignment), one element on the scalar path.
+// caller guarantees the alignment), one element on the scalar path. The
+// 16 bytes travel as a uint4.
 template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
+using RawVec = std::conditional_t<V == 1, T, uint4>;
+
+template <typename T>
+__device__ __forceinline__ float half_bits_to_float(unsigned bits);
+template <>
+__device__ __forceinline__ float half_bits_to_float<__nv_bfloat16>(unsigned bits) {
+  return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(bits)));
+}
+template <>
+__device__ __forceinline__ float half_bits_to_float<__half>(unsigned bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+template <typename T>
+__device__ __forceinline__ unsigned float_to_half_bits(float v);
+template <>
+__device__ __forceinline__ unsigned float_to_half_bits<__nv_bfloat16>(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+template <>
+__device__ __forceinline__ unsigned float_to_half_bits<__half>(float v) {
+  return __half_as_ushort(__float2half_rn(v));
+}
+
+// The V values of a raw access as floats (element 0 in the lowest bits).
+template <typename T, int V>
+__device__ __forceinline__ void decode_vec(const RawVec<T, V>& raw, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_float<T>(raw);
+  } else {
+    static_assert(sizeof(T) * V == 16, "the vector path moves 16 bytes");
+    const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) out[k] = __uint_as_float(w[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        out[2 * k] = half_bits_to_float<T>(w[k] & 0xffffu);
+        out[2 * k + 1] = half_bits_to_float<T>(w[k] >> 16);
+      }
+    }
+  }
+}
+
+// V floats rounded to T (round to nearest even) as one raw access.
+template <typename T, int V>
+__device__ __forceinline__ RawVec<T, V> encode_vec(const float (&in)[V]) {
+  if constexpr (V == 1) {
+    return from_float<T>(in[0]);
+  } else {
+    static_assert(sizeof(T) * V == 16, "the vector path moves 16 bytes");
+    unsigned w[4];
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) w[k] = __float_as_uint(in[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        w[k] = float_to_half_bits<T>(in[2 * k]) | (float_to_half_bits<T>(in[2 * k + 1]) << 16);
+      }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ RawVec<T, V> load_raw(const T* p) {
+  return *reinterpret_cast<const RawVec<T, V>*>(p);
+}
+// The vector store through __stwb (st.global.wb.v4, the default caching):
+// a plain uint4 assignment is a struct store the compiler may split into
+// four 32-bit stores.
+template <typename T, int V>
+__device__ __forceinline__ void store_raw(T* p, const RawVec<T, V>& raw) {
+  if constexpr (V == 1) {
+    *p = raw;
+  } else {
+    __stwb(reinterpret_cast<uint4*>(p), raw);
+  }
+}
 
 template <typename T, int V>
 __device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
-  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = to_float<T>(pk.v[i]);
+  decode_vec<T, V>(load_raw<T, V>(p), out);
 }
 
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* p, const float (&in)[V]) {
-  Pack<T, V> pk;
-#pragma unroll
-  for (int i = 0; i < V; ++i) pk.v[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+  store_raw<T, V>(p, encode_vec<T, V>(in));
 }
 
 template <typename T>

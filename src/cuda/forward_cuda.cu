@@ -8,14 +8,16 @@
 // row passes tile, tile + tiles, ... so the tile count, and with it the
 // workspace, does not depend on N. The blueprint's per-column coefficients
 // (w, or softmax(w) for ATTENTION) sit in a shared-memory table built once
-// per CTA; a copy seed only copies and measures (uniform branches).
+// per CTA. The row loop is specialised per seed kind and clamp (template),
+// picked once per CTA: a copy seed only copies and measures.
 //
-// Telemetry: per-thread statistics (Welford batches of V merged by Chan; the
-// drift's row sums in float64, DESIGN 28), a fixed shuffle/warp-order block
-// reduction into one partial per CTA in the workspace, and the last CTA of
-// each seed (an integer ticket after a __threadfence) merges the seed's
-// partials in a fixed tree, writes the telemetry row, clears the partials
-// and resets its ticket, so the workspace is zero again. No floating-point
+// Telemetry: per-thread statistics (shifted sums folded into Chan-merged
+// moments, DESIGN 30; the drift's row sums in float64, DESIGN 28), a fixed
+// shuffle/warp-order block reduction into one partial per CTA in the
+// workspace, and the last CTA of each seed (an integer ticket after a
+// __threadfence) merges the seed's partials in a fixed tree, writes the
+// telemetry row, clears the partials and resets its ticket, so the
+// workspace is zero again. No floating-point
 // atomics: the bits depend only on the launch plan, which depends only on
 // the params and the device.
 #include <cuda_runtime.h>
@@ -75,51 +77,92 @@ __device__ __forceinline__ FwdStats load_partial(const FwdStats* p) {
 }
 
 // One thread's telemetry on the hot path: 32-bit counts (a thread never
-// sees 2^32 values) keep the register budget small. Widened to FwdStats for
-// the block reduction.
+// sees 2^32 values) keep the register budget small. The finite values are
+// summed as shifted data (DESIGN 30): count, sum of (x - K) and of (x - K)^2
+// in float32 with K the CTA's shift (a value of its chunk), folded into the
+// Chan-merged moments by flush() every row pass once kFlushCount values are
+// pending (and at the end), so no float32 sum grows long. Widened to FwdStats
+// for the block reduction.
+constexpr unsigned kFlushCount = 4096;
+
 struct ThreadStats {
-  ThreadMoments mom;
+  ThreadMoments mom;  // flushed batches
+  unsigned cnt;       // pending finite values since the last flush
+  float sum;          // their sum of (x - K)
+  float sq;           // their sum of (x - K)^2
   float lo;
   float hi;
+  float dead_pending;  // dead values since the last flush (exact: < 2^24)
   unsigned dead;
   unsigned nonfinite;
   double drift_sum;
 
+  // The pending batch as (count, mean, M2) into the moments (Chan): one exact
+  // division per flush. sum/cnt is the batch mean of x - K, and
+  // sq - sum * (sum/cnt) its M2 without cancellation while K lies near the
+  // data (the shifted-data algorithm); rounding below 0 is clamped.
+  __device__ __forceinline__ void flush(float shift) {
+    dead += static_cast<unsigned>(dead_pending);
+    dead_pending = 0.0f;
+    if (cnt == 0) return;
+    const float dm = sum / static_cast<float>(cnt);
+    float m2 = sq - sum * dm;
+    if (m2 < 0.0f) m2 = 0.0f;  // a NaN (overflowed sums) stays NaN
+    mom.add_batch(cnt, shift + dm, m2);
+    cnt = 0u;
+    sum = 0.0f;
+    sq = 0.0f;
+  }
+  // Call after the last flush().
   __device__ __forceinline__ FwdStats widen() const {
     return {mom.to_moments(), lo, hi, dead, nonfinite, drift_sum};
   }
 };
 
-// Telemetry of V input values: the finite ones as one Welford batch merged
-// by Chan (one division per batch, not per value), the others only counted.
+// Telemetry of V input values. One finiteness test per vector: the sum of
+// the shifted values is non-finite when any value is NaN or Inf (or, rarely,
+// when it overflows); then the exact per-value path runs, else the values
+// go into the shifted sums, min/max and the dead count without a test.
 template <int V>
-__device__ __forceinline__ void add_values(ThreadStats& st, const float (&xv)[V],
+__device__ __forceinline__ void add_values(ThreadStats& st, const float (&xv)[V], float shift,
                                            float dead_threshold) {
-  float sum = 0.0f;
-  unsigned cnt = 0;
+  float d[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const float x = xv[i];
-    if (isfinite(x)) {
-      sum += x;
-      ++cnt;
-      st.lo = fminf(st.lo, x);
-      st.hi = fmaxf(st.hi, x);
-      if (fabsf(x) <= dead_threshold) ++st.dead;
-    } else {
-      ++st.nonfinite;
+  for (int i = 0; i < V; ++i) d[i] = xv[i] - shift;
+  // Pairwise, in a fixed order.
+  float part[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) part[i] = d[i];
+#pragma unroll
+  for (int w = 1; w < V; w *= 2) {
+#pragma unroll
+    for (int i = 0; i + w < V; i += 2 * w) part[i] += part[i + w];
+  }
+  if (isfinite(part[0])) {
+    st.cnt += static_cast<unsigned>(V);
+    st.sum += part[0];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      st.sq = fmaf(d[i], d[i], st.sq);
+      st.lo = fminf(st.lo, xv[i]);
+      st.hi = fmaxf(st.hi, xv[i]);
+      st.dead_pending += fabsf(xv[i]) <= dead_threshold ? 1.0f : 0.0f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (isfinite(xv[i])) {
+        ++st.cnt;
+        st.sum += d[i];
+        st.sq = fmaf(d[i], d[i], st.sq);
+        st.lo = fminf(st.lo, xv[i]);
+        st.hi = fmaxf(st.hi, xv[i]);
+        if (fabsf(xv[i]) <= dead_threshold) ++st.dead;
+      } else {
+        ++st.nonfinite;
+      }
     }
   }
-  if (cnt == 0) return;
-  // V is a power of two: the usual all-finite batch divides exactly by a multiply.
-  const float mean = cnt == V ? sum * (1.0f / V) : sum / static_cast<float>(cnt);
-  float m2 = 0.0f;
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const float d = xv[i] - mean;
-    if (isfinite(xv[i])) m2 += d * d;
-  }
-  st.mom.add_batch(cnt, mean, m2);
 }
 
 struct ForwardArgs {
@@ -143,13 +186,174 @@ struct ForwardArgs {
   FwdStats* partials;   // [S, tiles]
 };
 
+// group_sum of the three drift sums over a row group of G <= 8 lanes
+// (kForwardGroupThreads): unrolled with immediate offsets, the three
+// butterflies interleaved; the same additions in the same order as
+// group_sum, so the same bits in every lane of the group.
+__device__ __forceinline__ void group_sum3(double& a, double& b, double& c, int G) {
+  static_assert(kForwardGroupThreads <= 8, "group_sum3 unrolls three butterfly steps");
+#pragma unroll
+  for (int off = 4; off >= 1; off /= 2) {
+    if (off < G) {  // uniform; lane ^ off stays in the lane's aligned group
+      const double a2 = __shfl_xor_sync(0xffffffffu, a, off);
+      const double b2 = __shfl_xor_sync(0xffffffffu, b, off);
+      const double c2 = __shfl_xor_sync(0xffffffffu, c, off);
+      a += a2;
+      b += b2;
+      c += c2;
+    }
+  }
+}
+
+// The inner loop's variants, one per seed kind (and copy), chosen once per
+// CTA by a uniform switch: the per-element code has no test of the kind, of
+// the stage or of the clamp. `wide` runs RESIDUAL, ATTENTION and MLP
+// without the coefficient table (C too wide for it).
+enum class Mode { copy, residual, attention, mlp, conv, wide };
+
+// Rows of one CTA for one mode: y, the per-thread telemetry and the drift.
+template <typename T, int V, Mode M, bool Clamp>
+__device__ __forceinline__ void forward_rows(const ForwardArgs& args, const SeedView& sv,
+                                             const float* table, float shift, int tile,
+                                             int lane, int group, ThreadStats& st) {
+  constexpr bool kBlend = M != Mode::copy;
+  const int C = args.C;
+  const int G = args.group;
+  const int tiles = args.tiles;
+  const int64_t R = args.rows_per_pass;
+  const int64_t N = args.rows;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(tiles)) * C;
+  const T* x = static_cast<const T*>(args.x);
+  T* y = static_cast<T*>(args.y);
+  const float a = sv.a;
+  const float b = 1.0f - sv.a;
+  const float sigma = sv.sigma;
+  const float w0 = sv.w0, w1 = sv.w1, w2 = sv.w2;
+  const float clo = args.clamp.lo;
+  const float chi = args.clamp.hi;
+  const float thr = args.dead_threshold;
+  const int step = G * V;
+
+  for (int64_t pass = tile; pass * R < N; pass += tiles) {
+    const int64_t n = pass * R + group;
+    const bool active = n < N;
+    // Drift is 1 - cos, small next to 1: the row sums are kept in float64
+    // (a product of two floats is exact there), so the cancellation in
+    // 1 - cos costs nothing visible at float32 output precision (DESIGN 28).
+    double dot = 0.0, xx = 0.0, yy = 0.0;
+    if (active) {
+      const T* xr = x + n * args.x_stride + col0;
+      const T* xp = xr + lane * V;
+      T* yp = y + n * args.y_stride + col0 + lane * V;
+      for (int c = lane * V; c < C; c += step, xp += step, yp += step) {
+        const RawVec<T, V> raw = load_raw<T, V>(xp);
+        float xv[V];
+        decode_vec<T, V>(raw, xv);
+        if constexpr (!kBlend && !Clamp) {
+          // A copy stores the loaded bytes unchanged.
+          store_raw<T, V>(yp, raw);
+        } else {
+          float yv[V];
+          float coef[V];
+          if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) coef[i] = table[c + i];
+          }
+          // CONV's two left neighbours (0 at the chunk start; L1 hits, the
+          // neighbour lane loaded them), then rolled along the vector.
+          float xm2 = 0.0f, xm1 = 0.0f;
+          if constexpr (M == Mode::conv) {
+            xm2 = c >= 2 ? load_one(xr + c - 2) : 0.0f;
+            xm1 = c >= 1 ? load_one(xr + c - 1) : 0.0f;
+          }
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const float xi = xv[i];
+            float yi = xi;
+            if constexpr (kBlend) {
+              // seed_transform per kind, and the blend as the backward
+              // recomputes it for the clamp mask (the same bits: DESIGN 4).
+              float t;
+              if constexpr (M == Mode::residual) {
+                t = xi + sigma * coef[i];
+              } else if constexpr (M == Mode::attention) {
+                t = xi * coef[i];
+              } else if constexpr (M == Mode::mlp) {
+                t = sigma * relu(xi * coef[i]);
+              } else if constexpr (M == Mode::conv) {
+                t = sigma * (w0 * xi + w1 * xm1 + w2 * xm2);
+                xm2 = xm1;
+                xm1 = xi;
+              } else {
+                t = seed_transform(sv, coef_at(sv, nullptr, c + i), xi, 0.0f, 0.0f);
+              }
+              yi = a * t + b * xi;
+              const double xd = xi, yd = yi;
+              dot += xd * yd;
+              xx += xd * xd;
+              yy += yd * yd;
+            }
+            yv[i] = Clamp ? clamp_output(true, clo, chi, yi) : yi;
+          }
+          store_vec<T, V>(yp, yv);
+        }
+        add_values<V>(st, xv, shift, thr);
+      }
+    }
+    if constexpr (kBlend) {
+      // Every lane of the CTA reaches this point the same number of times.
+      group_sum3(dot, xx, yy, G);
+      if (active && lane == 0) {
+        // cos = 1 for a zero or non-finite row (SPEC section 4), and for a row
+        // with Y == X (dot == |X|^2 == |Y|^2), where the formula would leave
+        // rounding noise instead of the exact 0.
+        // A non-finite X or Y makes |X|^2 or |Y|^2 non-finite (squares of
+        // finite floats cannot overflow a double), so no per-value test.
+        const bool unit = !isfinite(xx) || !isfinite(yy) || xx == 0.0 || yy == 0.0 ||
+                          (dot == xx && xx == yy);
+        if (!unit) st.drift_sum += 1.0 - dot * rsqrt(xx * yy);
+      }
+    }
+    if (st.cnt >= kFlushCount) st.flush(shift);
+  }
+}
+
+template <typename T, int V, bool Clamp>
+__device__ __forceinline__ void forward_rows_mode(Mode mode, const ForwardArgs& args,
+                                                  const SeedView& sv, const float* table,
+                                                  float shift, int tile, int lane, int group,
+                                                  ThreadStats& st) {
+  switch (mode) {
+    case Mode::copy:
+      forward_rows<T, V, Mode::copy, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      break;
+    case Mode::residual:
+      forward_rows<T, V, Mode::residual, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      break;
+    case Mode::attention:
+      forward_rows<T, V, Mode::attention, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      break;
+    case Mode::mlp:
+      forward_rows<T, V, Mode::mlp, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      break;
+    case Mode::conv:
+      forward_rows<T, V, Mode::conv, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      break;
+    case Mode::wide:
+      forward_rows<T, V, Mode::wide, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      break;
+  }
+}
+
 template <typename T, int V>
-__global__ void __launch_bounds__(kMaxBlockThreads, 2) forward_kernel(const ForwardArgs args) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kForwardMinBlocks)
+    forward_kernel(const ForwardArgs args) {
   extern __shared__ float coef_smem[];  // [C] when args.coef_table
   __shared__ FwdStats red_scratch[8];
   __shared__ SumF sum_scratch[8];
   __shared__ MaxF max_scratch[8];
   __shared__ float bcast;
+  __shared__ float shift_smem;
   __shared__ int is_last;
 
   const int tiles = args.tiles;
@@ -159,83 +363,59 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 2) forward_kernel(const Forw
   const int G = args.group;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int group = static_cast<int>(threadIdx.x) / G;
-  const int64_t R = args.rows_per_pass;
   const int64_t N = args.rows;
 
   SeedView sv = load_seed_view(args.seeds, args.registry, s, C);
   if (sv.blends && sv.kind == static_cast<int>(Kind::attention)) {
     compute_softmax(sv, C, sum_scratch, max_scratch, &bcast);
   }
-  const bool conv = sv.blends && sv.kind == static_cast<int>(Kind::conv);
+  Mode mode = Mode::copy;
+  if (sv.blends) {
+    switch (sv.kind) {
+      case static_cast<int>(Kind::residual): mode = Mode::residual; break;
+      case static_cast<int>(Kind::attention): mode = Mode::attention; break;
+      case static_cast<int>(Kind::mlp): mode = Mode::mlp; break;
+      default: mode = Mode::conv; break;
+    }
+  }
+  const bool needs_coef = mode == Mode::residual || mode == Mode::attention || mode == Mode::mlp;
   const float* table = nullptr;
-  if (args.coef_table && sv.blends && !conv) {
-    fill_coef_table(sv, C, coef_smem);
-    table = coef_smem;
+  if (needs_coef) {
+    if (args.coef_table) {
+      fill_coef_table(sv, C, coef_smem);
+      table = coef_smem;
+    } else {
+      mode = Mode::wide;
+    }
+  }
+  // The shift of the shifted sums (DESIGN 30): the first finite value of
+  // the CTA's first row (usually its first value), 0 when there is none.
+  if (threadIdx.x == 0) {
+    const int64_t row = static_cast<int64_t>(tile) * args.rows_per_pass;
+    float k = 0.0f;
+    if (row < N) {
+      const T* xr = static_cast<const T*>(args.x) + row * args.x_stride +
+                    static_cast<int64_t>(s) * C;
+      for (int j = 0; j < C; ++j) {
+        const float v = load_one(xr + j);
+        if (isfinite(v)) {
+          k = v;
+          break;
+        }
+      }
+    }
+    shift_smem = k;
   }
   __syncthreads();
+  const float shift = shift_smem;
 
-  const T* x = static_cast<const T*>(args.x);
-  T* y = static_cast<T*>(args.y);
-  const int64_t col0 = static_cast<int64_t>(s) * C;
-  ThreadStats st{{0u, 0.0f, 0.0f}, INFINITY, -INFINITY, 0u, 0u, 0.0};
-
-  for (int64_t pass = tile; pass * R < N; pass += tiles) {
-    const int64_t n = pass * R + group;
-    const bool active = n < N;
-    // Drift is 1 - cos, small next to 1: the row sums are kept in float64
-    // (a product of two floats is exact there), so the cancellation in
-    // 1 - cos costs nothing visible at float32 output precision.
-    double dot = 0.0, xx = 0.0, yy = 0.0;
-    if (active) {
-      const T* xr = x + n * args.x_stride + col0;
-      T* yr = y + n * args.y_stride + col0;
-      for (int c = lane * V; c < C; c += G * V) {
-        // xe[k] = X[c - 2 + k]: the vector plus CONV's two left neighbours
-        // (0 at the chunk start; L1 hits, the neighbour lane loaded them).
-        float xe[V + 2];
-        float xv[V];
-        load_vec<T, V>(xr + c, xv);
-        xe[0] = (conv && c >= 2) ? load_one(xr + c - 2) : 0.0f;
-        xe[1] = (conv && c >= 1) ? load_one(xr + c - 1) : 0.0f;
-#pragma unroll
-        for (int i = 0; i < V; ++i) xe[i + 2] = xv[i];
-        float yv[V];
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const float xi = xv[i];
-          float yi = xi;
-          if (sv.blends) {
-            const float coef = conv ? 0.0f : coef_at(sv, table, c + i);
-            const float t = seed_transform(sv, coef, xi, xe[i + 1], xe[i]);
-            yi = sv.a * t + (1.0f - sv.a) * xi;
-            const double xd = xi, yd = yi;
-            dot += xd * yd;
-            xx += xd * xd;
-            yy += yd * yd;
-          }
-          yv[i] = clamp_output(args.clamp.enabled, args.clamp.lo, args.clamp.hi, yi);
-        }
-        store_vec<T, V>(yr + c, yv);
-        add_values<V>(st, xv, args.dead_threshold);
-      }
-    }
-    if (sv.blends) {
-      // Every lane of the CTA reaches this point the same number of times.
-      dot = group_sum(dot, G);
-      xx = group_sum(xx, G);
-      yy = group_sum(yy, G);
-      if (active && lane == 0) {
-        // cos = 1 for a zero or non-finite row (SPEC section 4), and for a row
-        // with Y == X (dot == |X|^2 == |Y|^2), where the formula would leave
-        // rounding noise instead of the exact 0.
-        // A non-finite X or Y makes |X|^2 or |Y|^2 non-finite (squares of
-        // finite floats cannot overflow a double), so no per-value test.
-        const bool unit = !isfinite(xx) || !isfinite(yy) || xx == 0.0 || yy == 0.0 ||
-                          (dot == xx && xx == yy);
-        if (!unit) st.drift_sum += 1.0 - dot / sqrt(xx * yy);
-      }
-    }
+  ThreadStats st{{0u, 0.0f, 0.0f}, 0u, 0.0f, 0.0f, INFINITY, -INFINITY, 0.0f, 0u, 0u, 0.0};
+  if (args.clamp.enabled) {
+    forward_rows_mode<T, V, true>(mode, args, sv, table, shift, tile, lane, group, st);
+  } else {
+    forward_rows_mode<T, V, false>(mode, args, sv, table, shift, tile, lane, group, st);
   }
+  st.flush(shift);
 
   const FwdStats cta = block_reduce(st.widen(), red_scratch);
   FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * tiles;

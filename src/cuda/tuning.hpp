@@ -51,5 +51,9 @@ inline constexpr int kMaxBlockThreads = 256;
 // Lanes per row in the forward: 8 lanes x 16 bytes = one 128-byte line per
 // row and access, while per-row reductions are shared by 4 rows a warp.
 inline constexpr int kForwardGroupThreads = 8;
+// Minimum resident CTAs of kMaxBlockThreads the forward kernel is compiled
+// for (__launch_bounds__): 3 allows up to 85 registers a thread (it uses 80;
+// 4 would cap it at 64, which spills), matching ctas_per_sm above.
+inline constexpr int kForwardMinBlocks = 3;
 
 }  // namespace kasmina::cuda

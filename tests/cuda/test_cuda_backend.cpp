@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <sstream>
@@ -331,6 +332,40 @@ TEST_F(CudaBackend, NonFiniteAndDenormalInputs) {
       // telemetry is what this test is about. Backward still must run and be
       // deterministic.
       check_problem(o, {.compare_backward = false});
+    }
+  }
+}
+
+// Data with a large mean next to its spread (1e3 + N(0, ~1)): the
+// forward's shifted sums (DESIGN 30) must keep the variance accurate, which
+// the whole-row telemetry check would not see next to the mean, so the
+// variance and mean columns are checked on their own. (Only these: the
+// drift of such nearly parallel rows is dominated by Y's float32 rounding.)
+TEST_F(CudaBackend, LargeMeanVariance) {
+  uint64_t rng = 5500;
+  for (DType dt : {DType::f32, DType::f16}) {
+    for (int64_t chunk : {3, 64}) {
+      Problem p = make_problem(shape(3000, chunk, 4, dt, ++rng));
+      for (int64_t i = 0; i < p.x.numel; ++i) {
+        const double v = p.x.get(i);
+        if (std::isfinite(v)) p.x.set(i, 1000.0 + 0.5 * v);
+      }
+      const std::string ctx = "cuda large mean " + describe(p.options);
+      SCOPED_TRACE(ctx);
+      const DeviceProblem d(p, false);
+      run_cuda(p, d, false);
+      const reference::ForwardResult fref = reference::forward(p.forward_params());
+      for (int32_t col : {kTelVariance, kTelMean}) {
+        std::vector<double> out, ref;
+        for (int32_t s = 0; s < p.num_seeds; ++s) {
+          const auto at =
+              static_cast<std::size_t>(s) * kTelemetryWidth + static_cast<std::size_t>(col);
+          out.push_back(static_cast<double>(p.telemetry[at]));
+          ref.push_back(fref.telemetry[at]);
+        }
+        EXPECT_LE(rel_error(out, ref), col == kTelVariance ? 1e-4 : 1e-5)
+            << "telemetry[:, " << (col == kTelVariance ? "variance" : "mean") << "], " << ctx;
+      }
     }
   }
 }

@@ -315,3 +315,66 @@ def test_training_loop_loss_goes_down():
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert seeds.weights.grad.abs().sum() > 0 and seeds.alpha.grad.abs().sum() > 0
     assert torch.isfinite(seeds.grad_stats).all()
+
+
+def test_telemetry_rows_follow_every_eager_call():
+    layer = make_layer(16, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    for n in (3, 3, 5, 5, 3):
+        layer(torch.randn(n, 16))
+        assert int(layer.telemetry_rows) == n
+    layer.telemetry_rows.fill_(-1)  # an outside write is noticed
+    layer(torch.randn(3, 16))
+    assert int(layer.telemetry_rows) == 3
+    with torch.no_grad():
+        layer(torch.randn(2, 4, 16))
+    assert int(layer.telemetry_rows) == 8
+    clone = copy.deepcopy(layer)
+    clone(torch.randn(8, 16))
+    assert int(clone.telemetry_rows) == 8 and clone.telemetry_rows is not layer.telemetry_rows
+    with torch.inference_mode():
+        fresh = make_layer(16, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+        for n in (4, 4, 6):
+            fresh(torch.randn(n, 16))
+            assert int(fresh.telemetry_rows) == n
+
+
+_needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not kasmina.info()["backends"]["cuda"]["available"],
+    reason="needs a CUDA device and the CUDA backend")
+
+
+@_needs_cuda
+def test_cuda_eager_path_rows_streams_and_graph_replay():
+    layer = make_layer(64, cycle(KINDS, 8), STAGE_MIX).cuda()
+    static_x = torch.randn(32, 64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            layer(static_x)  # runs on `side`: the binding asks for the current stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    with torch.no_grad():
+        y5 = layer(torch.randn(5, 64, device="cuda"))
+    assert int(layer.telemetry_rows) == 5 and y5.shape == (5, 64)
+    graph.replay()  # writes rows = 32 behind the version counter's back
+    torch.cuda.synchronize()
+    assert int(layer.telemetry_rows) == 32
+    with torch.no_grad():
+        layer(torch.randn(5, 64, device="cuda"))
+    assert int(layer.telemetry_rows) == 5
+    with torch.no_grad():
+        assert torch.equal(static_y, layer(static_x))
+    # Eager path and op path agree bitwise on CUDA too.
+    x = torch.randn(9, 64, device="cuda")
+    c = layer._config
+    with torch.no_grad():
+        y_eager = layer(x)
+        tel_eager = layer.telemetry.clone()
+        y_op, tel_op, _ = torch.ops.kasmina.forward(
+            x, layer.seed_stage, layer.seed_kind, layer.seed_blueprint, layer.alpha,
+            layer.weights, layer.scales, layer.workspace, None, c["dead_threshold"],
+            c["clamp_lo"], c["clamp_hi"], c["grad_clip"], layer.backend)
+    assert torch.equal(y_eager, y_op) and torch.equal(tel_eager, tel_op)
