@@ -20,8 +20,11 @@
 //    exactly, so the common chunk pays no finite test.
 // One sweep per chunk: the moments come from the deviations from a shift
 // (add_chunk_moments), the drift from y - λx (Avx2ForwardChunks::drift), each
-// with a fallback in L1 where its guard sees cancellation. The forward leaves
-// the scalar part of a row's chunks for the row's end (Avx2ForwardChunks). No
+// with a fallback in L1 where its guard sees cancellation; the forward's
+// ||x||^2 is not summed but derived from the shifted sums. The forward leaves
+// the scalar part of a row's chunks for the row's end (Avx2ForwardChunks),
+// which does it for 8 seeds at once on vectors when no chunk of the 8 needs
+// a fallback (the same operations as the scalar path, so the same bits). No
 // FMA (-ffp-contract=off and no _mm256_fmadd): the blend here performs the
 // very operations of the Blend* functors, so the backward's clamp mask
 // (blend_chunk) sees the forward's bits.
@@ -133,12 +136,14 @@ struct PooledMoments {
 
 // Per-seed state of one block, in the block scratch (32-byte aligned; after
 // the S states come S chunk records, kSeedStateFloats per seed in all).
+// The forward's pooled moments, shift (the previous chunk mean, NaN at the
+// block start), λ (the previous chunk's <x,y>/||x||^2, NaN at the block start)
+// and drift sum (added to the partial once per block) are arrays over the
+// seeds after the records (5 doubles, 2 floats per seed), so that the row's
+// end updates 8 seeds at once (Avx2ForwardChunks::finish_vector).
 struct ForwardSeedState {
   __m256 lo, hi;
   __m256i dead;
-  PooledMoments pooled;
-  float shift;   // the previous chunk mean, NaN at the block start
-  float lambda;  // the previous chunk's <x,y>/||x||^2, NaN at the block start
 };
 struct BackwardSeedState {
   __m256 max_abs;
@@ -255,7 +260,8 @@ inline __m256 hsum8(__m256 a, __m256 b, __m256 c, __m256 d, __m256 e, __m256 f, 
 struct ForwardChunkRecord {
   __m256 lo, hi;
   __m256i dead;
-  // Σ(x-k), Σ(x-k)^2, then blending only ||x||^2, ||z||^2, <x,z> (z = y - λx).
+  // Σ(x-k), Σ(x-k)^2, then blending only ||z||^2, <x,z> (z = y - λx), then
+  // k, and blending only λ, 1 (one row of the 8 x 8 transpose in fast_drifts).
   // Stored once at the sweep's end and read as scalars long after, so no
   // load waits on a store.
   alignas(32) float sums[8];
@@ -268,7 +274,8 @@ struct ForwardChunkRecord {
   bool blend;
 };
 // The block scratch holds S states, then S records.
-static_assert(sizeof(ForwardSeedState) + sizeof(ForwardChunkRecord) <= kSeedStateFloats * sizeof(float));
+static_assert(sizeof(ForwardSeedState) + sizeof(ForwardChunkRecord) + 5 * sizeof(double) + 2 * sizeof(float) <=
+              kSeedStateFloats * sizeof(float));
 
 // The forward in two phases per row: each chunk's sweep (blend, store, sums)
 // only records its sums; at the row's end the scalar work (finite test,
@@ -278,6 +285,11 @@ static_assert(sizeof(ForwardSeedState) + sizeof(ForwardChunkRecord) <= kSeedStat
 // processor overlaps instead of waiting on each chunk's tail. With a clamp,
 // the unclamped Y is gone by the row's end, so each chunk is finished at once.
 class Avx2ForwardChunks {
+  // The transposed sums and the results of fast_drifts, one lane per seed.
+  struct DriftLanes {
+    __m256 sd, dd, k, blend, drift, next;
+  };
+
  public:
   Avx2ForwardChunks(const ForwardJob& job, float* block_scratch)
       : dead_threshold_(job.params.dead_threshold),
@@ -287,22 +299,28 @@ class Avx2ForwardChunks {
         inv_chunk_(1.0 / static_cast<double>(job.chunk)),
         defer_(!job.params.clamp.enabled),
         states_(seed_states<ForwardSeedState>(block_scratch)),
-        records_(reinterpret_cast<ForwardChunkRecord*>(states_ + job.params.num_seeds)) {
+        records_(reinterpret_cast<ForwardChunkRecord*>(states_ + job.params.num_seeds)),
+        chunks_(reinterpret_cast<double*>(records_ + job.params.num_seeds)),
+        mean_(chunks_ + job.params.num_seeds),
+        spread_(mean_ + job.params.num_seeds),
+        m2_(spread_ + job.params.num_seeds),
+        drift_(m2_ + job.params.num_seeds),
+        shift_(reinterpret_cast<float*>(drift_ + job.params.num_seeds)),
+        lambda_(shift_ + job.params.num_seeds) {
     const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
     for (int32_t s = 0; s < num_seeds_; ++s) {
       states_[s].lo = inf;
       states_[s].hi = _mm256_sub_ps(_mm256_setzero_ps(), inf);
       states_[s].dead = _mm256_setzero_si256();
-      states_[s].pooled = PooledMoments{};
-      states_[s].shift = std::numeric_limits<float>::quiet_NaN();
-      states_[s].lambda = std::numeric_limits<float>::quiet_NaN();
+      chunks_[s] = mean_[s] = spread_[s] = m2_[s] = drift_[s] = 0.0;
+      shift_[s] = lambda_[s] = std::numeric_limits<float>::quiet_NaN();
     }
   }
 
   // One sweep: shifted sums, min, max, dead count.
   void copy_stats(int32_t seed, const float* x, int64_t n, TelemetryPartial& part) const {
     ForwardChunkRecord& r = records_[seed];
-    r.shift = chunk_shift(states_[seed].shift, x);
+    r.shift = chunk_shift(shift_[seed], x);
     r.x = x;
     r.y = nullptr;
     r.blend = false;
@@ -311,15 +329,15 @@ class Avx2ForwardChunks {
   }
 
   // One sweep: Y (written to y whatever the values), shifted sums, min, max,
-  // dead count, ||x||^2, ||z||^2, <x,z>.
-  void blend_stats(int32_t seed, const SeedPlan& plan, const float* x, const float* xb, float* y, int64_t n,
-                   TelemetryPartial& part) const {
+  // dead count, ||z||^2, <x,z>.
+  [[gnu::always_inline]] void blend_stats(int32_t seed, const SeedPlan& plan, const float* x, const float* xb,
+                                          float* y, int64_t n, TelemetryPartial& part) const {
     ForwardChunkRecord& r = records_[seed];
-    r.shift = chunk_shift(states_[seed].shift, x);
+    r.shift = chunk_shift(shift_[seed], x);
     r.x = x;
     r.y = y;
     r.blend = true;
-    const float lambda = states_[seed].lambda;
+    const float lambda = lambda_[seed];
     r.lambda = finite(lambda) ? lambda : first_lambda(plan, n);
     const __m256 kv = _mm256_set1_ps(r.shift), lv = _mm256_set1_ps(r.lambda);
     with_vec_blend(plan, [&](const auto& t) { blend_sweep(t, xb, y, n, kv, lv, threshold_, r); });
@@ -330,7 +348,8 @@ class Avx2ForwardChunks {
     if (!defer_) return;
     for (int32_t s = 0; s < num_seeds_; s += 8) {
       const int32_t count = std::min<int32_t>(8, num_seeds_ - s);
-      fast_drifts(records_ + s, count);
+      const DriftLanes lanes = fast_drifts(records_ + s, count, static_cast<float>(chunk_));
+      if (count == 8 && finish_vector(s, lanes)) continue;
       for (int32_t i = 0; i < count; ++i) finish_scalar(s + i, parts[s + i]);
     }
   }
@@ -339,7 +358,8 @@ class Avx2ForwardChunks {
     for (int32_t s = 0; s < num_seeds; ++s) {
       const ForwardSeedState& st = states_[s];
       TelemetryPartial& part = parts[s];
-      st.pooled.merge_into(part.moments, chunk);
+      PooledMoments{chunks_[s], mean_[s], spread_[s], m2_[s]}.merge_into(part.moments, chunk);
+      part.drift += drift_[s];
       part.min = std::min(part.min, hmin(st.lo));
       part.max = std::max(part.max, hmax(st.hi));
       part.dead += hsum_epi32(st.dead);
@@ -375,13 +395,14 @@ class Avx2ForwardChunks {
     r.lo = lo;
     r.hi = hi;
     r.dead = dead;
-    _mm256_store_ps(r.sums, _mm256_insertf128_ps(zero, hsum4(sd, dd, zero, zero), 0));
+    const __m128 upper = _mm_move_ss(_mm_setzero_ps(), _mm256_castps256_ps128(kv));  // k 0 0 0
+    _mm256_store_ps(r.sums, _mm256_insertf128_ps(_mm256_castps128_ps256(hsum4(sd, dd, zero, zero)), upper, 1));
   }
 
   template <typename T>
   static void blend_sweep(const T& t, const float* xb, float* y, int64_t n, __m256 kv, __m256 lv,
                           __m256 threshold, ForwardChunkRecord& r) {
-    __m256 sd = _mm256_setzero_ps(), dd = _mm256_setzero_ps(), xx = _mm256_setzero_ps();
+    __m256 sd = _mm256_setzero_ps(), dd = _mm256_setzero_ps();
     __m256 zz = _mm256_setzero_ps(), xz = _mm256_setzero_ps();
     __m256 lo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
     __m256 hi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -391,7 +412,6 @@ class Avx2ForwardChunks {
       const __m256 d = lanes.keep(_mm256_sub_ps(v, kv));
       sd = _mm256_add_ps(sd, d);
       dd = _mm256_add_ps(dd, _mm256_mul_ps(d, d));
-      xx = _mm256_add_ps(xx, _mm256_mul_ps(v, v));
       extremes(v, lanes, threshold, lo, hi, dead);
       const __m256 out = t(v, xb, j, lanes);
       lanes.store(y + j, out);
@@ -399,15 +419,17 @@ class Avx2ForwardChunks {
       zz = _mm256_add_ps(zz, _mm256_mul_ps(z, z));
       xz = _mm256_add_ps(xz, _mm256_mul_ps(v, z));
     });
-    const __m256 zero = _mm256_setzero_ps();
     r.lo = lo;
     r.hi = hi;
     r.dead = dead;
-    _mm256_store_ps(r.sums, hsum8(sd, dd, xx, zz, xz, zero, zero, zero));
+    // ||x||^2 is not summed: fast_drifts derives it from Σ(x-k) and Σ(x-k)^2.
+    const __m128 kl = _mm_unpacklo_ps(_mm256_castps256_ps128(kv), _mm256_castps256_ps128(lv));  // k λ k λ
+    const __m128 upper = _mm_movelh_ps(kl, _mm_setr_ps(1.0f, 0.0f, 0.0f, 0.0f));             // k λ 1 0
+    _mm256_store_ps(r.sums, _mm256_insertf128_ps(_mm256_castps128_ps256(hsum4(sd, dd, zz, xz)), upper, 1));
   }
 
   void finish_chunk(int32_t seed, TelemetryPartial& part) const {
-    fast_drifts(records_ + seed, 1);
+    fast_drifts(records_ + seed, 1, static_cast<float>(chunk_));
     finish_scalar(seed, part);
   }
 
@@ -415,21 +437,35 @@ class Avx2ForwardChunks {
   // (the formula of drift() below; every term is positive, so float32 keeps
   // about 1e-6 relative), into each record's `drift`, or NaN where the lane
   // is not usable (a sum out of range, non-finite, or q^2 below a quarter of
-  // ||z||^2) and drift() must decide.
-  static void fast_drifts(ForwardChunkRecord* records, int32_t count) {
-    // Lanes past `count` or of copy chunks compute harmless values.
-    const auto pick = [&](int32_t i, int at, float otherwise) {
-      return i < count && records[i].blend ? records[i].sums[at] : otherwise;
-    };
-    const auto gather = [&](int at, float otherwise) {
-      return _mm256_setr_ps(pick(0, at, otherwise), pick(1, at, otherwise), pick(2, at, otherwise),
-                            pick(3, at, otherwise), pick(4, at, otherwise), pick(5, at, otherwise),
-                            pick(6, at, otherwise), pick(7, at, otherwise));
-    };
-    const auto lambda_of = [&](int32_t i) { return i < count && records[i].blend ? records[i].lambda : 0.0f; };
-    const __m256 vx2 = gather(2, 1.0f), vz2 = gather(3, 0.0f), vxz = gather(4, 0.0f);
-    const __m256 vlambda = _mm256_setr_ps(lambda_of(0), lambda_of(1), lambda_of(2), lambda_of(3), lambda_of(4),
-                                          lambda_of(5), lambda_of(6), lambda_of(7));
+  // ||z||^2, or ||x||^2 cancelled) and drift() must decide; also returned
+  // as lanes with the moments' sums for finish_vector.
+  static DriftLanes fast_drifts(ForwardChunkRecord* records, int32_t count, float n) {
+    // The records' sums as rows of an 8 x 8 matrix, transposed: one vector
+    // per field, one lane per seed. Lanes past `count` are zero, lanes of copy
+    // chunks compute harmless values that nobody reads.
+    __m256 row[8];
+    for (int32_t i = 0; i < 8; ++i) row[i] = i < count ? _mm256_load_ps(records[i].sums) : _mm256_setzero_ps();
+    const __m256 t0 = _mm256_unpacklo_ps(row[0], row[1]), t1 = _mm256_unpackhi_ps(row[0], row[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(row[2], row[3]), t3 = _mm256_unpackhi_ps(row[2], row[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(row[4], row[5]), t5 = _mm256_unpackhi_ps(row[4], row[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(row[6], row[7]), t7 = _mm256_unpackhi_ps(row[6], row[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    const __m256 vsd = _mm256_permute2f128_ps(u0, u4, 0x20), vk = _mm256_permute2f128_ps(u0, u4, 0x31);
+    const __m256 vdd = _mm256_permute2f128_ps(u1, u5, 0x20), vlambda = _mm256_permute2f128_ps(u1, u5, 0x31);
+    const __m256 vz2 = _mm256_permute2f128_ps(u2, u6, 0x20), vxz = _mm256_permute2f128_ps(u3, u7, 0x20);
+    const __m256 vblend = _mm256_permute2f128_ps(u2, u6, 0x31);
+    // ||x||^2 = Σ(x-k)^2 + n k^2 + 2k Σ(x-k); a lane where the last term
+    // cancels more than 2 bits of the others (k far from the mean) goes to
+    // drift(), which sums ||x||^2 itself.
+    const __m256 nk2 = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(n), vk), vk);
+    const __m256 cross = _mm256_mul_ps(_mm256_add_ps(vk, vk), vsd);
+    const __m256 base = _mm256_add_ps(vdd, nk2);
+    const __m256 vx2 = _mm256_add_ps(base, cross);
+    const __m256 bound =
+        _mm256_mul_ps(_mm256_set1_ps(0.25f), _mm256_add_ps(base, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), cross)));
     const __m256 lo = _mm256_set1_ps(1e-30f), hi = _mm256_set1_ps(1e30f), zero = _mm256_setzero_ps();
     const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), vx2);
     const __m256 ratio = _mm256_add_ps(vlambda, _mm256_mul_ps(vxz, inv));
@@ -442,24 +478,80 @@ class Avx2ForwardChunks {
     __m256 ok = _mm256_and_ps(_mm256_cmp_ps(vx2, lo, _CMP_GE_OQ), _mm256_cmp_ps(vx2, hi, _CMP_LE_OQ));
     ok = _mm256_and_ps(ok, _mm256_and_ps(_mm256_cmp_ps(vz2, lo, _CMP_GE_OQ), _mm256_cmp_ps(vz2, hi, _CMP_LE_OQ)));
     ok = _mm256_and_ps(ok, _mm256_cmp_ps(q2, _mm256_mul_ps(_mm256_set1_ps(0.25f), vz2), _CMP_GE_OQ));
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(vx2, bound, _CMP_GE_OQ));
     const __m256 nan = _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN());
     alignas(32) float drift[8], next[8];
-    _mm256_store_ps(drift, _mm256_blendv_ps(nan, _mm256_div_ps(num, den), ok));
+    const __m256 vdrift = _mm256_blendv_ps(nan, _mm256_div_ps(num, den), ok);
+    _mm256_store_ps(drift, vdrift);
     _mm256_store_ps(next, ratio);
     for (int32_t i = 0; i < count; ++i) {
       records[i].drift = drift[i];
       records[i].next_lambda = next[i];
     }
+    return {vsd, vdd, vk, vblend, vdrift, ratio};
+  }
+
+  // The scalar part of 8 recorded chunks (seeds s..s+8) at once, in the very
+  // operations of finish_scalar, when every one is all finite and needs no
+  // fallback; returns false (nothing done) otherwise.
+  bool finish_vector(int32_t s, const DriftLanes& d) const {
+    const __m256 blend = _mm256_cmp_ps(d.blend, _mm256_set1_ps(1.0f), _CMP_EQ_OQ);
+    // Σ(x-k)^2 finite (<= FLT_MAX; NaN fails), a blending chunk's drift known.
+    const __m256 fin = _mm256_cmp_ps(d.dd, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
+    const __m256 drift_ok = _mm256_or_ps(_mm256_andnot_ps(blend, _mm256_castsi256_ps(_mm256_set1_epi32(-1))),
+                                         _mm256_cmp_ps(d.drift, d.drift, _CMP_ORD_Q));
+    if (_mm256_movemask_ps(_mm256_and_ps(fin, drift_ok)) != 0xff) return false;
+    const __m256d inv_n = _mm256_set1_pd(inv_chunk_), quarter = _mm256_set1_pd(0.25);
+    __m256d mean[2], m2[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m128 sdh = h ? _mm256_extractf128_ps(d.sd, 1) : _mm256_castps256_ps128(d.sd);
+      const __m128 ddh = h ? _mm256_extractf128_ps(d.dd, 1) : _mm256_castps256_ps128(d.dd);
+      const __m128 kh = h ? _mm256_extractf128_ps(d.k, 1) : _mm256_castps256_ps128(d.k);
+      const __m256d sd = _mm256_cvtps_pd(sdh), dd = _mm256_cvtps_pd(ddh);
+      const __m256d mean_d = _mm256_mul_pd(sd, inv_n);
+      m2[h] = _mm256_sub_pd(dd, _mm256_mul_pd(sd, mean_d));
+      mean[h] = _mm256_add_pd(_mm256_cvtps_pd(kh), mean_d);
+      if (_mm256_movemask_pd(_mm256_cmp_pd(m2[h], _mm256_mul_pd(quarter, dd), _CMP_GE_OQ)) != 0xf) return false;
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int32_t i = s + 4 * h;
+      // PooledMoments::add on 4 lanes; 1/k by a division is the table's value.
+      const __m256d chunks = _mm256_add_pd(_mm256_loadu_pd(chunks_ + i), _mm256_set1_pd(1.0));
+      const __m256d old_mean = _mm256_loadu_pd(mean_ + i);
+      const __m256d delta = _mm256_sub_pd(mean[h], old_mean);
+      const __m256d inv = _mm256_div_pd(_mm256_set1_pd(1.0), chunks);
+      const __m256d new_mean = _mm256_add_pd(old_mean, _mm256_mul_pd(delta, inv));
+      const __m256d spread =
+          _mm256_add_pd(_mm256_loadu_pd(spread_ + i), _mm256_mul_pd(delta, _mm256_sub_pd(mean[h], new_mean)));
+      _mm256_storeu_pd(chunks_ + i, chunks);
+      _mm256_storeu_pd(mean_ + i, new_mean);
+      _mm256_storeu_pd(spread_ + i, spread);
+      _mm256_storeu_pd(m2_ + i, _mm256_add_pd(_mm256_loadu_pd(m2_ + i), m2[h]));
+      _mm_storeu_ps(shift_ + i, _mm256_cvtpd_ps(mean[h]));
+      // Copy chunks add no drift: their lanes add +0.
+      const __m256 dsel = _mm256_and_ps(d.drift, blend);
+      const __m128 dh = h ? _mm256_extractf128_ps(dsel, 1) : _mm256_castps256_ps128(dsel);
+      _mm256_storeu_pd(drift_ + i, _mm256_add_pd(_mm256_loadu_pd(drift_ + i), _mm256_cvtps_pd(dh)));
+    }
+    _mm256_storeu_ps(lambda_ + s, _mm256_blendv_ps(_mm256_loadu_ps(lambda_ + s), d.next, blend));
+    for (int32_t i = s; i < s + 8; ++i) {
+      const ForwardChunkRecord& r = records_[i];
+      ForwardSeedState& st = states_[i];
+      st.lo = _mm256_min_ps(st.lo, r.lo);
+      st.hi = _mm256_max_ps(st.hi, r.hi);
+      st.dead = _mm256_add_epi32(st.dead, r.dead);
+    }
+    return true;
   }
 
   // The scalar part of one recorded chunk.
-  void finish_scalar(int32_t seed, TelemetryPartial& part) const {
+  [[gnu::always_inline]] void finish_scalar(int32_t seed, TelemetryPartial& part) const {
     const ForwardChunkRecord& r = records_[seed];
     ForwardSeedState& st = states_[seed];
     const float* sums = r.sums;
-    // Σ(x-k)^2 (copy) or ||x||^2 (blend) is finite unless a value is NaN or
-    // +-Inf, or the squares overflow.
-    if (!finite(r.blend ? sums[2] : sums[1]) && any_nonfinite(r.x, chunk_)) {
+    // Σ(x-k)^2 is finite unless a value is NaN or +-Inf, or the squares
+    // overflow.
+    if (!finite(sums[1]) && any_nonfinite(r.x, chunk_)) {
       // A blending row's cos is 1 (SPEC section 4): no drift term.
       masked_statistics(r.x, chunk_, dead_threshold_, part);
       return;
@@ -467,13 +559,20 @@ class Avx2ForwardChunks {
     st.lo = _mm256_min_ps(st.lo, r.lo);
     st.hi = _mm256_max_ps(st.hi, r.hi);
     st.dead = _mm256_add_epi32(st.dead, r.dead);
-    add_chunk_moments(r.x, chunk_, inv_chunk_, r.shift, sums[0], sums[1], st.pooled, st.shift);
+    PooledMoments pooled{chunks_[seed], mean_[seed], spread_[seed], m2_[seed]};
+    add_chunk_moments(r.x, chunk_, inv_chunk_, r.shift, sums[0], sums[1], pooled, shift_[seed]);
+    chunks_[seed] = pooled.chunks;
+    mean_[seed] = pooled.mean;
+    spread_[seed] = pooled.spread;
+    m2_[seed] = pooled.m2;
     if (!r.blend) return;
     if (finite(r.drift)) {
-      part.drift += r.drift;
-      st.lambda = r.next_lambda;
+      drift_[seed] += r.drift;
+      lambda_[seed] = r.next_lambda;
     } else {
-      part.drift += drift(r.x, r.y, chunk_, r.lambda, sums[2], sums[3], sums[4], st.lambda);
+      // ||x||^2 summed here: the one fast_drifts derived may have cancelled.
+      const float xx = deviations(r.x, chunk_, 0.0f);
+      drift_[seed] += drift(r.x, r.y, chunk_, r.lambda, xx, sums[2], sums[3], lambda_[seed]);
     }
   }
 
@@ -549,6 +648,8 @@ class Avx2ForwardChunks {
   bool defer_;
   ForwardSeedState* states_;
   ForwardChunkRecord* records_;
+  double *chunks_, *mean_, *spread_, *m2_, *drift_;
+  float *shift_, *lambda_;
 };
 
 // What one backward row chunk's sweep leaves for the row's end: Σ(dX-k),

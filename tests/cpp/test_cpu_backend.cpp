@@ -164,6 +164,29 @@ TEST(CpuBackend, RowOffsetsAndSmallDriftMatchReference) {
   }
 }
 
+TEST(CpuBackend, CommonOffsetAndSmallDriftMatchReference) {
+  // The AVX2 forward derives ||x||^2 from the shifted sums, n k^2 + Σ(x-k)^2
+  // + 2k Σ(x-k): with every row on one large offset n k^2 carries it all and
+  // the drift (alpha small) must keep its precision; seeds counts of 8, 16
+  // (the vectorised row end) and 11 (a partial group of 8).
+  uint64_t rng_seed = 780;
+  for (int32_t seeds : {8, 11, 16}) {
+    for (double offset : {-500.0, 20.0}) {
+      ProblemOptions o = options_for(257, 48, seeds, DType::f32, ++rng_seed);
+      Problem p = make_problem(o);
+      for (float& a : p.alpha) a = 1e-3f;
+      for (int64_t n = 0; n < p.rows; ++n) {
+        for (int64_t j = 0; j < p.hidden; ++j) {
+          const int64_t i = n * p.row_stride + j;
+          p.x.set(i, p.x.get(i) + offset);
+        }
+      }
+      run_forward(p, 2);
+      expect_forward_matches(p, reference::forward(p.forward_params()), "common offset, small drift");
+    }
+  }
+}
+
 TEST(CpuBackend, CopySeedsAreBitIdentical) {
   // A seed that does not blend copies its chunk: same bytes even for bf16/f16
   // NaN payloads, subnormals and signed zeros.
