@@ -10,7 +10,12 @@
 //     shared memory, one row of C floats per row group, each lane owning its
 //     columns (no atomics); CONV needs three scalars instead;
 //   - scalar sums (dscale, dalpha, CONV taps) and dX statistics (sum of
-//     squares, Welford moments, max |dX|) in registers.
+//     squares, shifted sums folded into Chan-merged moments, max |dX|) in
+//     registers.
+// The row loop is specialised per seed kind (RESIDUAL, ATTENTION, MLP, CONV,
+// and the first three without the coefficient table), clamp and clip
+// (templates), picked once per CTA; a seed that neither blends nor trains
+// takes a copy loop (DESIGN 31).
 // CTA partials go to the workspace; the last CTA of a seed (integer ticket)
 // sums them in tile order, applies the kind's final formula and writes the
 // seed's dalpha and grad_stats; the last seed to finish (a second ticket)
@@ -51,16 +56,6 @@ struct BwdStats {
     cw1 += b.cw1;
     cw2 += b.cw2;
   }
-  __device__ __forceinline__ BwdStats shfl_down(int off) const {
-    return {mom.shfl_down(off),
-            __shfl_down_sync(0xffffffffu, sumsq, off),
-            __shfl_down_sync(0xffffffffu, maxabs, off),
-            __shfl_down_sync(0xffffffffu, dsig, off),
-            __shfl_down_sync(0xffffffffu, dalpha, off),
-            __shfl_down_sync(0xffffffffu, cw0, off),
-            __shfl_down_sync(0xffffffffu, cw1, off),
-            __shfl_down_sync(0xffffffffu, cw2, off)};
-  }
 };
 
 __device__ __forceinline__ BwdStats load_partial(const BwdStats* p) {
@@ -76,6 +71,56 @@ __device__ __forceinline__ BwdStats load_partial(const BwdStats* p) {
   s.cw1 = load_cg(&p->cw1);
   s.cw2 = load_cg(&p->cw2);
   return s;
+}
+
+// BwdStats's two independent halves, reduced over the CTA one after the
+// other (fewer values live in the shuffles; every field merges on its own, so
+// the bits are those of one reduction of the whole struct).
+struct GradPart {
+  Moments mom;
+  float sumsq;
+  float maxabs;
+  __device__ __forceinline__ static GradPart identity() { return {Moments::identity(), 0.0f, 0.0f}; }
+  __device__ __forceinline__ void merge(const GradPart& b) {
+    mom.merge(b.mom);
+    sumsq += b.sumsq;
+    maxabs = fmaxf(maxabs, b.maxabs);
+  }
+  __device__ __forceinline__ GradPart shfl_down(int off) const {
+    return {mom.shfl_down(off), __shfl_down_sync(0xffffffffu, sumsq, off),
+            __shfl_down_sync(0xffffffffu, maxabs, off)};
+  }
+};
+struct SumPart {
+  float dsig, dalpha, cw0, cw1, cw2;
+  __device__ __forceinline__ static SumPart identity() { return {0.0f, 0.0f, 0.0f, 0.0f, 0.0f}; }
+  __device__ __forceinline__ void merge(const SumPart& b) {
+    dsig += b.dsig;
+    dalpha += b.dalpha;
+    cw0 += b.cw0;
+    cw1 += b.cw1;
+    cw2 += b.cw2;
+  }
+  __device__ __forceinline__ SumPart shfl_down(int off) const {
+    return {__shfl_down_sync(0xffffffffu, dsig, off), __shfl_down_sync(0xffffffffu, dalpha, off),
+            __shfl_down_sync(0xffffffffu, cw0, off), __shfl_down_sync(0xffffffffu, cw1, off),
+            __shfl_down_sync(0xffffffffu, cw2, off)};
+  }
+};
+
+// block_reduce of a BwdStats as its two halves (valid in thread 0).
+__device__ __forceinline__ BwdStats block_reduce_split(const BwdStats& v, GradPart* gscratch,
+                                                       SumPart* sscratch) {
+  const GradPart g = block_reduce(GradPart{v.mom, v.sumsq, v.maxabs}, gscratch);
+  const SumPart p = block_reduce(SumPart{v.dsig, v.dalpha, v.cw0, v.cw1, v.cw2}, sscratch);
+  return {g.mom, g.sumsq, g.maxabs, p.dsig, p.dalpha, p.cw0, p.cw1, p.cw2};
+}
+
+// threadIdx.x read anew (volatile: not merged with an earlier read).
+__device__ __forceinline__ int thread_index() {
+  unsigned t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return static_cast<int>(t);
 }
 
 struct BackwardArgs {
@@ -126,56 +171,67 @@ __device__ __forceinline__ int acc_slot(int j, int G, int V) {
   return step * span + i * G + lane;
 }
 
-// One step of a row: the V columns c..c+V-1 of X (with CONV's two left and
-// two right neighbours in xs[0..1] and xs[V+2..V+3]), their coefficients
-// (see coef_at), T at those columns (blending seeds), and G after the clamp
-// mask and the clip scale (with CONV's right neighbours in gp[V..V+1]); 0
-// past the chunk end.
-template <typename T, int V>
-__device__ __forceinline__ void load_step(const T* xr, const T* gr, int c, int C,
-                                          const SeedView& sv, const float* table, bool left_halo,
-                                          bool right_halo, const OutputClamp& clamp, float scale,
-                                          float (&xs)[V + 4], float (&cf)[V], float (&tc)[V],
-                                          float (&gp)[V + 2]) {
-  const bool is_conv = sv.kind == static_cast<int>(Kind::conv);
-  float xv[V];
-  float gv[V];
-  load_vec<T, V>(xr + c, xv);
-  load_vec<T, V>(gr + c, gv);
-  xs[0] = (left_halo && c >= 2) ? load_one(xr + c - 2) : 0.0f;
-  xs[1] = (left_halo && c >= 1) ? load_one(xr + c - 1) : 0.0f;
-#pragma unroll
-  for (int i = 0; i < V; ++i) xs[i + 2] = xv[i];
-  xs[V + 2] = (right_halo && c + V < C) ? load_one(xr + c + V) : 0.0f;
-  xs[V + 3] = (right_halo && c + V + 1 < C) ? load_one(xr + c + V + 1) : 0.0f;
-  float g[V + 2];
-#pragma unroll
-  for (int i = 0; i < V; ++i) g[i] = gv[i];
-  g[V] = (right_halo && c + V < C) ? load_one(gr + c + V) : 0.0f;
-  g[V + 1] = (right_halo && c + V + 1 < C) ? load_one(gr + c + V + 1) : 0.0f;
-#pragma unroll
-  for (int k = 0; k < V + 2; ++k) {
-    gp[k] = 0.0f;
-    if (k >= V && !right_halo) continue;
-    if (c + k >= C) continue;
-    const float coef = (k < V && !is_conv) ? coef_at(sv, table, c + k) : 0.0f;
-    if (k < V) cf[k] = coef;
-    float t = 0.0f;
-    if (sv.blends) t = seed_transform(sv, coef, xs[k + 2], xs[k + 1], xs[k]);
-    if (k < V) tc[k] = t;
-    bool pass = true;
-    if (clamp.enabled) {
-      // DESIGN 4: G passes where lo <= Y <= hi; a NaN Y passes nothing.
-      const float yk = sv.blends ? sv.a * t + (1.0f - sv.a) * xs[k + 2] : xs[k + 2];
-      pass = clamp.lo <= yk && yk <= clamp.hi;
-    }
-    gp[k] = pass ? g[k] * scale : 0.0f;
+// One thread's dX statistics on the hot path (DESIGN 31): the sum of
+// squares and max |dX| in float32, and the moments as shifted sums like the
+// forward's telemetry (DESIGN 30): count, sum of (d - K) and of (d - K)^2 of
+// the pending values, K the first value of the pending batch (0 if it is not
+// finite), folded into Chan-merged moments once per row pass when
+// kFlushCount values are pending, and at the end. Every value counts (SPEC
+// section 5: over the N*C values of dX), so a non-finite dX makes the
+// statistics non-finite, as before.
+constexpr unsigned kFlushCount = 4096;
+
+struct GradThreadStats {
+  ThreadMoments mom;  // flushed batches
+  unsigned cnt;       // pending values
+  float shift;        // K of the pending batch
+  float sum;          // pending sum of (d - K)
+  float sq;           // pending sum of (d - K)^2
+  float sumsq;        // sum of d^2
+  float maxabs;       // max |d| (fmaxf: a NaN is skipped, like std::max(m, |v|))
+
+  __device__ __forceinline__ static GradThreadStats identity() {
+    return {{0u, 0.0f, 0.0f}, 0u, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   }
-}
+  template <int V>
+  __device__ __forceinline__ void add(const float (&dv)[V]) {
+    if (cnt == 0) shift = isfinite(dv[0]) ? dv[0] : 0.0f;
+    float part[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float d = dv[i] - shift;
+      part[i] = d;
+      sq = fmaf(d, d, sq);
+      sumsq = fmaf(dv[i], dv[i], sumsq);
+      maxabs = fmaxf(maxabs, fabsf(dv[i]));
+    }
+    // Pairwise, in a fixed order.
+#pragma unroll
+    for (int w = 1; w < V; w *= 2) {
+#pragma unroll
+      for (int i = 0; i + w < V; i += 2 * w) part[i] += part[i + w];
+    }
+    sum += part[0];
+    cnt += static_cast<unsigned>(V);
+  }
+  // The pending batch as (count, mean, M2) into the moments: sum/cnt is its
+  // mean of d - K and sq - sum * (sum/cnt) its M2 (the shifted-data
+  // algorithm; rounding below 0 is clamped, a NaN stays NaN).
+  __device__ __forceinline__ void flush() {
+    if (cnt == 0) return;
+    const float dm = sum / static_cast<float>(cnt);
+    float m2 = sq - sum * dm;
+    if (m2 < 0.0f) m2 = 0.0f;
+    mom.add_batch(cnt, shift + dm, m2);
+    cnt = 0u;
+    sum = 0.0f;
+    sq = 0.0f;
+  }
+};
 
 // G at V columns after the clamp mask (Y = X for a seed that does not
-// blend) and the clip scale: load_step's gp for such a seed, without the
-// coefficients, T or halos; X is read only when the clamp is on.
+// blend) and the clip scale, for a seed that neither blends nor trains;
+// X is read only when the clamp is on.
 template <typename T, int V>
 __device__ __forceinline__ void copy_step(const T* xr, const T* gr, int c,
                                           const OutputClamp& clamp, float scale,
@@ -193,13 +249,10 @@ __device__ __forceinline__ void copy_step(const T* xr, const T* gr, int c,
 }
 
 // The rows of a seed that neither blends nor trains: dX = G after the mask
-// and the clip scale, and dX's statistics, by the same arithmetic as the
-// general loop of backward_kernel (the same bits), without its per-element
-// tests of the kind and stage.
+// and the clip scale, and dX's statistics.
 template <typename T, int V>
 __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int tile, int lane,
-                                                   int group, int64_t col0, BwdStats& st,
-                                                   ThreadMoments& mom) {
+                                                   int group, int64_t col0, GradThreadStats& gs) {
   const int C = args.C;
   const int G = args.group;
   const int tiles = args.tiles;
@@ -228,33 +281,241 @@ __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int
       ss = group_sum(ss, G);
       scale = fminf(1.0f, args.clip_norm / (sqrtf(ss) + 1e-6f));
     }
-    if (!active) continue;
-    T* dxr = dx + n * args.dx_stride + col0;
-    for (int c = lane * V; c < C; c += G * V) {
-      float dv[V];
-      copy_step<T, V>(xr, gr, c, args.clamp, scale, dv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        st.sumsq += dv[i] * dv[i];
-        st.maxabs = fmaxf(st.maxabs, fabsf(dv[i]));
+    if (active) {
+      T* dxr = dx + n * args.dx_stride + col0;
+      for (int c = lane * V; c < C; c += G * V) {
+        float dv[V];
+        copy_step<T, V>(xr, gr, c, args.clamp, scale, dv);
+        store_vec<T, V>(dxr + c, dv);
+        gs.add<V>(dv);
       }
-      store_vec<T, V>(dxr + c, dv);
-      float sum = 0.0f;
+    }
+    if (gs.cnt >= kFlushCount) gs.flush();
+  }
+}
+
+// The general loop's variants, one per seed kind, chosen once per CTA by a
+// uniform switch (like the forward's, DESIGN 30): the per-element code has
+// no test of the kind, the clamp or the clip. `wide` runs RESIDUAL,
+// ATTENTION and MLP without the coefficient table (C too wide for it), with
+// the kind tested per element.
+enum class Mode { residual, attention, mlp, conv, wide };
+
+// The coefficient of column j for mode M: the table's w_j or p_j,
+// computed for `wide`, none for CONV.
+template <Mode M>
+__device__ __forceinline__ float mode_coef(const SeedView& sv, const float* table, int j) {
+  if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
+    return table[j];
+  } else if constexpr (M == Mode::wide) {
+    return coef_at(sv, nullptr, j);
+  } else {
+    return 0.0f;
+  }
+}
+
+// T at one column for mode M (SPEC section 3), from its X, X one and two
+// columns to the left (CONV only) and its coefficient.
+template <Mode M>
+__device__ __forceinline__ float mode_transform(const SeedView& sv, float coef, float x,
+                                                float xm1, float xm2) {
+  if constexpr (M == Mode::residual) {
+    return x + sv.sigma * coef;
+  } else if constexpr (M == Mode::attention) {
+    return x * coef;
+  } else if constexpr (M == Mode::mlp) {
+    return sv.sigma * relu(x * coef);
+  } else if constexpr (M == Mode::conv) {
+    return sv.sigma * (sv.w0 * x + sv.w1 * xm1 + sv.w2 * xm2);
+  } else {
+    return seed_transform(sv, coef, x, 0.0f, 0.0f);
+  }
+}
+
+// One step of a row for mode M: X at the V columns c..c+V-1 in xs[2..V+1]
+// (CONV: its two left neighbours in xs[0..1], and with `halo` its two right
+// ones in xs[V+2..V+3]) and G after the clamp mask in g[0..V-1] (with `halo`
+// CONV's two right neighbours in g[V..V+1]); 0 past the chunk end. The clip
+// scale is applied by the caller. T and the coefficients are recomputed by
+// the caller where it needs them (fewer values live across the step).
+template <typename T, int V, Mode M, bool Clamp>
+__device__ __forceinline__ void load_step(const T* xr, const T* gr, int c, int C,
+                                          const SeedView& sv, const float* table, bool halo,
+                                          float clo, float chi, float (&xs)[V + 4],
+                                          float (&g)[V + 2]) {
+  constexpr bool kConv = M == Mode::conv;
+  float xv[V];
+  float gv[V];
+  load_vec<T, V>(xr + c, xv);
+  load_vec<T, V>(gr + c, gv);
+  xs[0] = (kConv && c >= 2) ? load_one(xr + c - 2) : 0.0f;
+  xs[1] = (kConv && c >= 1) ? load_one(xr + c - 1) : 0.0f;
 #pragma unroll
-      for (int i = 0; i < V; ++i) sum += dv[i];
-      const float mean = sum * (1.0f / V);
-      float m2 = 0.0f;
+  for (int i = 0; i < V; ++i) {
+    xs[i + 2] = xv[i];
+    g[i] = gv[i];
+  }
+  xs[V + 2] = 0.0f;
+  xs[V + 3] = 0.0f;
+  g[V] = 0.0f;
+  g[V + 1] = 0.0f;
+  if (kConv && halo) {
+    if (c + V < C) {
+      xs[V + 2] = load_one(xr + c + V);
+      g[V] = load_one(gr + c + V);
+    }
+    if (c + V + 1 < C) {
+      xs[V + 3] = load_one(xr + c + V + 1);
+      g[V + 1] = load_one(gr + c + V + 1);
+    }
+  }
+  if constexpr (Clamp) {
+    const float a = sv.a;
+    const float b = 1.0f - sv.a;
 #pragma unroll
-      for (int i = 0; i < V; ++i) m2 += (dv[i] - mean) * (dv[i] - mean);
-      mom.add_batch(static_cast<unsigned>(V), mean, m2);
+    for (int k = 0; k < V + 2; ++k) {
+      if (k >= V && !(kConv && halo)) continue;
+      const float xk = xs[k + 2];
+      const float t = mode_transform<M>(sv, mode_coef<M>(sv, table, c + k), xk, xs[k + 1], xs[k]);
+      // DESIGN 4: G passes where lo <= Y <= hi; a NaN Y passes nothing. Y
+      // as the forward computes it (the same bits).
+      const float yk = sv.blends ? a * t + b * xk : xk;
+      const bool pass = clo <= yk && yk <= chi;
+      g[k] = pass ? g[k] : 0.0f;
+    }
+  }
+}
+
+// Rows of one CTA for one mode (a seed that blends or trains): dX, its
+// per-thread statistics, the scalar sums in st and the dW column sums in
+// this row group's shared row (acc = its slot of column lane*V; column
+// lane*V + i + k*G*V is acc[k*G*V + i*G], acc_slot's layout).
+template <typename T, int V, Mode M, bool Clamp, bool Clip>
+__device__ __forceinline__ void backward_rows(const BackwardArgs& args, const SeedView& sv,
+                                              const float* table, float* acc, bool grads,
+                                              int tile, int lane, int group, int64_t col0,
+                                              BwdStats& st, GradThreadStats& gs) {
+  constexpr bool kConv = M == Mode::conv;
+  const int C = args.C;
+  const int G = args.group;
+  const int tiles = args.tiles;
+  const int64_t R = args.rows_per_pass;
+  const int64_t N = args.rows;
+  const int span = G * V;
+  const T* x = static_cast<const T*>(args.x);
+  const T* dy = static_cast<const T*>(args.dy);
+  T* dx = static_cast<T*>(args.dx);
+  const bool blends = sv.blends;
+  const bool halo = kConv && blends;  // dX of CONV reads G two columns ahead
+  const float a = sv.a;
+  const float b = 1.0f - sv.a;
+  const float sigma = sv.sigma;
+  const float w0 = sv.w0, w1 = sv.w1, w2 = sv.w2;
+  const float clo = args.clamp.lo;
+  const float chi = args.clamp.hi;
+  for (int64_t pass = tile; pass * R < N; pass += tiles) {
+    const int64_t n = pass * R + group;
+    const bool active = n < N;
+    const T* xr = x + n * args.x_stride + col0;
+    const T* gr = dy + n * args.dy_stride + col0;
+    float scale = 1.0f;
+    if constexpr (Clip) {
+      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G.
+      float ss = 0.0f;
+      if (active) {
+        for (int c = lane * V; c < C; c += span) {
+          float xs[V + 4], g[V + 2];
+          load_step<T, V, M, Clamp>(xr, gr, c, C, sv, table, false, clo, chi, xs, g);
+#pragma unroll
+          for (int i = 0; i < V; ++i) ss += g[i] * g[i];
+        }
+      }
+      ss = group_sum(ss, G);
+      scale = fminf(1.0f, args.clip_norm / (sqrtf(ss) + 1e-6f));
+    }
+    if (active) {
+      T* dxr = dx + n * args.dx_stride + col0;
+      float* accp = acc;
+      for (int c = lane * V; c < C; c += span, accp += span) {
+        float xs[V + 4], g[V + 2];
+        load_step<T, V, M, Clamp>(xr, gr, c, C, sv, table, halo, clo, chi, xs, g);
+        if constexpr (Clip) {
+#pragma unroll
+          for (int k = 0; k < V + 2; ++k) g[k] = g[k] * scale;
+        }
+        float dv[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float gi = g[i];
+          const float xi = xs[i + 2];
+          const float cf = mode_coef<M>(sv, table, c + i);
+          const float t = mode_transform<M>(sv, cf, xi, xs[i + 1], xs[i]);
+          float through;  // dT/dX applied to G
+          if constexpr (kConv) {
+            through = sigma * (w0 * gi + w1 * g[i + 1] + w2 * g[i + 2]);
+            st.cw0 += gi * xi;
+            st.cw1 += gi * xs[i + 1];
+            st.cw2 += gi * xs[i];
+            st.dsig += gi * (w0 * xi + w1 * xs[i + 1] + w2 * xs[i]);
+          } else {
+            const bool att = M == Mode::attention ||
+                             (M == Mode::wide && sv.kind == static_cast<int>(Kind::attention));
+            const bool mlp = M == Mode::mlp ||
+                             (M == Mode::wide && sv.kind == static_cast<int>(Kind::mlp));
+            float contrib;
+            if (att) {
+              through = cf * gi;
+              contrib = gi * xi;
+            } else if (mlp) {
+              const float pre = xi * cf;
+              through = pre > 0.0f ? sigma * cf * gi : 0.0f;
+              contrib = pre > 0.0f ? gi * xi : 0.0f;
+              st.dsig += gi * relu(pre);
+            } else {
+              through = gi;
+              contrib = gi;
+              st.dsig += gi * cf;
+            }
+            if (grads) accp[i * G] += contrib;  // uniform
+          }
+          dv[i] = blends ? b * gi + a * through : gi;
+          // Summed for every seed; kept only where alpha has a gradient.
+          st.dalpha += gi * (t - xi);
+        }
+        store_vec<T, V>(dxr + c, dv);
+        gs.add<V>(dv);
+      }
+    }
+    if (gs.cnt >= kFlushCount) gs.flush();
+  }
+}
+
+template <typename T, int V, Mode M>
+__device__ __forceinline__ void backward_rows_cc(const BackwardArgs& args, const SeedView& sv,
+                                                 const float* table, float* acc, bool grads,
+                                                 int tile, int lane, int group, int64_t col0,
+                                                 BwdStats& st, GradThreadStats& gs) {
+  if (args.clamp.enabled) {
+    if (args.clip_enabled) {
+      backward_rows<T, V, M, true, true>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+    } else {
+      backward_rows<T, V, M, true, false>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+    }
+  } else {
+    if (args.clip_enabled) {
+      backward_rows<T, V, M, false, true>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+    } else {
+      backward_rows<T, V, M, false, false>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
     }
   }
 }
 
 template <typename T, int V>
-__global__ void __launch_bounds__(kMaxBlockThreads, 2) backward_kernel(const BackwardArgs args) {
+__global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T)))
+    backward_kernel(const BackwardArgs args) {
   extern __shared__ float smem[];  // [table_floats] coefficients, [rows_per_pass, C_padded] sums
-  __shared__ BwdStats red_scratch[8];
+  __shared__ GradPart grad_scratch[8];
+  __shared__ SumPart sum_part_scratch[8];
   __shared__ SumF sum_scratch[8];
   __shared__ MaxF max_scratch[8];
   __shared__ BwdStats seed_total;
@@ -269,11 +530,62 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 2) backward_kernel(const Bac
   const int G = args.group;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int group = static_cast<int>(threadIdx.x) / G;
-  const int tid = static_cast<int>(threadIdx.x);
   const int nthreads = static_cast<int>(blockDim.x);
-  const int64_t R = args.rows_per_pass;
-  const int64_t N = args.rows;
+  float* col_acc = smem + args.table_floats;
 
+  __shared__ float att_norm[2];  // ATTENTION: the softmax's max and sum
+  BwdStats st = BwdStats::identity();
+  {
+    SeedView sv = load_seed_view(args.seeds, args.registry, s, C);
+    const bool grads = sv.grafted || sv.shadow;
+    const bool is_conv = sv.kind == static_cast<int>(Kind::conv);
+    if (sv.kind == static_cast<int>(Kind::attention) && (sv.blends || grads)) {
+      compute_softmax(sv, C, sum_scratch, max_scratch, &bcast);
+      if (threadIdx.x == 0) {
+        att_norm[0] = sv.att_max;
+        att_norm[1] = sv.att_sum;
+      }
+    }
+    const float* table = nullptr;
+    if (args.table_floats > 0 && (sv.blends || grads) && !is_conv) {
+      fill_coef_table(sv, C, smem);
+      table = smem;
+    }
+    if (grads && !is_conv) {
+      for (int i = static_cast<int>(threadIdx.x); i < args.rows_per_pass * Cp; i += nthreads) {
+        col_acc[i] = 0.0f;
+      }
+    }
+    __syncthreads();
+    float* my_acc = col_acc + static_cast<int64_t>(group) * Cp + lane;  // acc_slot of column lane*V
+
+    const int64_t col0 = static_cast<int64_t>(s) * C;
+    GradThreadStats gs = GradThreadStats::identity();
+    // The loop variant, picked once per CTA (uniform): a seed that neither
+    // blends nor trains takes the copy loop.
+    if (!sv.blends && !grads) {
+      backward_copy_rows<T, V>(args, tile, lane, group, col0, gs);
+    } else if (is_conv) {
+      backward_rows_cc<T, V, Mode::conv>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+    } else if (table == nullptr) {
+      backward_rows_cc<T, V, Mode::wide>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+    } else if (sv.kind == static_cast<int>(Kind::attention)) {
+      backward_rows_cc<T, V, Mode::attention>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+    } else if (sv.kind == static_cast<int>(Kind::mlp)) {
+      backward_rows_cc<T, V, Mode::mlp>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+    } else {
+      backward_rows_cc<T, V, Mode::residual>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+    }
+    gs.flush();
+    st.mom = gs.mom.to_moments();
+    st.sumsq = gs.sumsq;
+    st.maxabs = gs.maxabs;
+  }
+
+  // The thread index and the seed's view again for the finishing steps,
+  // read anew rather than kept live across the loops (the kernel fits 80
+  // registers, 3 CTAs/SM; ptxas spilled the thread index otherwise).
+  const int tid = thread_index();
   SeedView sv = load_seed_view(args.seeds, args.registry, s, C);
   const int kind = sv.kind;
   const bool grads = sv.grafted || sv.shadow;
@@ -281,126 +593,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 2) backward_kernel(const Bac
   const bool alpha_grad = sv.grafted && sv.alpha >= 0.0f && sv.alpha <= 1.0f;  // DESIGN 6
   const bool is_conv = kind == static_cast<int>(Kind::conv);
   const bool is_att = kind == static_cast<int>(Kind::attention);
-  const bool is_mlp = kind == static_cast<int>(Kind::mlp);
   if (is_att && (sv.blends || grads)) {
-    compute_softmax(sv, C, sum_scratch, max_scratch, &bcast);
+    sv.att_max = att_norm[0];  // published by the block reductions' barriers
+    sv.att_sum = att_norm[1];
   }
   const bool cols = grads && !is_conv;
-  float* col_acc = smem + args.table_floats;
-  const float* table = nullptr;
-  if (args.table_floats > 0 && (sv.blends || grads) && !is_conv) {
-    fill_coef_table(sv, C, smem);
-    table = smem;
-  }
-  const bool left_halo = is_conv && (sv.blends || grads);
-  const bool right_halo = is_conv && sv.blends;
-  if (cols) {
-    for (int i = tid; i < args.rows_per_pass * Cp; i += nthreads) col_acc[i] = 0.0f;
-  }
-  __syncthreads();
-  float* my_acc = col_acc + static_cast<int64_t>(group) * Cp;
-
-  const T* x = static_cast<const T*>(args.x);
-  const T* dy = static_cast<const T*>(args.dy);
-  T* dx = static_cast<T*>(args.dx);
-  const int64_t col0 = static_cast<int64_t>(s) * C;
-  BwdStats st = BwdStats::identity();
-  ThreadMoments mom{0u, 0.0f, 0.0f};
-
-  // A seed that neither blends nor trains takes the copy loop (uniform).
-  const bool copy_only = !sv.blends && !grads;
-  if (copy_only) backward_copy_rows<T, V>(args, tile, lane, group, col0, st, mom);
-  for (int64_t pass = tile; !copy_only && pass * R < N; pass += tiles) {
-    const int64_t n = pass * R + group;
-    const bool active = n < N;
-    const T* xr = x + n * args.x_stride + col0;
-    const T* gr = dy + n * args.dy_stride + col0;
-    float scale = 1.0f;
-    if (args.clip_enabled) {
-      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G.
-      float ss = 0.0f;
-      if (active) {
-        for (int c = lane * V; c < C; c += G * V) {
-          float xs[V + 4], cf[V], tc[V], gp[V + 2];
-          load_step<T, V>(xr, gr, c, C, sv, table, left_halo, false, args.clamp, 1.0f, xs, cf, tc,
-                          gp);
-#pragma unroll
-          for (int i = 0; i < V; ++i) ss += gp[i] * gp[i];
-        }
-      }
-      ss = group_sum(ss, G);
-      scale = fminf(1.0f, args.clip_norm / (sqrtf(ss) + 1e-6f));
-    }
-    if (!active) continue;
-    T* dxr = dx + n * args.dx_stride + col0;
-    for (int c = lane * V; c < C; c += G * V) {
-      float xs[V + 4], cf[V], tc[V], gp[V + 2];
-      load_step<T, V>(xr, gr, c, C, sv, table, left_halo, right_halo, args.clamp, scale, xs, cf,
-                      tc, gp);
-      float dv[V];
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const int j = c + i;
-        const float g = gp[i];
-        const float xj = xs[i + 2];
-        float d = g;
-        if (sv.blends) {
-          float through;  // dT/dX applied to G
-          if (is_conv) {
-            through = sv.sigma * (sv.w0 * g + sv.w1 * gp[i + 1] + sv.w2 * gp[i + 2]);
-          } else if (is_att) {
-            through = cf[i] * g;
-          } else if (is_mlp) {
-            const float wj = cf[i];
-            through = xj * wj > 0.0f ? sv.sigma * wj * g : 0.0f;
-          } else {
-            through = g;
-          }
-          d = (1.0f - sv.a) * g + sv.a * through;
-        }
-        dv[i] = d;
-        st.sumsq += d * d;
-        st.maxabs = fmaxf(st.maxabs, fabsf(d));
-        if (grads) {
-          if (is_conv) {
-            st.cw0 += g * xj;
-            st.cw1 += g * xs[i + 1];
-            st.cw2 += g * xs[i];
-            st.dsig += g * (sv.w0 * xj + sv.w1 * xs[i + 1] + sv.w2 * xs[i]);
-          } else {
-            float contrib;
-            if (is_att) {
-              contrib = g * xj;
-            } else if (is_mlp) {
-              const float pre = xj * cf[i];
-              contrib = pre > 0.0f ? g * xj : 0.0f;
-              st.dsig += g * relu(pre);
-            } else {
-              contrib = g;
-              st.dsig += g * cf[i];
-            }
-            my_acc[acc_slot(j, G, V)] += contrib;
-          }
-        }
-        if (alpha_grad) st.dalpha += g * (tc[i] - xj);
-      }
-      store_vec<T, V>(dxr + c, dv);
-      // Welford batch of the V values of dX, merged by Chan (V is a power
-      // of two: the mean is exact by a multiply).
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < V; ++i) sum += dv[i];
-      const float mean = sum * (1.0f / V);
-      float m2 = 0.0f;
-#pragma unroll
-      for (int i = 0; i < V; ++i) m2 += (dv[i] - mean) * (dv[i] - mean);
-      mom.add_batch(static_cast<unsigned>(V), mean, m2);
-    }
-  }
+  const float* table =
+      (args.table_floats > 0 && (sv.blends || grads) && !is_conv) ? smem : nullptr;
 
   // ---- this CTA's partials
-  st.mom = mom.to_moments();
-  const BwdStats cta = block_reduce(st, red_scratch);  // its barriers publish col_acc too
+  // The reduction's barriers publish col_acc too.
+  const BwdStats cta = block_reduce_split(st, grad_scratch, sum_part_scratch);
   const int64_t part0 = static_cast<int64_t>(s) * tiles;
   if (cols) {
     float* mine = args.col_partials + (part0 + tile) * C;
@@ -424,8 +627,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 2) backward_kernel(const Bac
 
   // ---- last CTA of seed s: the seed's gradients
   BwdStats acc = BwdStats::identity();
+#pragma unroll 1
   for (int i = tid; i < tiles; i += nthreads) acc.merge(load_partial(args.partials + part0 + i));
-  acc = block_reduce(acc, red_scratch);
+  acc = block_reduce_split(acc, grad_scratch, sum_part_scratch);
   if (tid == 0) seed_total = acc;
   __syncthreads();
   // params.hpp: the workspace is left zero-filled by every launch (the
@@ -437,8 +641,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 2) backward_kernel(const Bac
     const float a_sigma = a_eff * sv.sigma;
     if (cols) {
       float pq = 0.0f;
+#pragma unroll 1
       for (int j = tid; j < C; j += nthreads) {
         float sum = 0.0f;
+#pragma unroll 1
         for (int t = 0; t < tiles; ++t) {
           float* slot = args.col_partials + (part0 + t) * C + j;
           sum += load_cg(slot);
@@ -487,16 +693,21 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 2) backward_kernel(const Bac
   // ---- last seed: dweights and dscales, seeds added in seed order (DESIGN 3)
   const int B = args.registry.num_blueprints;
   const int S = args.num_seeds;
+#pragma unroll 1
   for (int j = tid; j < C; j += nthreads) {
+#pragma unroll 1
     for (int b = 0; b < B; ++b) args.dweights[static_cast<int64_t>(b) * C + j] = 0.0f;
+#pragma unroll 1
     for (int s2 = 0; s2 < S; ++s2) {
       if (!seed_has_grads(args.seeds, s2)) continue;
       float* row = args.dweights + static_cast<int64_t>(args.seeds.blueprint[s2]) * C;
       row[j] += load_cg(args.seed_dw + static_cast<int64_t>(s2) * C + j);
     }
   }
+#pragma unroll 1
   for (int b = tid; b < B; b += nthreads) {
     float v = 0.0f;
+#pragma unroll 1
     for (int s2 = 0; s2 < S; ++s2) {
       if (seed_has_grads(args.seeds, s2) && args.seeds.blueprint[s2] == b) {
         v += load_cg(args.seed_dscale + s2);

@@ -55,5 +55,10 @@ inline constexpr int kForwardGroupThreads = 8;
 // for (__launch_bounds__): 3 allows up to 85 registers a thread (it uses 80;
 // 4 would cap it at 64, which spills), matching ctas_per_sm above.
 inline constexpr int kForwardMinBlocks = 3;
+// The same for the backward kernel, per element size: 3 for float32 (80
+// registers, its loop specialised per seed kind, clamp and clip, DESIGN 31);
+// 2 for bfloat16/float16 (at most 128 registers: their 8-wide vector step
+// spilled a few values under the 80-register bound).
+inline constexpr int backward_min_blocks(std::size_t elem_bytes) { return elem_bytes == 4 ? 3 : 2; }
 
 }  // namespace kasmina::cuda

@@ -394,6 +394,51 @@ bool all_bytes(const std::vector<T>& v, uint8_t byte) {
   return all_bytes(raw, byte);
 }
 
+// Gradients with a large mean next to their spread (1e3 + N(0, ~1)): the
+// backward's shifted sums (DESIGN 31) must keep dX's variance accurate; the
+// grad_stats check as a whole would not see it next to the l2 norm.
+TEST_F(CudaBackend, LargeMeanGradVariance) {
+  uint64_t rng = 5600;
+  for (DType dt : {DType::f32, DType::f16}) {
+    for (int64_t chunk : {3, 64}) {
+      Problem p = make_problem(shape(3000, chunk, 4, dt, ++rng));
+      for (int64_t i = 0; i < p.dy.numel; ++i) {
+        const double v = p.dy.get(i);
+        if (std::isfinite(v)) p.dy.set(i, 1000.0 + 0.5 * v);
+      }
+      const std::string ctx = "cuda large mean dy " + describe(p.options);
+      SCOPED_TRACE(ctx);
+      const DeviceProblem d(p, false);
+      run_cuda(p, d);
+      const reference::BackwardResult bref = reference::backward(p.backward_params());
+      std::vector<double> out, ref;
+      for (int32_t s = 0; s < p.num_seeds; ++s) {
+        const auto at =
+            static_cast<std::size_t>(s) * kGradStatsWidth + static_cast<std::size_t>(kGradVariance);
+        out.push_back(static_cast<double>(p.grad_stats[at]));
+        ref.push_back(bref.grad_stats[at]);
+      }
+      EXPECT_LE(rel_error(out, ref), 1e-4) << "grad_stats[:, variance], " << ctx;
+    }
+  }
+}
+
+// The backward's `wide` loop (RESIDUAL/ATTENTION/MLP without the coefficient
+// table: at C = 2048 float32 the column sums leave no room for it) for every
+// kind and stage mix, with clamp and clip on and off (DESIGN 31).
+TEST_F(CudaBackend, WideBackwardEveryKind) {
+  uint64_t rng = 7500;
+  for (int32_t kind = 0; kind < kNumKinds; ++kind) {
+    for (int mode = 0; mode < 3; ++mode) {
+      ProblemOptions o = shape(40, 2048, 3, DType::f32, ++rng);
+      o.only_kind = kind;
+      o.clamp = mode != 1;
+      o.clip = mode != 0;
+      check_problem(o);
+    }
+  }
+}
+
 // Wide chunks: the forward's coefficient table stops at 46 KiB (C > 11776
 // computes coefficients per element), the backward drops its table first
 // (C = 8192: the column sums alone fill the shared memory) and refuses
