@@ -1,4 +1,4 @@
-"""CUDA cases (skipped without a GPU; the lead runs them): the CUDA backend
+"""CUDA cases (skipped without a GPU; scripts/gpu-check runs them): the CUDA backend
 against kasmina.reference under SPEC section 9, determinism, torch.compile,
 CUDA graphs, autocast, device moves and the per-device workspace."""
 
