@@ -146,6 +146,7 @@ class Layer {
   void enter_stage(int32_t seed, Stage to);
   void release_unused_rows();
   void reseal(int32_t seed);
+  void store_strategy(int32_t seed, const StrategyParams& strategy);
 
   LayerConfig config_;
   SeedState seeds_;

@@ -167,11 +167,7 @@ int32_t Layer::germinate(int32_t seed, Kind kind, int32_t blueprint,
   seeds_.blueprint[s] = row;
   seeds_.alpha[s] = 0.0f;
   seeds_.loss_baseline[s] = kNaN;
-  seeds_.strategy[s] = static_cast<int32_t>(strategy.strategy);
-  seeds_.ramp_steps[s] = strategy.ramp_steps;
-  seeds_.drift_threshold[s] = strategy.drift_threshold;
-  seeds_.grad_norm_lower[s] = strategy.grad_norm_lower;
-  seeds_.grad_norm_upper[s] = strategy.grad_norm_upper;
+  store_strategy(seed, strategy);
   reseal(seed);
   return row;
 }
@@ -203,12 +199,17 @@ void Layer::set_strategy(int32_t seed, const StrategyParams& strategy) {
                       "seed ", seed,
                       ": the strategy can be set in DORMANT, GERMINATED or TRAINING only (stage = ",
                       stage_name(stage), ")");
+  store_strategy(seed, strategy);
+  reseal(seed);
+}
+
+void Layer::store_strategy(int32_t seed, const StrategyParams& strategy) {
+  const auto s = static_cast<std::size_t>(seed);
   seeds_.strategy[s] = static_cast<int32_t>(strategy.strategy);
   seeds_.ramp_steps[s] = strategy.ramp_steps;
   seeds_.drift_threshold[s] = strategy.drift_threshold;
   seeds_.grad_norm_lower[s] = strategy.grad_norm_lower;
   seeds_.grad_norm_upper[s] = strategy.grad_norm_upper;
-  reseal(seed);
 }
 
 void Layer::step(std::span<const float> loss, std::span<const float> grad_norm,
