@@ -3,6 +3,7 @@
 #include "kasmina/ops.hpp"
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "backends.hpp"
@@ -106,6 +107,37 @@ Span span_of(const void* base, int64_t rows, int64_t hidden, int64_t stride, DTy
 }
 bool overlap(Span a, Span b) { return a.begin < b.end && b.begin < a.end; }
 
+template <typename T>
+Span span_n(const T* base, int64_t count) {
+  const auto begin = reinterpret_cast<uintptr_t>(base);
+  return {begin, base == nullptr ? begin : begin + static_cast<uintptr_t>(count) * sizeof(T)};
+}
+
+struct NamedSpan {
+  const char* name;
+  Span span;
+};
+
+// The small outputs (telemetry, counts, gradients of the registry and of
+// alpha, statistics) are written while the inputs are still read: each must
+// be disjoint from every input and from the other outputs.
+void check_outputs_disjoint(std::initializer_list<NamedSpan> outputs,
+                            std::initializer_list<NamedSpan> inputs) {
+  for (auto out = outputs.begin(); out != outputs.end(); ++out) {
+    if (out->span.begin == out->span.end) continue;
+    auto refuse_overlap = [&](const NamedSpan& other) {
+      KASMINA_CHECK_VALUE(other.span.begin == other.span.end || !overlap(out->span, other.span),
+                          out->name, " must not overlap ", other.name, " (", out->name,
+                          " spans [", reinterpret_cast<const void*>(out->span.begin), ", ",
+                          reinterpret_cast<const void*>(out->span.end), "), ", other.name,
+                          " spans [", reinterpret_cast<const void*>(other.span.begin), ", ",
+                          reinterpret_cast<const void*>(other.span.end), "))");
+    };
+    for (const NamedSpan& in : inputs) refuse_overlap(in);
+    for (auto later = out + 1; later != outputs.end(); ++later) refuse_overlap(*later);
+  }
+}
+
 int64_t stride_or_hidden(int64_t stride, int64_t hidden) { return stride != 0 ? stride : hidden; }
 
 }  // namespace
@@ -175,6 +207,23 @@ void validate_forward(const ForwardParams& p, Backend backend, Outputs outputs) 
                         reinterpret_cast<const void*>(y.begin), ", ",
                         reinterpret_cast<const void*>(y.end), "))");
   }
+  if (outputs == Outputs::required) {
+    const int64_t S = p.num_seeds, C = p.hidden / p.num_seeds, B = p.registry.num_blueprints;
+    const Span x = p.rows > 0 ? span_of(p.x, p.rows, p.hidden,
+                                        stride_or_hidden(p.x_row_stride, p.hidden), p.dtype)
+                              : Span{};
+    const Span y = p.rows > 0 ? span_of(p.y, p.rows, p.hidden,
+                                        stride_or_hidden(p.y_row_stride, p.hidden), p.dtype)
+                              : Span{};
+    check_outputs_disjoint(
+        {{"telemetry", span_n(p.telemetry, S * kTelemetryWidth)},
+         {"nonfinite_count", span_n(p.nonfinite_count, S)}},
+        {{"x", x}, {"y", y}, {"seeds.stage", span_n(p.seeds.stage, S)},
+         {"seeds.kind", span_n(p.seeds.kind, S)}, {"seeds.blueprint", span_n(p.seeds.blueprint, S)},
+         {"seeds.alpha", span_n(p.seeds.alpha, S)},
+         {"registry.weights", span_n(p.registry.weights, B * C)},
+         {"registry.scales", span_n(p.registry.scales, B)}});
+  }
 }
 
 void validate_backward(const BackwardParams& p, Backend backend, Outputs outputs) {
@@ -223,6 +272,25 @@ void validate_backward(const BackwardParams& p, Backend backend, Outputs outputs
         reinterpret_cast<const void*>(dy.begin), ", ", reinterpret_cast<const void*>(dy.end),
         "), dx spans [", reinterpret_cast<const void*>(dx.begin), ", ",
         reinterpret_cast<const void*>(dx.end), "))");
+  }
+  if (outputs == Outputs::required) {
+    const int64_t S = p.num_seeds, C = p.hidden / p.num_seeds, B = p.registry.num_blueprints;
+    auto rows_span = [&](const void* base, int64_t stride) {
+      return p.rows > 0 ? span_of(base, p.rows, p.hidden, stride_or_hidden(stride, p.hidden),
+                                  p.dtype)
+                        : Span{};
+    };
+    check_outputs_disjoint(
+        {{"dweights", span_n(p.dweights, B * C)},
+         {"dscales", span_n(p.dscales, B)},
+         {"dalpha", span_n(p.dalpha, S)},
+         {"grad_stats", span_n(p.grad_stats, S * kGradStatsWidth)}},
+        {{"x", rows_span(p.x, p.x_row_stride)}, {"dy", rows_span(p.dy, p.dy_row_stride)},
+         {"dx", rows_span(p.dx, p.dx_row_stride)}, {"seeds.stage", span_n(p.seeds.stage, S)},
+         {"seeds.kind", span_n(p.seeds.kind, S)}, {"seeds.blueprint", span_n(p.seeds.blueprint, S)},
+         {"seeds.alpha", span_n(p.seeds.alpha, S)},
+         {"registry.weights", span_n(p.registry.weights, B * C)},
+         {"registry.scales", span_n(p.registry.scales, B)}});
   }
 }
 

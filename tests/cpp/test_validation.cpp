@@ -175,6 +175,21 @@ TEST_P(Validation, ForwardErrors) {
   cases.push_back({"y overlaps x",
                    [](Problem& p, ForwardParams& q) { q.y = p.x.data(); },
                    {kValue, {"y must not overlap x"}}});
+  cases.push_back({"telemetry overlaps x",
+                   [](Problem& p, ForwardParams& q) {
+                     q.telemetry = static_cast<float*>(p.x.data()) + 3;
+                   },
+                   {kValue, {"telemetry must not overlap x"}}});
+  cases.push_back({"telemetry overlaps the registry",
+                   [](Problem&, ForwardParams& q) {
+                     q.telemetry = const_cast<float*>(q.registry.weights);
+                   },
+                   {kValue, {"telemetry must not overlap registry.weights"}}});
+  cases.push_back({"nonfinite counts overlap telemetry",
+                   [](Problem& p, ForwardParams& q) {
+                     q.nonfinite_count = reinterpret_cast<int64_t*>(p.telemetry.data() + 2);
+                   },
+                   {kValue, {"telemetry must not overlap nonfinite_count"}}});
 
   for (const ForwardCase& c : cases) {
     Problem p = make_problem(small_options());
@@ -234,6 +249,17 @@ TEST_P(Validation, BackwardErrors) {
   cases.push_back({"dx aliases dy",
                    [](Problem& p, BackwardParams& q) { q.dx = p.dy.data(); },
                    {kValue, {"dx must not overlap dy"}}});
+  cases.push_back({"dweights overlap the registry",
+                   [](Problem&, BackwardParams& q) {
+                     q.dweights = const_cast<float*>(q.registry.weights);
+                   },
+                   {kValue, {"dweights must not overlap registry.weights"}}});
+  cases.push_back({"dalpha overlaps alpha",
+                   [](Problem&, BackwardParams& q) { q.dalpha = const_cast<float*>(q.seeds.alpha); },
+                   {kValue, {"dalpha must not overlap seeds.alpha"}}});
+  cases.push_back({"grad_stats overlap dalpha",
+                   [](Problem&, BackwardParams& q) { q.grad_stats = q.dalpha; },
+                   {kValue, {"dalpha must not overlap grad_stats"}}});
   cases.push_back(
       {"dx overlaps x partly",
        [](Problem& p, BackwardParams& q) { q.dx = static_cast<float*>(p.x.data()) + 7; },
