@@ -416,6 +416,14 @@ void set_workspace(const View* workspace, DeviceCheck& dev, void*& ptr, std::siz
   bytes = static_cast<std::size_t>(workspace->shape(0));
 }
 
+// y, dy and dx must match x in dtype and shape.
+void check_like_x(const View& v, const char* name, const View& x, DType x_dtype) {
+  KASMINA_CHECK_TYPE(activation_dtype(v, name) == x_dtype, name, " must have the dtype of x (",
+                     dtype_str(x), "), got ", dtype_str(v));
+  KASMINA_CHECK_VALUE(v.ndim() == x.ndim() && v.size() == x.size(), name,
+                      " must have the shape of x (", shape_str(x), "), got ", shape_str(v));
+}
+
 // An optional tensor argument (None: absent).
 struct OptView {
   std::optional<View> v;
@@ -454,10 +462,7 @@ kasmina::ForwardParams forward_params(const In& x, const Out& y, const Out& tele
   kasmina::ForwardParams p;
   p.dtype = activation_dtype(x, "x");
   const RowsView xv = rows_view(x, "x", hidden);
-  KASMINA_CHECK_TYPE(activation_dtype(y, "y") == p.dtype, "y must have the dtype of x (",
-                     dtype_str(x), "), got ", dtype_str(y));
-  KASMINA_CHECK_VALUE(y.ndim() == x.ndim() && y.size() == x.size(), "y must have the shape of x (",
-                      shape_str(x), "), got ", shape_str(y));
+  check_like_x(y, "y", x, p.dtype);
   const RowsView yv = rows_view(y, "y", hidden);
   check_small(telemetry, "telemetry", C::Float, 32, "float32",
               {t.num_seeds, kasmina::kTelemetryWidth});
@@ -545,14 +550,8 @@ void backward(nb::handle x_obj, nb::handle dy_obj, nb::handle dx_obj, nb::handle
   kasmina::BackwardParams p;
   p.dtype = activation_dtype(x, "x");
   const RowsView xv = rows_view(x, "x", hidden);
-  KASMINA_CHECK_TYPE(activation_dtype(dy, "dy") == p.dtype, "dy must have the dtype of x (",
-                     dtype_str(x), "), got ", dtype_str(dy));
-  KASMINA_CHECK_TYPE(activation_dtype(dx, "dx") == p.dtype, "dx must have the dtype of x (",
-                     dtype_str(x), "), got ", dtype_str(dx));
-  KASMINA_CHECK_VALUE(dy.ndim() == x.ndim() && dy.size() == x.size(),
-                      "dy must have the shape of x (", shape_str(x), "), got ", shape_str(dy));
-  KASMINA_CHECK_VALUE(dx.ndim() == x.ndim() && dx.size() == x.size(),
-                      "dx must have the shape of x (", shape_str(x), "), got ", shape_str(dx));
+  check_like_x(dy, "dy", x, p.dtype);
+  check_like_x(dx, "dx", x, p.dtype);
   const RowsView dyv = rows_view(dy, "dy", hidden);
   const RowsView dxv = rows_view(dx, "dx", hidden);
   const int64_t nb_rows = t.registry.num_blueprints;

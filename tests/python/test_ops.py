@@ -309,3 +309,29 @@ def test_exchange_api_as_int_attribute():
         outs.append((y, tel, nf))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_binding_refuses_outputs_unlike_x():
+    """y, dy and dx must match x in dtype and shape; nothing is written."""
+    from kasmina import _C
+    S, C, B, N = 2, 4, 3, 5
+    x = torch.randn(N, S * C)
+    stage = torch.full((S,), 3, dtype=torch.int32)
+    kind = torch.zeros(S, dtype=torch.int32)
+    bp = torch.tensor([1, 2], dtype=torch.int32)
+    alpha = torch.full((S,), 0.5)
+    w, sc = torch.randn(B, C), torch.ones(B)
+    tel = torch.full((S, 8), float("nan"))
+    nf = torch.full((S,), -7, dtype=torch.int64)
+    y = torch.full((N, S * C), float("nan"), dtype=torch.float16)
+    with pytest.raises(TypeError, match="y must have the dtype of x"):
+        _C.forward(x, y, tel, nf, stage, kind, bp, alpha, w, sc, None, 1e-6, None, None, 1, None)
+    assert tel.isnan().all() and (nf == -7).all() and y.isnan().all()
+
+    dy = torch.randn(N + 1, S * C)
+    dx = torch.full((N, S * C), float("nan"))
+    dw, ds, da, gs = (torch.full(s, float("nan")) for s in [(B, C), (B,), (S,), (S, 3)])
+    with pytest.raises(ValueError, match="dy must have the shape of x"):
+        _C.backward(x, dy, dx, dw, ds, da, gs, stage, kind, bp, alpha, w, sc, None,
+                    None, None, None, 1, None)
+    assert dx.isnan().all() and dw.isnan().all() and gs.isnan().all()
