@@ -46,6 +46,20 @@ void backward(const BackwardParams&, Backend);
 std::string describe_forward(const ForwardParams&, Backend);
 std::string describe_backward(const BackwardParams&, Backend);
 
+// Launch knobs of the CUDA kernels that change speed only (results stay
+// within SPEC section 9 and deterministic for a given setting; the bits may
+// differ between settings). 0 means the architecture's default from
+// src/cuda/tuning.hpp. Process-wide, read at every launch; the benchmark and
+// `kasmina tune` set them to measure candidates.
+struct CudaLaunchConfig {
+  int forward_rows_in_flight = 0;   // rows each thread loads before it computes: 1, 2 or 4 (2-byte types: at most 2)
+  int backward_rows_in_flight = 0;  // the same for the backward: 1 or 2
+};
+// Throws kasmina::Error (ErrorKind::value) for a value outside the lists
+// above, changing nothing.
+void set_cuda_launch_config(const CudaLaunchConfig&);
+CudaLaunchConfig cuda_launch_config();
+
 // Build facts for `kasmina info`.
 struct BuildInfo {
   std::string version;

@@ -35,16 +35,20 @@
 namespace kasmina::cuda {
 namespace {
 
+// The scalar sums (dscale, dalpha, CONV taps) add N*C terms of both signs
+// whose total can be far smaller than their magnitudes: each step's V terms
+// are summed in float32, the steps in float64 (a float32 running sum over a
+// whole chunk missed SPEC section 9 at N*C ~ 1.5e5).
 struct BwdStats {
   Moments mom;   // of dX
   float sumsq;   // of dX
   float maxabs;  // of dX
-  float dsig;    // sum of G * dT/dsigma (times a_eff at the end)
-  float dalpha;  // sum of G * (T - X)
-  float cw0, cw1, cw2;  // CONV: sums of G[j] * X[j-k]
+  double dsig;    // sum of G * dT/dsigma (times a_eff at the end)
+  double dalpha;  // sum of G * (T - X)
+  double cw0, cw1, cw2;  // CONV: sums of G[j] * X[j-k]
 
   __device__ __forceinline__ static BwdStats identity() {
-    return {Moments::identity(), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    return {Moments::identity(), 0.0f, 0.0f, 0.0, 0.0, 0.0, 0.0, 0.0};
   }
   __device__ __forceinline__ void merge(const BwdStats& b) {
     mom.merge(b.mom);
@@ -92,8 +96,8 @@ struct GradPart {
   }
 };
 struct SumPart {
-  float dsig, dalpha, cw0, cw1, cw2;
-  __device__ __forceinline__ static SumPart identity() { return {0.0f, 0.0f, 0.0f, 0.0f, 0.0f}; }
+  double dsig, dalpha, cw0, cw1, cw2;
+  __device__ __forceinline__ static SumPart identity() { return {0.0, 0.0, 0.0, 0.0, 0.0}; }
   __device__ __forceinline__ void merge(const SumPart& b) {
     dsig += b.dsig;
     dalpha += b.dalpha;
@@ -135,7 +139,8 @@ struct BackwardArgs {
   int C_padded;  // per-group shared row: C rounded up to a multiple of G*V
   int table_floats;  // coefficient table ahead of the accumulators (0 = none)
   int group;
-  int rows_per_pass;
+  int row_groups;     // threads / group: the row groups sharing the column sums
+  int rows_per_pass;  // row_groups x rows in flight
   int tiles;
   int num_seeds;
   SeedTable seeds;
@@ -230,16 +235,16 @@ struct GradThreadStats {
 };
 
 // G at V columns after the clamp mask (Y = X for a seed that does not
-// blend) and the clip scale, for a seed that neither blends nor trains;
-// X is read only when the clamp is on.
+// blend) and the clip scale, for a seed that neither blends nor trains, from
+// the raw vectors of X (read only under the clamp) and G.
 template <typename T, int V>
-__device__ __forceinline__ void copy_step(const T* xr, const T* gr, int c,
+__device__ __forceinline__ void copy_step(const RawVec<T, V>& rx, const RawVec<T, V>& rg,
                                           const OutputClamp& clamp, float scale,
                                           float (&gp)[V]) {
   float gv[V];
-  load_vec<T, V>(gr + c, gv);
+  decode_vec<T, V>(rg, gv);
   float xv[V];
-  if (clamp.enabled) load_vec<T, V>(xr + c, xv);
+  if (clamp.enabled) decode_vec<T, V>(rx, xv);
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     // DESIGN 4: G passes where lo <= Y <= hi; a NaN Y passes nothing.
@@ -248,9 +253,40 @@ __device__ __forceinline__ void copy_step(const T* xr, const T* gr, int c,
   }
 }
 
+// The rows of this thread's row group in one pass: U rows, group,
+// group + row_groups, ...; `active` is false past N (the pointers then point
+// at row 0, never past the tensor).
+template <typename T, int U>
+struct PassRows {
+  const BackwardArgs& args;
+  int64_t col0;
+  int64_t row[U];  // 0 for a row past N: the pointers never leave the tensor
+  bool active[U];
+  __device__ __forceinline__ PassRows(const BackwardArgs& a, int64_t n0, int64_t c0)
+      : args(a), col0(c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t n = n0 + static_cast<int64_t>(u) * args.row_groups;
+      active[u] = n < args.rows;
+      row[u] = active[u] ? n : 0;
+    }
+  }
+  // The row pointers, recomputed where they are used (a multiply-add each)
+  // rather than held in 3 x U register pairs across the row loop.
+  __device__ __forceinline__ const T* xr(int u) const {
+    return static_cast<const T*>(args.x) + row[u] * args.x_stride + col0;
+  }
+  __device__ __forceinline__ const T* gr(int u) const {
+    return static_cast<const T*>(args.dy) + row[u] * args.dy_stride + col0;
+  }
+  __device__ __forceinline__ T* dxr(int u) const {
+    return static_cast<T*>(args.dx) + row[u] * args.dx_stride + col0;
+  }
+};
+
 // The rows of a seed that neither blends nor trains: dX = G after the mask
-// and the clip scale, and dX's statistics.
-template <typename T, int V>
+// and the clip scale, and dX's statistics. X is loaded only under the clamp.
+template <typename T, int V, int U>
 __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int tile, int lane,
                                                    int group, int64_t col0, GradThreadStats& gs) {
   const int C = args.C;
@@ -258,35 +294,54 @@ __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int
   const int tiles = args.tiles;
   const int64_t R = args.rows_per_pass;
   const int64_t N = args.rows;
-  const T* x = static_cast<const T*>(args.x);
-  const T* dy = static_cast<const T*>(args.dy);
-  T* dx = static_cast<T*>(args.dx);
+  const bool with_x = args.clamp.enabled;
   for (int64_t pass = tile; pass * R < N; pass += tiles) {
-    const int64_t n = pass * R + group;
-    const bool active = n < N;
-    const T* xr = x + n * args.x_stride + col0;
-    const T* gr = dy + n * args.dy_stride + col0;
-    float scale = 1.0f;
+    const PassRows<T, U> rows(args, pass * R + group, col0);
+    float scale[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) scale[u] = 1.0f;
     if (args.clip_enabled) {
       // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G.
-      float ss = 0.0f;
-      if (active) {
-        for (int c = lane * V; c < C; c += G * V) {
-          float gp[V];
-          copy_step<T, V>(xr, gr, c, args.clamp, 1.0f, gp);
+      float ss[U];
 #pragma unroll
-          for (int i = 0; i < V; ++i) ss += gp[i] * gp[i];
+      for (int u = 0; u < U; ++u) ss[u] = 0.0f;
+      for (int c = lane * V; c < C; c += G * V) {
+        RawVec<T, V> rx[U], rg[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (!rows.active[u]) continue;
+          rg[u] = load_raw<T, V>(rows.gr(u) + c);
+          if (with_x) rx[u] = load_raw<T, V>(rows.xr(u) + c);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (!rows.active[u]) continue;
+          float gp[V];
+          copy_step<T, V>(rx[u], rg[u], args.clamp, 1.0f, gp);
+#pragma unroll
+          for (int i = 0; i < V; ++i) ss[u] += gp[i] * gp[i];
         }
       }
-      ss = group_sum(ss, G);
-      scale = fminf(1.0f, args.clip_norm / (sqrtf(ss) + 1e-6f));
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        ss[u] = group_sum(ss[u], G);
+        scale[u] = fminf(1.0f, args.clip_norm / (sqrtf(ss[u]) + 1e-6f));
+      }
     }
-    if (active) {
-      T* dxr = dx + n * args.dx_stride + col0;
-      for (int c = lane * V; c < C; c += G * V) {
+    for (int c = lane * V; c < C; c += G * V) {
+      RawVec<T, V> rx[U], rg[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!rows.active[u]) continue;
+        rg[u] = load_raw<T, V>(rows.gr(u) + c);
+        if (with_x) rx[u] = load_raw<T, V>(rows.xr(u) + c);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!rows.active[u]) continue;
         float dv[V];
-        copy_step<T, V>(xr, gr, c, args.clamp, scale, dv);
-        store_vec<T, V>(dxr + c, dv);
+        copy_step<T, V>(rx[u], rg[u], args.clamp, scale[u], dv);
+        store_vec<T, V>(rows.dxr(u) + c, dv);
         gs.add<V>(dv);
       }
     }
@@ -332,22 +387,25 @@ __device__ __forceinline__ float mode_transform(const SeedView& sv, float coef, 
   }
 }
 
-// One step of a row for mode M: X at the V columns c..c+V-1 in xs[2..V+1]
-// (CONV: its two left neighbours in xs[0..1], and with `halo` its two right
-// ones in xs[V+2..V+3]) and G after the clamp mask in g[0..V-1] (with `halo`
-// CONV's two right neighbours in g[V..V+1]); 0 past the chunk end. The clip
-// scale is applied by the caller. T and the coefficients are recomputed by
-// the caller where it needs them (fewer values live across the step).
+// One step of a row for mode M, from the raw vectors of X and G at the V
+// columns c..c+V-1: X in xs[2..V+1] (CONV: its two left neighbours in
+// xs[0..1], and with `halo` its two right ones in xs[V+2..V+3]) and G after
+// the clamp mask in g[0..V-1] (with `halo` CONV's two right neighbours in
+// g[V..V+1]); 0 past the chunk end. The neighbours are scalar loads (L1
+// hits: the neighbour lanes loaded their lines). The clip scale is applied by
+// the caller. T and the coefficients are recomputed by the caller where it
+// needs them (fewer values live across the step).
 template <typename T, int V, Mode M, bool Clamp>
-__device__ __forceinline__ void load_step(const T* xr, const T* gr, int c, int C,
-                                          const SeedView& sv, const float* table, bool halo,
-                                          float clo, float chi, float (&xs)[V + 4],
-                                          float (&g)[V + 2]) {
+__device__ __forceinline__ void prepare_step(const RawVec<T, V>& rx, const RawVec<T, V>& rg,
+                                             const T* xr, const T* gr, int c, int C,
+                                             const SeedView& sv, const float* table, bool halo,
+                                             float clo, float chi, float (&xs)[V + 4],
+                                             float (&g)[V + 2]) {
   constexpr bool kConv = M == Mode::conv;
   float xv[V];
   float gv[V];
-  load_vec<T, V>(xr + c, xv);
-  load_vec<T, V>(gr + c, gv);
+  decode_vec<T, V>(rx, xv);
+  decode_vec<T, V>(rg, gv);
   xs[0] = (kConv && c >= 2) ? load_one(xr + c - 2) : 0.0f;
   xs[1] = (kConv && c >= 1) ? load_one(xr + c - 1) : 0.0f;
 #pragma unroll
@@ -389,8 +447,10 @@ __device__ __forceinline__ void load_step(const T* xr, const T* gr, int c, int C
 // Rows of one CTA for one mode (a seed that blends or trains): dX, its
 // per-thread statistics, the scalar sums in st and the dW column sums in
 // this row group's shared row (acc = its slot of column lane*V; column
-// lane*V + i + k*G*V is acc[k*G*V + i*G], acc_slot's layout).
-template <typename T, int V, Mode M, bool Clamp, bool Clip>
+// lane*V + i + k*G*V is acc[k*G*V + i*G], acc_slot's layout). The row group
+// takes U rows per pass and loads X and G of all U before it computes on the
+// first; the U rows add into the shared row in row order.
+template <typename T, int V, int U, Mode M, bool Clamp, bool Clip>
 __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const SeedView& sv,
                                               const float* table, float* acc, bool grads,
                                               int tile, int lane, int group, int64_t col0,
@@ -402,9 +462,6 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
   const int64_t R = args.rows_per_pass;
   const int64_t N = args.rows;
   const int span = G * V;
-  const T* x = static_cast<const T*>(args.x);
-  const T* dy = static_cast<const T*>(args.dy);
-  T* dx = static_cast<T*>(args.dx);
   const bool blends = sv.blends;
   const bool halo = kConv && blends;  // dX of CONV reads G two columns ahead
   const float a = sv.a;
@@ -414,36 +471,60 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
   const float clo = args.clamp.lo;
   const float chi = args.clamp.hi;
   for (int64_t pass = tile; pass * R < N; pass += tiles) {
-    const int64_t n = pass * R + group;
-    const bool active = n < N;
-    const T* xr = x + n * args.x_stride + col0;
-    const T* gr = dy + n * args.dy_stride + col0;
-    float scale = 1.0f;
+    const PassRows<T, U> rows(args, pass * R + group, col0);
+    float scale[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) scale[u] = 1.0f;
     if constexpr (Clip) {
       // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G.
-      float ss = 0.0f;
-      if (active) {
-        for (int c = lane * V; c < C; c += span) {
-          float xs[V + 4], g[V + 2];
-          load_step<T, V, M, Clamp>(xr, gr, c, C, sv, table, false, clo, chi, xs, g);
+      float ss[U];
 #pragma unroll
-          for (int i = 0; i < V; ++i) ss += g[i] * g[i];
+      for (int u = 0; u < U; ++u) ss[u] = 0.0f;
+      for (int c = lane * V; c < C; c += span) {
+        RawVec<T, V> rx[U], rg[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (!rows.active[u]) continue;
+          rx[u] = load_raw<T, V>(rows.xr(u) + c);
+          rg[u] = load_raw<T, V>(rows.gr(u) + c);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (!rows.active[u]) continue;
+          float xs[V + 4], g[V + 2];
+          prepare_step<T, V, M, Clamp>(rx[u], rg[u], rows.xr(u), rows.gr(u), c, C, sv, table,
+                                       false, clo, chi, xs, g);
+#pragma unroll
+          for (int i = 0; i < V; ++i) ss[u] += g[i] * g[i];
         }
       }
-      ss = group_sum(ss, G);
-      scale = fminf(1.0f, args.clip_norm / (sqrtf(ss) + 1e-6f));
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        ss[u] = group_sum(ss[u], G);
+        scale[u] = fminf(1.0f, args.clip_norm / (sqrtf(ss[u]) + 1e-6f));
+      }
     }
-    if (active) {
-      T* dxr = dx + n * args.dx_stride + col0;
-      float* accp = acc;
-      for (int c = lane * V; c < C; c += span, accp += span) {
+    float* accp = acc;
+    for (int c = lane * V; c < C; c += span, accp += span) {
+      RawVec<T, V> rx[U], rg[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!rows.active[u]) continue;
+        rx[u] = load_raw<T, V>(rows.xr(u) + c);
+        rg[u] = load_raw<T, V>(rows.gr(u) + c);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!rows.active[u]) continue;
         float xs[V + 4], g[V + 2];
-        load_step<T, V, M, Clamp>(xr, gr, c, C, sv, table, halo, clo, chi, xs, g);
+        prepare_step<T, V, M, Clamp>(rx[u], rg[u], rows.xr(u), rows.gr(u), c, C, sv, table, halo,
+                                     clo, chi, xs, g);
         if constexpr (Clip) {
 #pragma unroll
-          for (int k = 0; k < V + 2; ++k) g[k] = g[k] * scale;
+          for (int k = 0; k < V + 2; ++k) g[k] = g[k] * scale[u];
         }
         float dv[V];
+        float dsig = 0.0f, dalpha = 0.0f, cw0 = 0.0f, cw1 = 0.0f, cw2 = 0.0f;  // this step's
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const float gi = g[i];
@@ -453,10 +534,10 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
           float through;  // dT/dX applied to G
           if constexpr (kConv) {
             through = sigma * (w0 * gi + w1 * g[i + 1] + w2 * g[i + 2]);
-            st.cw0 += gi * xi;
-            st.cw1 += gi * xs[i + 1];
-            st.cw2 += gi * xs[i];
-            st.dsig += gi * (w0 * xi + w1 * xs[i + 1] + w2 * xs[i]);
+            cw0 += gi * xi;
+            cw1 += gi * xs[i + 1];
+            cw2 += gi * xs[i];
+            dsig += gi * (w0 * xi + w1 * xs[i + 1] + w2 * xs[i]);
           } else {
             const bool att = M == Mode::attention ||
                              (M == Mode::wide && sv.kind == static_cast<int>(Kind::attention));
@@ -470,19 +551,46 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
               const float pre = xi * cf;
               through = pre > 0.0f ? sigma * cf * gi : 0.0f;
               contrib = pre > 0.0f ? gi * xi : 0.0f;
-              st.dsig += gi * relu(pre);
+              dsig += gi * relu(pre);
             } else {
               through = gi;
               contrib = gi;
-              st.dsig += gi * cf;
+              dsig += gi * cf;
             }
             if (grads) accp[i * G] += contrib;  // uniform
           }
           dv[i] = blends ? b * gi + a * through : gi;
           // Summed for every seed; kept only where alpha has a gradient.
-          st.dalpha += gi * (t - xi);
+          // T - X in the form without cancellation where the kind has one:
+          // sigma*w for RESIDUAL (t - x lost the bits of a small sigma*w
+          // next to x), x*(p - 1) for ATTENTION; MLP and CONV fuse the
+          // subtraction into the last multiply.
+          float t_minus_x;
+          if constexpr (M == Mode::residual) {
+            t_minus_x = sigma * cf;
+          } else if constexpr (M == Mode::attention) {
+            t_minus_x = xi * (cf - 1.0f);
+          } else if constexpr (M == Mode::wide) {
+            t_minus_x = sv.kind == static_cast<int>(Kind::residual)    ? sigma * cf
+                        : sv.kind == static_cast<int>(Kind::attention) ? xi * (cf - 1.0f)
+                                                                       : fmaf(sigma, relu(xi * cf), -xi);
+          } else if constexpr (M == Mode::mlp) {
+            t_minus_x = fmaf(sigma, relu(xi * cf), -xi);  // one rounding less than t - x
+          } else if constexpr (M == Mode::conv) {
+            t_minus_x = fmaf(sigma, w0 * xi + w1 * xs[i + 1] + w2 * xs[i], -xi);
+          } else {
+            t_minus_x = t - xi;
+          }
+          dalpha += gi * t_minus_x;
         }
-        store_vec<T, V>(dxr + c, dv);
+        st.dsig += static_cast<double>(dsig);
+        st.dalpha += static_cast<double>(dalpha);
+        if constexpr (kConv) {
+          st.cw0 += static_cast<double>(cw0);
+          st.cw1 += static_cast<double>(cw1);
+          st.cw2 += static_cast<double>(cw2);
+        }
+        store_vec<T, V>(rows.dxr(u) + c, dv);
         gs.add<V>(dv);
       }
     }
@@ -490,30 +598,30 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
   }
 }
 
-template <typename T, int V, Mode M>
+template <typename T, int V, int U, Mode M>
 __device__ __forceinline__ void backward_rows_cc(const BackwardArgs& args, const SeedView& sv,
                                                  const float* table, float* acc, bool grads,
                                                  int tile, int lane, int group, int64_t col0,
                                                  BwdStats& st, GradThreadStats& gs) {
   if (args.clamp.enabled) {
     if (args.clip_enabled) {
-      backward_rows<T, V, M, true, true>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows<T, V, U, M, true, true>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
     } else {
-      backward_rows<T, V, M, true, false>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows<T, V, U, M, true, false>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
     }
   } else {
     if (args.clip_enabled) {
-      backward_rows<T, V, M, false, true>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows<T, V, U, M, false, true>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
     } else {
-      backward_rows<T, V, M, false, false>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows<T, V, U, M, false, false>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
     }
   }
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T)))
+template <typename T, int V, int U>
+__global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T), U))
     backward_kernel(const BackwardArgs args) {
-  extern __shared__ float smem[];  // [table_floats] coefficients, [rows_per_pass, C_padded] sums
+  extern __shared__ float smem[];  // [table_floats] coefficients, [row_groups, C_padded] sums
   __shared__ GradPart grad_scratch[8];
   __shared__ SumPart sum_part_scratch[8];
   __shared__ SumF sum_scratch[8];
@@ -552,7 +660,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T
       table = smem;
     }
     if (grads && !is_conv) {
-      for (int i = static_cast<int>(threadIdx.x); i < args.rows_per_pass * Cp; i += nthreads) {
+      for (int i = static_cast<int>(threadIdx.x); i < args.row_groups * Cp; i += nthreads) {
         col_acc[i] = 0.0f;
       }
     }
@@ -564,17 +672,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T
     // The loop variant, picked once per CTA (uniform): a seed that neither
     // blends nor trains takes the copy loop.
     if (!sv.blends && !grads) {
-      backward_copy_rows<T, V>(args, tile, lane, group, col0, gs);
+      backward_copy_rows<T, V, U>(args, tile, lane, group, col0, gs);
     } else if (is_conv) {
-      backward_rows_cc<T, V, Mode::conv>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows_cc<T, V, U, Mode::conv>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
     } else if (table == nullptr) {
-      backward_rows_cc<T, V, Mode::wide>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows_cc<T, V, U, Mode::wide>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
     } else if (sv.kind == static_cast<int>(Kind::attention)) {
-      backward_rows_cc<T, V, Mode::attention>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows_cc<T, V, U, Mode::attention>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
     } else if (sv.kind == static_cast<int>(Kind::mlp)) {
-      backward_rows_cc<T, V, Mode::mlp>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows_cc<T, V, U, Mode::mlp>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
     } else {
-      backward_rows_cc<T, V, Mode::residual>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows_cc<T, V, U, Mode::residual>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
     }
     gs.flush();
     st.mom = gs.mom.to_moments();
@@ -610,7 +718,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T
     for (int j = tid; j < C; j += nthreads) {
       const int slot = acc_slot(j, G, V);
       float v = 0.0f;
-      for (int g = 0; g < args.rows_per_pass; ++g) v += col_acc[g * Cp + slot];
+      for (int g = 0; g < args.row_groups; ++g) v += col_acc[g * Cp + slot];
       mine[j] = v;
     }
   }
@@ -665,14 +773,15 @@ __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T
       }
     } else {
       for (int j = tid; j < C; j += nthreads) {
-        const float tap = j == 0 ? total.cw0 : (j == 1 ? total.cw1 : (j == 2 ? total.cw2 : 0.0f));
-        sdw[j] = j < 3 ? a_sigma * tap : 0.0f;
+        const double tap = j == 0 ? total.cw0 : (j == 1 ? total.cw1 : (j == 2 ? total.cw2 : 0.0));
+        sdw[j] = j < 3 ? static_cast<float>(static_cast<double>(a_sigma) * tap) : 0.0f;
       }
     }
   }
   if (tid == 0) {
-    args.seed_dscale[s] = (grads && !is_att) ? a_eff * total.dsig : 0.0f;
-    args.dalpha[s] = alpha_grad ? total.dalpha : 0.0f;
+    args.seed_dscale[s] =
+        (grads && !is_att) ? static_cast<float>(static_cast<double>(a_eff) * total.dsig) : 0.0f;
+    args.dalpha[s] = alpha_grad ? static_cast<float>(total.dalpha) : 0.0f;
     const unsigned long long n = total.mom.n;
     float* gs = args.grad_stats + static_cast<int64_t>(s) * kGradStatsWidth;
     gs[kGradL2Norm] = sqrtf(total.sumsq);
@@ -766,6 +875,13 @@ int64_t max_chunk(const DeviceInfo& dev) {
   return static_cast<int64_t>(tuning_for(dev.cc_major).smem_budget_bytes / sizeof(float));
 }
 
+// Rows in flight of the vector path: the launch config's, else the
+// architecture's default; the scalar path keeps one.
+int backward_rows_in_flight(const Tuning& t) {
+  const int configured = cuda_launch_config().backward_rows_in_flight;
+  return configured != 0 ? configured : t.backward_rows_in_flight;
+}
+
 LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   const Resolved r = resolve(p);
   const Tuning& t = tuning_for(dev.cc_major);
@@ -775,11 +891,17 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   const int64_t span = static_cast<int64_t>(plan.group) * plan.vector;
   const int64_t c_padded = ceil_div(r.C, span) * span;
   const int64_t by_smem = static_cast<int64_t>(t.smem_budget_bytes) / (c_padded * static_cast<int64_t>(sizeof(float)));
-  int64_t rows = t.block_threads / plan.group;
-  if (by_smem < rows) rows = by_smem;
-  plan.rows_per_pass = static_cast<int>(rows < 1 ? 1 : rows);
-  plan.threads = plan.group * plan.rows_per_pass;
-  const std::size_t acc_bytes = static_cast<std::size_t>(plan.rows_per_pass) * static_cast<std::size_t>(c_padded) * sizeof(float);
+  int64_t groups = t.block_threads / plan.group;
+  if (by_smem < groups) groups = by_smem;
+  if (groups < 1) groups = 1;
+  plan.threads = plan.group * static_cast<int>(groups);
+  plan.rows_in_flight = r.vector ? backward_rows_in_flight(t) : 1;
+  // No more rows in flight than a small batch fills (as the forward).
+  while (plan.rows_in_flight > 1 && groups * (plan.rows_in_flight / 2) >= p.rows) {
+    plan.rows_in_flight /= 2;
+  }
+  plan.rows_per_pass = static_cast<int>(groups) * plan.rows_in_flight;
+  const std::size_t acc_bytes = static_cast<std::size_t>(groups) * static_cast<std::size_t>(c_padded) * sizeof(float);
   // The coefficient table goes first, when it still fits next to the sums.
   const std::size_t table_bytes = align_up(static_cast<std::size_t>(r.C) * sizeof(float), 16);
   plan.table_floats = acc_bytes + table_bytes <= t.smem_budget_bytes ? static_cast<int>(table_bytes / sizeof(float)) : 0;
@@ -807,35 +929,38 @@ Layout layout(const BackwardParams& p, const DeviceInfo& dev) {
   return l;
 }
 
-template <typename T, int V>
+template <typename T, int V, int U>
 LaunchPlan finish_plan(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev) {
-  const int resident = resident_ctas_per_sm(reinterpret_cast<const void*>(&backward_kernel<T, V>),
+  const int resident = resident_ctas_per_sm(reinterpret_cast<const void*>(&backward_kernel<T, V, U>),
                                             plan.threads, plan.smem_bytes);
   plan.tiles = tiles_for_rows(p.rows, plan.rows_per_pass, plan.tiles_max, resident, dev.sm_count,
                               p.num_seeds);
   return plan;
 }
 
-// The one dispatch point: (dtype, vector width) -> kernel instance. Returns
-// the final plan; launches only when args is given.
+template <typename T, int V, int U>
+LaunchPlan plan_and_launch(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev,
+                           BackwardArgs* args) {
+  plan = finish_plan<T, V, U>(plan, p, dev);
+  if (args == nullptr) return plan;
+  args->tiles = plan.tiles;
+  const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
+  backward_kernel<T, V, U><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes,
+                             static_cast<cudaStream_t>(p.stream)>>>(*args);
+  KASMINA_CUDA_CHECK(cudaGetLastError());
+  return plan;
+}
+
+// The one dispatch point: (dtype, vector width, rows in flight) -> kernel
+// instance. Returns the final plan; launches only when args is given.
 template <typename T>
 LaunchPlan dispatch_dtype(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev,
                           BackwardArgs* args) {
   constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
-  const bool vec = plan.vector == kVec;
-  plan = vec ? finish_plan<T, kVec>(plan, p, dev) : finish_plan<T, 1>(plan, p, dev);
-  if (args == nullptr) return plan;
-  args->tiles = plan.tiles;
-  const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
-  const auto threads = static_cast<unsigned>(plan.threads);
-  const auto stream = static_cast<cudaStream_t>(p.stream);
-  if (vec) {
-    backward_kernel<T, kVec><<<grid, threads, plan.smem_bytes, stream>>>(*args);
-  } else {
-    backward_kernel<T, 1><<<grid, threads, plan.smem_bytes, stream>>>(*args);
-  }
-  KASMINA_CUDA_CHECK(cudaGetLastError());
-  return plan;
+  if (plan.vector != kVec) return plan_and_launch<T, 1, 1>(plan, p, dev, args);
+  // 1 or 2 (four rows of X and G in flight spill past 128 registers).
+  return plan.rows_in_flight == 1 ? plan_and_launch<T, kVec, 1>(plan, p, dev, args)
+                                  : plan_and_launch<T, kVec, 2>(plan, p, dev, args);
 }
 
 LaunchPlan dispatch(const LaunchPlan& plan, const BackwardParams& p, const DeviceInfo& dev,
@@ -887,10 +1012,11 @@ void backward_cuda(const BackwardParams& p) {
   args.dx_stride = r.dx_stride;
   args.C = static_cast<int>(r.C);
   args.table_floats = plan.table_floats;
-  args.C_padded = static_cast<int>((plan.smem_bytes / sizeof(float) - static_cast<std::size_t>(plan.table_floats)) /
-                                   static_cast<std::size_t>(plan.rows_per_pass));
   args.group = plan.group;
+  args.row_groups = plan.threads / plan.group;
   args.rows_per_pass = plan.rows_per_pass;
+  args.C_padded = static_cast<int>((plan.smem_bytes / sizeof(float) - static_cast<std::size_t>(plan.table_floats)) /
+                                   static_cast<std::size_t>(args.row_groups));
   args.num_seeds = p.num_seeds;
   args.seeds = p.seeds;
   args.registry = p.registry;
@@ -924,7 +1050,8 @@ std::string describe_backward_cuda(const BackwardParams& p) {
   std::ostringstream os;
   os << "cuda.backward." << (r.vector ? "vec" : "scalar") << plan.vector << " "
      << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
-     << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_per_pass
+     << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_in_flight
+     << " rows in flight per thread, " << plan.rows_per_pass
      << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
      << " threads, " << plan.smem_bytes << " B shared memory (dW column sums"

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "cuda/tuning.hpp"
+#include "kasmina/ops.hpp"
 #include "kasmina/params.hpp"
 #include "kasmina/types.hpp"
 
@@ -44,7 +45,8 @@ int resident_ctas_per_sm(const void* func, int threads, std::size_t smem_bytes);
 struct LaunchPlan {
   int vector = 1;         // elements per access (16 bytes on the vector path)
   int group = 1;          // threads per row group (power of two, <= 32)
-  int rows_per_pass = 1;  // row groups per CTA
+  int rows_in_flight = 1;  // rows a thread loads before it computes on the first
+  int rows_per_pass = 1;  // rows a CTA covers per pass (row groups x rows in flight)
   int threads = 0;        // group * rows_per_pass
   int tiles_max = 1;      // row tiles per seed the workspace is sized for
   int tiles = 1;          // row tiles per seed of this call (<= tiles_max)
@@ -210,6 +212,12 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* p, const float (&in)[V]) {
   store_raw<T, V>(p, encode_vec<T, V>(in));
+}
+
+// Ask L2 for the line holding p (no register, no wait): the loads of the
+// next row pass are on their way while this pass computes.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 template <typename T>

@@ -79,15 +79,17 @@ __device__ __forceinline__ FwdStats load_partial(const FwdStats* p) {
 // One thread's telemetry on the hot path: 32-bit counts (a thread never
 // sees 2^32 values) keep the register budget small. The finite values are
 // summed as shifted data (DESIGN 30): count, sum of (x - K) and of (x - K)^2
-// in float32 with K the CTA's shift (a value of its chunk), folded into the
+// in float32, K the first value of the pending batch (0 when it is not
+// finite; the thread's own, so no CTA-wide pass picks it), folded into the
 // Chan-merged moments by flush() every row pass once kFlushCount values are
-// pending (and at the end), so no float32 sum grows long. Widened to FwdStats
-// for the block reduction.
+// pending (and at the end), so no float32 sum grows long. Widened to
+// FwdStats for the block reduction.
 constexpr unsigned kFlushCount = 4096;
 
 struct ThreadStats {
   ThreadMoments mom;  // flushed batches
   unsigned cnt;       // pending finite values since the last flush
+  float shift;        // K of the pending batch
   float sum;          // their sum of (x - K)
   float sq;           // their sum of (x - K)^2
   float lo;
@@ -97,11 +99,14 @@ struct ThreadStats {
   unsigned nonfinite;
   double drift_sum;
 
+  __device__ __forceinline__ static ThreadStats identity() {
+    return {{0u, 0.0f, 0.0f}, 0u, 0.0f, 0.0f, 0.0f, INFINITY, -INFINITY, 0.0f, 0u, 0u, 0.0};
+  }
   // The pending batch as (count, mean, M2) into the moments (Chan): one exact
   // division per flush. sum/cnt is the batch mean of x - K, and
   // sq - sum * (sum/cnt) its M2 without cancellation while K lies near the
   // data (the shifted-data algorithm); rounding below 0 is clamped.
-  __device__ __forceinline__ void flush(float shift) {
+  __device__ __forceinline__ void flush() {
     dead += static_cast<unsigned>(dead_pending);
     dead_pending = 0.0f;
     if (cnt == 0) return;
@@ -124,8 +129,10 @@ struct ThreadStats {
 // when it overflows); then the exact per-value path runs, else the values
 // go into the shifted sums, min/max and the dead count without a test.
 template <int V>
-__device__ __forceinline__ void add_values(ThreadStats& st, const float (&xv)[V], float shift,
+__device__ __forceinline__ void add_values(ThreadStats& st, const float (&xv)[V],
                                            float dead_threshold) {
+  if (st.cnt == 0) st.shift = isfinite(xv[0]) ? xv[0] : 0.0f;  // nothing pending: any K is exact
+  const float shift = st.shift;
   float d[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) d[i] = xv[i] - shift;
@@ -173,7 +180,8 @@ struct ForwardArgs {
   int64_t y_stride;
   int C;
   int group;
-  int rows_per_pass;
+  int row_groups;     // threads / group
+  int rows_per_pass;  // row_groups x rows in flight
   int tiles;
   bool coef_table;  // the dynamic shared memory holds C floats of coefficients
   SeedTable seeds;
@@ -212,14 +220,18 @@ __device__ __forceinline__ void group_sum3(double& a, double& b, double& c, int 
 enum class Mode { copy, residual, attention, mlp, conv, wide };
 
 // Rows of one CTA for one mode: y, the per-thread telemetry and the drift.
-template <typename T, int V, Mode M, bool Clamp>
+// A row group takes U rows of each row pass (group, group + row_groups, ...)
+// and loads its vector of all U rows before it computes on the first: U
+// 16-byte loads in flight per thread, where one leaves HBM idle.
+template <typename T, int V, int U, Mode M, bool Clamp>
 __device__ __forceinline__ void forward_rows(const ForwardArgs& args, const SeedView& sv,
-                                             const float* table, float shift, int tile,
-                                             int lane, int group, ThreadStats& st) {
+                                             const float* table, int tile, int lane, int group,
+                                             ThreadStats& st) {
   constexpr bool kBlend = M != Mode::copy;
   const int C = args.C;
   const int G = args.group;
   const int tiles = args.tiles;
+  const int64_t RG = args.row_groups;
   const int64_t R = args.rows_per_pass;
   const int64_t N = args.rows;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(tiles)) * C;
@@ -235,23 +247,47 @@ __device__ __forceinline__ void forward_rows(const ForwardArgs& args, const Seed
   const int step = G * V;
 
   for (int64_t pass = tile; pass * R < N; pass += tiles) {
-    const int64_t n = pass * R + group;
-    const bool active = n < N;
+    const int64_t n0 = pass * R + group;
+    // The next pass's rows on their way to L2 (two passes in flight).
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t n = n0 + tiles * R + u * RG;
+      if (n < N) {
+        const T* p = x + n * args.x_stride + col0;
+        for (int c = lane * V; c < C; c += step) prefetch_l2(p + c);
+      }
+    }
+    bool active[U];
+    const T* xr[U];
+    T* yr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t n = n0 + u * RG;
+      active[u] = n < N;
+      const int64_t nn = active[u] ? n : 0;  // no pointer past the tensor
+      xr[u] = x + nn * args.x_stride + col0;
+      yr[u] = y + nn * args.y_stride + col0;
+    }
     // Drift is 1 - cos, small next to 1: the row sums are kept in float64
     // (a product of two floats is exact there), so the cancellation in
     // 1 - cos costs nothing visible at float32 output precision (DESIGN 28).
-    double dot = 0.0, xx = 0.0, yy = 0.0;
-    if (active) {
-      const T* xr = x + n * args.x_stride + col0;
-      const T* xp = xr + lane * V;
-      T* yp = y + n * args.y_stride + col0 + lane * V;
-      for (int c = lane * V; c < C; c += step, xp += step, yp += step) {
-        const RawVec<T, V> raw = load_raw<T, V>(xp);
+    double dot[U], xx[U], yy[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) dot[u] = xx[u] = yy[u] = 0.0;
+    for (int c = lane * V; c < C; c += step) {
+      RawVec<T, V> raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (active[u]) raw[u] = load_raw<T, V>(xr[u] + c);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!active[u]) continue;
         float xv[V];
-        decode_vec<T, V>(raw, xv);
+        decode_vec<T, V>(raw[u], xv);
         if constexpr (!kBlend && !Clamp) {
           // A copy stores the loaded bytes unchanged.
-          store_raw<T, V>(yp, raw);
+          store_raw<T, V>(yr[u] + c, raw[u]);
         } else {
           float yv[V];
           float coef[V];
@@ -263,8 +299,8 @@ __device__ __forceinline__ void forward_rows(const ForwardArgs& args, const Seed
           // neighbour lane loaded them), then rolled along the vector.
           float xm2 = 0.0f, xm1 = 0.0f;
           if constexpr (M == Mode::conv) {
-            xm2 = c >= 2 ? load_one(xr + c - 2) : 0.0f;
-            xm1 = c >= 1 ? load_one(xr + c - 1) : 0.0f;
+            xm2 = c >= 2 ? load_one(xr[u] + c - 2) : 0.0f;
+            xm1 = c >= 1 ? load_one(xr[u] + c - 1) : 0.0f;
           }
 #pragma unroll
           for (int i = 0; i < V; ++i) {
@@ -289,71 +325,96 @@ __device__ __forceinline__ void forward_rows(const ForwardArgs& args, const Seed
               }
               yi = a * t + b * xi;
               const double xd = xi, yd = yi;
-              dot += xd * yd;
-              xx += xd * xd;
-              yy += yd * yd;
+              dot[u] += xd * yd;
+              xx[u] += xd * xd;
+              yy[u] += yd * yd;
             }
             yv[i] = Clamp ? clamp_output(true, clo, chi, yi) : yi;
           }
-          store_vec<T, V>(yp, yv);
+          store_vec<T, V>(yr[u] + c, yv);
         }
-        add_values<V>(st, xv, shift, thr);
+        add_values<V>(st, xv, thr);
       }
     }
     if constexpr (kBlend) {
       // Every lane of the CTA reaches this point the same number of times.
-      group_sum3(dot, xx, yy, G);
-      if (active && lane == 0) {
-        // cos = 1 for a zero or non-finite row (SPEC section 4), and for a row
-        // with Y == X (dot == |X|^2 == |Y|^2), where the formula would leave
-        // rounding noise instead of the exact 0.
-        // A non-finite X or Y makes |X|^2 or |Y|^2 non-finite (squares of
-        // finite floats cannot overflow a double), so no per-value test.
-        const bool unit = !isfinite(xx) || !isfinite(yy) || xx == 0.0 || yy == 0.0 ||
-                          (dot == xx && xx == yy);
-        if (!unit) st.drift_sum += 1.0 - dot * rsqrt(xx * yy);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        group_sum3(dot[u], xx[u], yy[u], G);
+        if (active[u] && lane == 0) {
+          // cos = 1 for a zero or non-finite row (SPEC section 4), and for a
+          // row with Y == X (dot == |X|^2 == |Y|^2), where the formula would
+          // leave rounding noise instead of the exact 0. A non-finite X or Y
+          // makes |X|^2 or |Y|^2 non-finite (squares of finite floats cannot
+          // overflow a double), so no per-value test.
+          const bool unit = !isfinite(xx[u]) || !isfinite(yy[u]) || xx[u] == 0.0 ||
+                            yy[u] == 0.0 || (dot[u] == xx[u] && xx[u] == yy[u]);
+          if (!unit) st.drift_sum += 1.0 - dot[u] * rsqrt(xx[u] * yy[u]);
+        }
       }
     }
-    if (st.cnt >= kFlushCount) st.flush(shift);
+    if (st.cnt >= kFlushCount) st.flush();
   }
 }
 
-template <typename T, int V, bool Clamp>
+template <typename T, int V, int U, bool Clamp>
 __device__ __forceinline__ void forward_rows_mode(Mode mode, const ForwardArgs& args,
                                                   const SeedView& sv, const float* table,
-                                                  float shift, int tile, int lane, int group,
+                                                  int tile, int lane, int group,
                                                   ThreadStats& st) {
   switch (mode) {
     case Mode::copy:
-      forward_rows<T, V, Mode::copy, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::copy, Clamp>(args, sv, table, tile, lane, group, st);
       break;
     case Mode::residual:
-      forward_rows<T, V, Mode::residual, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::residual, Clamp>(args, sv, table, tile, lane, group, st);
       break;
     case Mode::attention:
-      forward_rows<T, V, Mode::attention, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::attention, Clamp>(args, sv, table, tile, lane, group, st);
       break;
     case Mode::mlp:
-      forward_rows<T, V, Mode::mlp, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::mlp, Clamp>(args, sv, table, tile, lane, group, st);
       break;
     case Mode::conv:
-      forward_rows<T, V, Mode::conv, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::conv, Clamp>(args, sv, table, tile, lane, group, st);
       break;
     case Mode::wide:
-      forward_rows<T, V, Mode::wide, Clamp>(args, sv, table, shift, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::wide, Clamp>(args, sv, table, tile, lane, group, st);
       break;
   }
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(kMaxBlockThreads, kForwardMinBlocks)
+// Seed s's telemetry row from its merged statistics (SPEC section 4).
+__device__ __forceinline__ void write_telemetry(const ForwardArgs& args, int s, const FwdStats& acc,
+                                                bool blends) {
+  const int64_t N = args.rows;
+  const unsigned long long n = acc.mom.n;
+  const float mean = n > 0 ? acc.mom.mean : 0.0f;
+  const float variance = n > 0 ? acc.mom.m2 / static_cast<float>(n) : 0.0f;
+  float* tel = args.telemetry + static_cast<int64_t>(s) * kTelemetryWidth;
+  tel[kTelVariance] = variance;
+  tel[kTelMean] = mean;
+  tel[kTelMin] = acc.lo;
+  tel[kTelMax] = acc.hi;
+  tel[kTelDeadRatio] = n > 0 ? static_cast<float>(acc.dead) / static_cast<float>(n) : 0.0f;
+  tel[kTelSignalToNoise] = n > 0 ? fabsf(mean) / sqrtf(variance + 1e-8f) : 0.0f;
+  tel[kTelNonfinite] = static_cast<float>(acc.nonfinite);
+  // Exactly 0 for a copy and for N = 0 (SPEC section 4).
+  tel[kTelDrift] =
+      (blends && N > 0) ? static_cast<float>(acc.drift_sum / static_cast<double>(N)) : 0.0f;
+  if (args.nonfinite_count != nullptr) {
+    args.nonfinite_count[s] = static_cast<int64_t>(acc.nonfinite);
+  }
+}
+
+template <typename T, int V, int U>
+__global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T), U))
     forward_kernel(const ForwardArgs args) {
   extern __shared__ float coef_smem[];  // [C] when args.coef_table
   __shared__ FwdStats red_scratch[8];
   __shared__ SumF sum_scratch[8];
   __shared__ MaxF max_scratch[8];
   __shared__ float bcast;
-  __shared__ float shift_smem;
   __shared__ int is_last;
 
   const int tiles = args.tiles;
@@ -364,6 +425,24 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kForwardMinBlocks)
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int group = static_cast<int>(threadIdx.x) / G;
   const int64_t N = args.rows;
+
+  // The thread's first vectors on their way to L2 while the seed's view and
+  // coefficients load (a small batch is otherwise a chain of round trips).
+  {
+    const int64_t n0 = static_cast<int64_t>(tile) * args.rows_per_pass + group;
+    const int c = lane * V;
+    if (c < C) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t n = n0 + static_cast<int64_t>(u) * args.row_groups;
+        if (n < N) {
+          const T* p = static_cast<const T*>(args.x) + n * args.x_stride +
+                       static_cast<int64_t>(s) * C + c;
+          prefetch_l2(p);
+        }
+      }
+    }
+  }
 
   SeedView sv = load_seed_view(args.seeds, args.registry, s, C);
   if (sv.blends && sv.kind == static_cast<int>(Kind::attention)) {
@@ -384,40 +463,27 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kForwardMinBlocks)
     if (args.coef_table) {
       fill_coef_table(sv, C, coef_smem);
       table = coef_smem;
+      __syncthreads();
     } else {
       mode = Mode::wide;
     }
   }
-  // The shift of the shifted sums (DESIGN 30): the first finite value of
-  // the CTA's first row (usually its first value), 0 when there is none.
-  if (threadIdx.x == 0) {
-    const int64_t row = static_cast<int64_t>(tile) * args.rows_per_pass;
-    float k = 0.0f;
-    if (row < N) {
-      const T* xr = static_cast<const T*>(args.x) + row * args.x_stride +
-                    static_cast<int64_t>(s) * C;
-      for (int j = 0; j < C; ++j) {
-        const float v = load_one(xr + j);
-        if (isfinite(v)) {
-          k = v;
-          break;
-        }
-      }
-    }
-    shift_smem = k;
-  }
-  __syncthreads();
-  const float shift = shift_smem;
 
-  ThreadStats st{{0u, 0.0f, 0.0f}, 0u, 0.0f, 0.0f, INFINITY, -INFINITY, 0.0f, 0u, 0u, 0.0};
+  ThreadStats st = ThreadStats::identity();
   if (args.clamp.enabled) {
-    forward_rows_mode<T, V, true>(mode, args, sv, table, shift, tile, lane, group, st);
+    forward_rows_mode<T, V, U, true>(mode, args, sv, table, tile, lane, group, st);
   } else {
-    forward_rows_mode<T, V, false>(mode, args, sv, table, shift, tile, lane, group, st);
+    forward_rows_mode<T, V, U, false>(mode, args, sv, table, tile, lane, group, st);
   }
-  st.flush(shift);
+  st.flush();
 
   const FwdStats cta = block_reduce(st.widen(), red_scratch);
+  if (tiles == 1) {
+    // The seed's only CTA: its statistics are the seed's (no partials, no
+    // ticket: a small batch pays no second round trip through L2).
+    if (threadIdx.x == 0) write_telemetry(args, s, cta, sv.blends);
+    return;
+  }
   FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * tiles;
   if (threadIdx.x == 0) {
     seed_partials[tile] = cta;
@@ -439,23 +505,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kForwardMinBlocks)
     seed_partials[i] = FwdStats{};
   }
   if (threadIdx.x == 0) {
-    const unsigned long long n = acc.mom.n;
-    const float mean = n > 0 ? acc.mom.mean : 0.0f;
-    const float variance = n > 0 ? acc.mom.m2 / static_cast<float>(n) : 0.0f;
-    float* tel = args.telemetry + static_cast<int64_t>(s) * kTelemetryWidth;
-    tel[kTelVariance] = variance;
-    tel[kTelMean] = mean;
-    tel[kTelMin] = acc.lo;
-    tel[kTelMax] = acc.hi;
-    tel[kTelDeadRatio] = n > 0 ? static_cast<float>(acc.dead) / static_cast<float>(n) : 0.0f;
-    tel[kTelSignalToNoise] = n > 0 ? fabsf(mean) / sqrtf(variance + 1e-8f) : 0.0f;
-    tel[kTelNonfinite] = static_cast<float>(acc.nonfinite);
-    // Exactly 0 for a copy and for N = 0 (SPEC section 4).
-    tel[kTelDrift] =
-        (sv.blends && N > 0) ? static_cast<float>(acc.drift_sum / static_cast<double>(N)) : 0.0f;
-    if (args.nonfinite_count != nullptr) {
-      args.nonfinite_count[s] = static_cast<int64_t>(acc.nonfinite);
-    }
+    write_telemetry(args, s, acc, sv.blends);
     args.tickets[s] = 0u;  // every CTA of this seed has taken its ticket
   }
 }
@@ -492,6 +542,15 @@ int tiles_max_for(int32_t num_seeds, const DeviceInfo& dev) {
   return tiles_per_seed_bound(num_seeds, tuning_for(dev.cc_major), dev.sm_count);
 }
 
+// Rows in flight of the vector path: the launch config's, else the
+// architecture's default. The scalar path (a fallback for odd shapes and
+// pointers) keeps one.
+int forward_rows_in_flight(const Tuning& t, DType dtype) {
+  const int configured = cuda_launch_config().forward_rows_in_flight;
+  if (configured != 0) return configured;
+  return dtype_size(dtype) == 4 ? t.forward_rows_in_flight_4byte : t.forward_rows_in_flight_2byte;
+}
+
 LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev) {
   const Resolved r = resolve(p);
   const Tuning& t = tuning_for(dev.cc_major);
@@ -503,7 +562,18 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev) {
   plan.group = next_pow2(ceil_div(r.C, plan.vector));
   if (plan.group > kForwardGroupThreads) plan.group = kForwardGroupThreads;
   plan.threads = t.block_threads;
-  plan.rows_per_pass = plan.threads / plan.group;
+  plan.rows_in_flight = r.vector ? forward_rows_in_flight(t, p.dtype) : 1;
+  // 2-byte types at most 2: their 8-wide step with four rows spilled on
+  // sm_80 (and ran no faster than two on the H100).
+  if (dtype_size(p.dtype) == 2 && plan.rows_in_flight > 2) plan.rows_in_flight = 2;
+  // No more rows in flight than a small batch fills: a thread's extra rows
+  // would be idle and their code colder (16x4096/64 ran 11.3 us with 4 and
+  // 9.5 us with 1, docs/PERFORMANCE.md).
+  while (plan.rows_in_flight > 1 &&
+         static_cast<int64_t>(plan.threads / plan.group) * (plan.rows_in_flight / 2) >= p.rows) {
+    plan.rows_in_flight /= 2;
+  }
+  plan.rows_per_pass = plan.threads / plan.group * plan.rows_in_flight;
   plan.tiles_max = tiles_max_for(p.num_seeds, dev);
   // The coefficient table when it fits the shared memory every architecture
   // gives without an opt-in; wider chunks compute coefficients on the fly.
@@ -523,34 +593,40 @@ std::size_t workspace_bytes(const ForwardParams& p, const DeviceInfo& dev) {
                                           sizeof(FwdStats);
 }
 
-template <typename T, int V>
+template <typename T, int V, int U>
 LaunchPlan finish_plan(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev) {
-  const int resident = resident_ctas_per_sm(reinterpret_cast<const void*>(&forward_kernel<T, V>),
+  const int resident = resident_ctas_per_sm(reinterpret_cast<const void*>(&forward_kernel<T, V, U>),
                                             plan.threads, plan.smem_bytes);
   plan.tiles = tiles_for_rows(p.rows, plan.rows_per_pass, plan.tiles_max, resident, dev.sm_count,
                               p.num_seeds);
   return plan;
 }
 
-// The one dispatch point: (dtype, vector width) -> kernel instance. Returns
-// the final plan; launches only when args is given.
+template <typename T, int V, int U>
+LaunchPlan plan_and_launch(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev,
+                           ForwardArgs* args) {
+  plan = finish_plan<T, V, U>(plan, p, dev);
+  if (args == nullptr) return plan;
+  args->tiles = plan.tiles;
+  const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
+  forward_kernel<T, V, U><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes,
+                            static_cast<cudaStream_t>(p.stream)>>>(*args);
+  KASMINA_CUDA_CHECK(cudaGetLastError());
+  return plan;
+}
+
+// The one dispatch point: (dtype, vector width, rows in flight) -> kernel
+// instance. Returns the final plan; launches only when args is given.
 template <typename T>
 LaunchPlan dispatch_dtype(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev,
                           ForwardArgs* args) {
   constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
-  const bool vec = plan.vector == kVec;
-  plan = vec ? finish_plan<T, kVec>(plan, p, dev) : finish_plan<T, 1>(plan, p, dev);
-  if (args == nullptr) return plan;
-  args->tiles = plan.tiles;
-  const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
-  const auto stream = static_cast<cudaStream_t>(p.stream);
-  if (vec) {
-    forward_kernel<T, kVec><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes, stream>>>(*args);
-  } else {
-    forward_kernel<T, 1><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes, stream>>>(*args);
+  if (plan.vector != kVec) return plan_and_launch<T, 1, 1>(plan, p, dev, args);
+  if (plan.rows_in_flight == 1) return plan_and_launch<T, kVec, 1>(plan, p, dev, args);
+  if constexpr (sizeof(T) == 4) {
+    if (plan.rows_in_flight == 4) return plan_and_launch<T, kVec, 4>(plan, p, dev, args);
   }
-  KASMINA_CUDA_CHECK(cudaGetLastError());
-  return plan;
+  return plan_and_launch<T, kVec, 2>(plan, p, dev, args);
 }
 
 LaunchPlan dispatch(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
@@ -598,6 +674,7 @@ void forward_cuda(const ForwardParams& p) {
   args.y_stride = r.y_stride;
   args.C = static_cast<int>(r.C);
   args.group = plan.group;
+  args.row_groups = plan.threads / plan.group;
   args.rows_per_pass = plan.rows_per_pass;
   args.coef_table = plan.smem_bytes > 0;
   args.seeds = p.seeds;
@@ -622,10 +699,11 @@ std::string describe_forward_cuda(const ForwardParams& p) {
   std::ostringstream os;
   os << "cuda.forward." << (r.vector ? "vec" : "scalar") << plan.vector << " "
      << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
-     << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_per_pass
-     << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
+     << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_in_flight
+     << " rows in flight per thread, " << plan.rows_per_pass << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
-     << " threads, one launch, "
+     << " threads, one launch"
+     << (plan.tiles == 1 ? " (one CTA per seed: no partials)" : "") << ", "
      << (plan.smem_bytes > 0 ? "coefficients in a shared-memory table"
                              : "coefficients computed per element (C too wide for the table)");
   return os.str();

@@ -28,6 +28,15 @@ struct Tuning {
   // Bytes the backward kernel may use for per-CTA column partials of dW
   // (tiles x S x C floats): caps the tile count for very wide chunks.
   std::size_t backward_partial_bytes;
+  // Rows each thread of the forward loads before it computes on the first,
+  // for 4-byte and for 2-byte types, and of the backward
+  // (kasmina::CudaLaunchConfig overrides them). The forward also prefetches
+  // the next row pass into L2, which with one row in flight did as well as
+  // four without it for float32 and better at 8192x768 (docs/PERFORMANCE.md,
+  // "Rows in flight").
+  int forward_rows_in_flight_4byte;
+  int forward_rows_in_flight_2byte;
+  int backward_rows_in_flight;
 };
 
 // sm_80 (A100) and sm_90 (H100) share one memory-bound design: 16-byte
@@ -36,8 +45,8 @@ struct Tuning {
 // passes are split evenly over the tiles, so a partial second wave would
 // double the time of its CTAs). A Hopper-specific variant (TMA bulk copies)
 // would get its own entry here.
-inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20};
-inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20};
+inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2};
+inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2};
 
 inline constexpr const Tuning& tuning_for(int cc_major) {
   return cc_major >= 9 ? kTuningSm90 : kTuningSm80;
@@ -52,13 +61,21 @@ inline constexpr int kMaxBlockThreads = 256;
 // row and access, while per-row reductions are shared by 4 rows a warp.
 inline constexpr int kForwardGroupThreads = 8;
 // Minimum resident CTAs of kMaxBlockThreads the forward kernel is compiled
-// for (__launch_bounds__): 3 allows up to 85 registers a thread (it uses 80;
-// 4 would cap it at 64, which spills), matching ctas_per_sm above.
-inline constexpr int kForwardMinBlocks = 3;
+// for (__launch_bounds__), per element size and rows in flight U: float32
+// with U = 1 takes 3 (up to 80 registers a thread; 4 would cap it at 64,
+// which spills); 2-byte types (their 8-wide step spilled a few values under
+// 80 registers on sm_80) and more rows in flight (U raw vectors and U row
+// sums each) take 2 (128 registers).
+inline constexpr int forward_min_blocks(std::size_t elem_bytes, int rows_in_flight) {
+  return (elem_bytes == 4 && rows_in_flight == 1) ? 3 : 2;
+}
 // The same for the backward kernel, per element size: 3 for float32 (80
 // registers, its loop specialised per seed kind, clamp and clip, DESIGN 31);
 // 2 for bfloat16/float16 (at most 128 registers: their 8-wide vector step
 // spilled a few values under the 80-register bound).
-inline constexpr int backward_min_blocks(std::size_t elem_bytes) { return elem_bytes == 4 ? 3 : 2; }
+// With more than one row in flight, 2 for every type.
+inline constexpr int backward_min_blocks(std::size_t elem_bytes, int rows_in_flight) {
+  return (elem_bytes == 4 && rows_in_flight == 1) ? 3 : 2;
+}
 
 }  // namespace kasmina::cuda
