@@ -359,5 +359,19 @@ TEST(Dispatch, HostBackendsNeedNoWorkspaceAndDescribeThemselves) {
   EXPECT_GT(info.cpu_threads, 0);
 }
 
+TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
+  const CudaLaunchConfig saved = cuda_launch_config();
+  set_cuda_launch_config({2, 1});
+  expect_error([] { set_cuda_launch_config({3, 1}); },
+               {ErrorKind::value, {"forward_rows_in_flight", "0 (default), 1, 2 or 4", "got 3"}},
+               "forward rows 3");
+  expect_error([] { set_cuda_launch_config({1, 4}); },
+               {ErrorKind::value, {"backward_rows_in_flight", "0 (default), 1 or 2", "got 4"}},
+               "backward rows 4");
+  EXPECT_EQ(cuda_launch_config().forward_rows_in_flight, 2);
+  EXPECT_EQ(cuda_launch_config().backward_rows_in_flight, 1);
+  set_cuda_launch_config(saved);
+}
+
 }  // namespace
 }  // namespace kasmina::test

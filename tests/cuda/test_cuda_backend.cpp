@@ -260,6 +260,47 @@ TEST_F(SmallCuda, ClampClipMisaligned) {
   check_problem(o, {.misalign = true});
 }
 
+// Every rows-in-flight variant of both kernels (kasmina::CudaLaunchConfig),
+// restored afterwards.
+class LaunchConfigGuard {
+ public:
+  explicit LaunchConfigGuard(const CudaLaunchConfig& c) : saved_(cuda_launch_config()) {
+    set_cuda_launch_config(c);
+  }
+  ~LaunchConfigGuard() { set_cuda_launch_config(saved_); }
+  LaunchConfigGuard(const LaunchConfigGuard&) = delete;
+  LaunchConfigGuard& operator=(const LaunchConfigGuard&) = delete;
+
+ private:
+  CudaLaunchConfig saved_;
+};
+
+struct ConfigCase {
+  int forward_rows, backward_rows;
+};
+constexpr ConfigCase kConfigs[] = {{1, 1}, {2, 2}, {4, 1}, {4, 2}};
+
+std::string config_name(const ConfigCase& c) {
+  return "rows in flight fwd " + std::to_string(c.forward_rows) + " bwd " +
+         std::to_string(c.backward_rows);
+}
+
+TEST_F(SmallCuda, EveryLaunchConfig) {
+  uint64_t rng = 150;
+  for (const ConfigCase& cc : kConfigs) {
+    SCOPED_TRACE(config_name(cc));
+    const LaunchConfigGuard guard({cc.forward_rows, cc.backward_rows});
+    for (int64_t rows : {1, 37}) {
+      ProblemOptions o = shape(rows, 48, 3, cc.forward_rows == 2 ? DType::bf16 : DType::f32, ++rng);
+      check_problem(o);
+      o.clamp = true;
+      o.clip = true;
+      o.rng_seed = ++rng;
+      check_problem(o);
+    }
+  }
+}
+
 // -------------------------------------------------------------- full suite
 
 class CudaBackend : public CudaTest {};
@@ -378,6 +419,35 @@ TEST_F(CudaBackend, BenchmarkShapes) {
   uint64_t rng = 6000;
   for (const Shape& s : {Shape{16384, 4096, 64}, Shape{8192, 768, 16}, Shape{16, 4096, 64}}) {
     check_problem(shape(s.rows, s.hidden / s.seeds, s.seeds, DType::f32, ++rng));
+  }
+}
+
+TEST_F(CudaBackend, EveryLaunchConfig) {
+  uint64_t rng = 6500;
+  for (const ConfigCase& cc : kConfigs) {
+    SCOPED_TRACE(config_name(cc));
+    const LaunchConfigGuard guard({cc.forward_rows, cc.backward_rows});
+    for (DType dt : kDTypes) {
+      for (int64_t chunk : {4, 48, 64, 65, 1000}) {
+        // Rows that end inside a pass, in every rows-in-flight slot. At most
+        // ~5e4 values a seed: dalpha sums N*C terms of both signs, and past
+        // ~1.5e5 float32 terms its error on random data reached SPEC's 1e-5
+        // on both fast backends (docs/PERFORMANCE.md, known limits).
+        for (int64_t rows : {1, 7, 257, 1000, 3001}) {
+          if (rows * chunk > 64000) continue;
+          check_problem(shape(rows, chunk, 5, dt, ++rng));
+        }
+        ProblemOptions o = shape(515, chunk, 3, dt, ++rng);
+        o.clamp = true;
+        o.clip = true;
+        check_problem(o);
+        o.row_pad = 8;
+        o.rng_seed = ++rng;
+        check_problem(o, {.misalign = true});
+      }
+    }
+    check_problem(shape(2048, 64, 64, DType::f32, ++rng));
+    check_problem(shape(16, 64, 64, DType::bf16, ++rng));
   }
 }
 
