@@ -50,12 +50,24 @@ void expect_rel(const std::string& tensor, std::span<const double> out, std::spa
 
 // A value in the middle of the gap after the k-th smallest of `values`, so
 // that float32 and float64 evaluations of Y fall on the same side of it.
+// A float bound between the sorted values near index k, in a gap wide
+// enough that float32 and float64 outputs fall on the same side of it: the
+// gap nearest k (searching both ways) of at least 1e-4 relative. Storage
+// rounding (bfloat16, copies) puts many outputs on a few values, so the
+// neighbours of k itself are often equal or a float32 ulp apart.
 float split_point(std::vector<double> values, std::size_t k) {
-  std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(k), values.end());
-  const double below = values[k];
-  const double above =
-      *std::min_element(values.begin() + static_cast<std::ptrdiff_t>(k) + 1, values.end());
-  return static_cast<float>(0.5 * (below + above));
+  std::sort(values.begin(), values.end());
+  auto wide = [&](std::size_t i) {
+    const double lo = values[i], hi = values[i + 1];
+    return hi - lo > 1e-4 * std::max(1.0, std::max(std::fabs(lo), std::fabs(hi)));
+  };
+  for (std::size_t d = 0; d < values.size(); ++d) {
+    if (k + d + 1 < values.size() && wide(k + d)) return static_cast<float>(0.5 * (values[k + d] + values[k + d + 1]));
+    if (d <= k && k - d + 1 < values.size() && wide(k - d)) {
+      return static_cast<float>(0.5 * (values[k - d] + values[k - d + 1]));
+    }
+  }
+  return static_cast<float>(values[k]);
 }
 
 double special_value(DType dtype, int which) {
