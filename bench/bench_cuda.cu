@@ -8,7 +8,11 @@
 // in the same run: forward moves read x + write y, forward+backward moves
 // read x + write y + read x + read dy + write dx.
 //
-//   bench_cuda [--runs N] [--json FILE]
+// Then, same run, the launch-config candidates (rows in flight of each
+// kernel, kasmina::CudaLaunchConfig) and, for the small shape, the forward
+// replayed from a CUDA graph.
+//
+//   bench_cuda [--runs N] [--json FILE] [--no-candidates]
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -83,6 +87,7 @@ struct Row {
   std::string pass, dtype, seeds_mode, variant;
   Shape shape;
   double time_us, gbps, floor_gbps, pct_floor;
+  bool candidate = false;  // a launch-config candidate, not the default
 };
 
 double median(std::vector<float> v) {
@@ -200,7 +205,8 @@ struct DeviceLayer {
   kasmina::RegistryView registry() const { return {weights, scales, B}; }
 };
 
-void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, std::vector<Row>& rows) {
+void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool candidates,
+               std::vector<Row>& rows) {
   const std::size_t esize = kasmina::dtype_size(dtype);
   const int64_t numel = shape.rows * shape.hidden;
   const std::size_t bytes = static_cast<std::size_t>(numel) * esize;
@@ -261,20 +267,61 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, std::vect
 
     const std::string mode = blending ? "blend-mixed" : "dormant";
     const std::string dname(kasmina::dtype_name(dtype));
-    const double fwd_us = bench.time_us([&] { kasmina::forward(fp, kasmina::Backend::cuda); });
     const double fwd_bytes = 2.0 * static_cast<double>(bytes);
-    rows.push_back({"forward", dname, mode, kasmina::describe_forward(fp, kasmina::Backend::cuda), shape,
-                    fwd_us, fwd_bytes / (fwd_us * 1e3), floor_gbps,
-                    100.0 * (fwd_bytes / floor_gbps / 1e3) / fwd_us});
-    const double both_us = bench.time_us([&] {
-      kasmina::forward(fp, kasmina::Backend::cuda);
-      kasmina::backward(bp, kasmina::Backend::cuda);
-    });
     const double both_bytes = 5.0 * static_cast<double>(bytes);
+    auto time_forward = [&] {
+      return bench.time_us([&] { kasmina::forward(fp, kasmina::Backend::cuda); });
+    };
+    auto time_both = [&] {
+      return bench.time_us([&] {
+        kasmina::forward(fp, kasmina::Backend::cuda);
+        kasmina::backward(bp, kasmina::Backend::cuda);
+      });
+    };
+    auto pct = [&](double moved, double us) { return 100.0 * (moved / floor_gbps / 1e3) / us; };
+    // The default launch configuration (the architecture's tuning).
+    kasmina::set_cuda_launch_config({});
+    const double fwd_us = time_forward();
+    rows.push_back({"forward", dname, mode, kasmina::describe_forward(fp, kasmina::Backend::cuda), shape,
+                    fwd_us, fwd_bytes / (fwd_us * 1e3), floor_gbps, pct(fwd_bytes, fwd_us)});
+    const double both_us = time_both();
     rows.push_back({"forward+backward", dname, mode,
                     kasmina::describe_backward(bp, kasmina::Backend::cuda), shape, both_us,
-                    both_bytes / (both_us * 1e3), floor_gbps,
-                    100.0 * (both_bytes / floor_gbps / 1e3) / both_us});
+                    both_bytes / (both_us * 1e3), floor_gbps, pct(both_bytes, both_us)});
+    // The candidates of the launch configuration, same run (blending seeds).
+    if (blending && candidates) {
+      for (int u : {1, 2, 4}) {
+        if (u == 4 && esize == 2) continue;  // 2-byte types run at most 2 (ops.hpp)
+        kasmina::set_cuda_launch_config({u, 0});
+        const double t = time_forward();
+        rows.push_back({"forward", dname, mode, "fwd rows in flight " + std::to_string(u), shape, t,
+                        fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+      }
+      for (int u : {1, 2}) {
+        kasmina::set_cuda_launch_config({0, u});
+        const double t = time_both();
+        rows.push_back({"forward+backward", dname, mode, "bwd rows in flight " + std::to_string(u),
+                        shape, t, both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
+      }
+      kasmina::set_cuda_launch_config({});
+    }
+    // Small inputs: the forward replayed from a CUDA graph of kGraphCalls
+    // launches (launch gaps shrink to the graph's), per call; L2 is not
+    // flushed between the calls of one replay.
+    if (shape.rows * shape.hidden <= (1 << 20)) {
+      constexpr int kGraphCalls = 100;
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      CHECK(cudaStreamBeginCapture(bench.stream(), cudaStreamCaptureModeThreadLocal));
+      for (int i = 0; i < kGraphCalls; ++i) kasmina::forward(fp, kasmina::Backend::cuda);
+      CHECK(cudaStreamEndCapture(bench.stream(), &graph));
+      CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      const double t = bench.time_us([&] { CHECK(cudaGraphLaunch(exec, bench.stream())); }) / kGraphCalls;
+      rows.push_back({"forward (graph)", dname, mode, "per call, 100 calls per CUDA graph", shape, t,
+                      fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t)});
+      CHECK(cudaGraphExecDestroy(exec));
+      CHECK(cudaGraphDestroy(graph));
+    }
     CHECK(cudaFree(fp.workspace));
     CHECK(cudaFree(bp.workspace));
   }
@@ -294,6 +341,7 @@ std::string json_escape(const std::string& s) {
 
 int main(int argc, char** argv) {
   int runs = 50;
+  bool candidates = true;
   std::string json_path;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -301,8 +349,10 @@ int main(int argc, char** argv) {
       runs = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--json" && i + 1 < argc) {
       json_path = argv[++i];
+    } else if (a == "--no-candidates") {
+      candidates = false;
     } else {
-      std::fprintf(stderr, "usage: bench_cuda [--runs N] [--json FILE]\n");
+      std::fprintf(stderr, "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates]\n");
       return 2;
     }
   }
@@ -319,26 +369,39 @@ int main(int argc, char** argv) {
     std::vector<Row> rows;
     const Shape shapes[] = {{16384, 4096, 64}, {8192, 768, 16}, {16, 4096, 64}};
     for (const Shape& s : shapes) {
-      for (kasmina::DType dt : {kasmina::DType::f32, kasmina::DType::bf16}) run_shape(bench, s, dt, rows);
+      for (kasmina::DType dt : {kasmina::DType::f32, kasmina::DType::bf16}) {
+        run_shape(bench, s, dt, candidates, rows);
+      }
     }
     std::printf("%-17s %-9s %-16s %-12s %10s %9s %9s %7s\n", "pass", "dtype", "shape", "seeds",
                 "time_us", "GB/s", "floorGB/s", "%floor");
     for (const Row& r : rows) {
+      if (r.candidate) continue;
       std::ostringstream shape;
       shape << r.shape.rows << "x" << r.shape.hidden << "/" << r.shape.seeds;
       std::printf("%-17s %-9s %-16s %-12s %10.1f %9.0f %9.0f %6.1f%%\n", r.pass.c_str(),
                   r.dtype.c_str(), shape.str().c_str(), r.seeds_mode.c_str(), r.time_us, r.gbps,
                   r.floor_gbps, r.pct_floor);
     }
+    std::printf("launch-config candidates (blending seeds, same run):\n");
     for (const Row& r : rows) {
-      if (r.shape.rows == 16 && r.pass == "forward") {
-        std::printf("small-batch forward (16x4096, S=64, %s, %s): %.1f us GPU time\n",
+      if (!r.candidate) continue;
+      std::ostringstream shape;
+      shape << r.shape.rows << "x" << r.shape.hidden << "/" << r.shape.seeds;
+      std::printf("  %-17s %-9s %-16s %-22s %9.1f us %6.1f%%\n", r.pass.c_str(), r.dtype.c_str(),
+                  shape.str().c_str(), r.variant.c_str(), r.time_us, r.pct_floor);
+    }
+    for (const Row& r : rows) {
+      if (r.shape.rows == 16 && r.pass.rfind("forward", 0) == 0 && r.pass != "forward+backward") {
+        std::printf("small-batch %s (16x4096, S=64, %s, %s): %.2f us GPU time\n", r.pass.c_str(),
                     r.dtype.c_str(), r.seeds_mode.c_str(), r.time_us);
       }
     }
     std::printf("variants:\n");
     for (const Row& r : rows) {
-      if (r.seeds_mode == "blend-mixed") std::printf("  %s\n", r.variant.c_str());
+      if (r.seeds_mode == "blend-mixed" && !r.candidate && r.pass != "forward (graph)") {
+        std::printf("  %s\n", r.variant.c_str());
+      }
     }
     if (!json_path.empty()) {
       std::ofstream out(json_path);
@@ -351,6 +414,7 @@ int main(int argc, char** argv) {
             << ", \"seeds\": " << r.shape.seeds << ", \"mode\": \"" << r.seeds_mode
             << "\", \"time_us\": " << r.time_us << ", \"gbps\": " << r.gbps
             << ", \"floor_gbps\": " << r.floor_gbps << ", \"pct_floor\": " << r.pct_floor
+            << ", \"candidate\": " << (r.candidate ? "true" : "false")
             << ", \"variant\": \"" << json_escape(r.variant) << "\"}"
             << (i + 1 < rows.size() ? "," : "") << "\n";
       }
