@@ -32,6 +32,15 @@ void forward_cuda(const ForwardParams&);
 void backward_cuda(const BackwardParams&);
 std::string describe_forward_cuda(const ForwardParams&);
 std::string describe_backward_cuda(const BackwardParams&);
+// Profiling (core/profile.cpp): an event pair recorded around a call on
+// `stream` (nullptr while the stream is capturing a graph), and its elapsed
+// time once the stop event completed (waits for it; frees the pair).
+void* cuda_timer_start(void* stream);
+void cuda_timer_stop(void* token, void* stream);
+double cuda_timer_elapsed_us(void* token);
+void cuda_timer_discard(void* token);
+void cuda_range_push(const char* name);
+void cuda_range_pop();
 #endif
 
 }  // namespace kasmina::detail

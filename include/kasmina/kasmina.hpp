@@ -5,6 +5,7 @@
 #include "kasmina/layer.hpp"
 #include "kasmina/ops.hpp"
 #include "kasmina/params.hpp"
+#include "kasmina/profile.hpp"
 #include "kasmina/reference.hpp"
 #include "kasmina/telemetry.hpp"
 #include "kasmina/types.hpp"

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "backends.hpp"
+#include "core/profile_scope.hpp"
 #include "core/validation.hpp"
 #include "kasmina/error.hpp"
 #include "kasmina/version.hpp"
@@ -324,38 +325,78 @@ std::size_t backward_workspace_bytes(const BackwardParams& params, Backend backe
   return 0;
 }
 
+namespace {
+
+// The profiler's name of the kernel variant that runs: backend, op and dtype,
+// and for CUDA the variant and rows in flight from describe().
+std::string profile_kernel_name(const char* op, Backend backend, DType dtype,
+                                const std::string& description) {
+  std::string name = std::string(backend_name(backend)) + "." + op + " " + std::string(dtype_name(dtype));
+  if (backend != Backend::cuda) return name;
+  const std::size_t on = description.find(" on ");
+  name = description.substr(0, on);
+  const std::size_t rif = description.find(" rows in flight");
+  if (rif != std::string::npos) {
+    std::size_t b = description.rfind(", ", rif);
+    b = b == std::string::npos ? 0 : b + 2;
+    name += " (" + description.substr(b, rif - b) + " rows in flight)";
+  }
+  return name;
+}
+
+double moved_bytes(int64_t rows, int64_t hidden, DType dtype, int tensors) {
+  return static_cast<double>(rows) * static_cast<double>(hidden) *
+         static_cast<double>(dtype_size(dtype)) * tensors;
+}
+
+}  // namespace
+
 void forward(const ForwardParams& params, Backend backend) {
   validate(params, backend);
+  detail::OpScope scope("kasmina.forward", backend, params.stream,
+                        moved_bytes(params.rows, params.hidden, params.dtype, 2), [&] {
+                          return profile_kernel_name(
+                              "forward", backend, params.dtype,
+                              backend == Backend::cuda ? describe_forward(params, backend) : "");
+                        });
   switch (backend) {
     case Backend::reference:
       detail::forward_reference(params);
-      return;
+      break;
     case Backend::cpu:
       detail::forward_cpu(params);
-      return;
+      break;
     case Backend::cuda:
 #ifdef KASMINA_WITH_CUDA
       detail::forward_cuda(params);
 #endif
-      return;
+      break;
   }
+  scope.done();
 }
 
 void backward(const BackwardParams& params, Backend backend) {
   validate(params, backend);
+  detail::OpScope scope("kasmina.backward", backend, params.stream,
+                        moved_bytes(params.rows, params.hidden, params.dtype, 3), [&] {
+                          return profile_kernel_name(
+                              "backward", backend, params.dtype,
+                              backend == Backend::cuda ? describe_backward(params, backend) : "");
+                        });
   switch (backend) {
     case Backend::reference:
       detail::backward_reference(params);
-      return;
+      break;
     case Backend::cpu:
       detail::backward_cpu(params);
-      return;
+      break;
     case Backend::cuda:
 #ifdef KASMINA_WITH_CUDA
       detail::backward_cuda(params);
 #endif
-      return;
+      break;
   }
+  scope.done();
 }
 
 std::string describe_forward(const ForwardParams& params, Backend backend) {

@@ -571,6 +571,44 @@ void graph_replay(const ProblemOptions& o) {
 
 TEST_F(SmallCuda, GraphReplay) { graph_replay(shape(33, 48, 3, DType::bf16, 77)); }
 
+// The profiler on CUDA: every eager call timed with events on its stream and
+// charged to its variant with its bytes; calls inside a graph capture are
+// not timed, and the capture still replays bit-identically.
+TEST_F(SmallCuda, ProfilerTimesKernelsAndSkipsCaptures) {
+  const bool was_on = profiling();
+  profile_reset();
+  set_profiling(true);
+  const ProblemOptions o = shape(33, 48, 3, DType::f32, 79);
+  {
+    Problem p = make_problem(o);
+    const DeviceProblem d(p, false);
+    run_cuda(p, d);
+    run_cuda(p, d);
+  }
+  graph_replay(o);  // one more eager forward + backward, then a capture
+  const std::vector<ProfileEntry> r = profile_report();
+  set_profiling(was_on);
+  profile_reset();
+  int64_t fwd = 0, bwd = 0;
+  const double elems = 33.0 * 48.0 * 3.0;
+  for (const ProfileEntry& e : r) {
+    SCOPED_TRACE(format_profile(r));
+    EXPECT_NE(e.kernel.find("rows in flight"), std::string::npos) << e.kernel;
+    EXPECT_GT(e.total_us, 0.0) << e.kernel;
+    if (e.kernel.rfind("cuda.forward.vec4 float32", 0) == 0) {
+      fwd += e.calls;
+      EXPECT_DOUBLE_EQ(e.bytes, static_cast<double>(e.calls) * elems * 4 * 2);
+    } else if (e.kernel.rfind("cuda.backward.vec4 float32", 0) == 0) {
+      bwd += e.calls;
+      EXPECT_DOUBLE_EQ(e.bytes, static_cast<double>(e.calls) * elems * 4 * 3);
+    } else {
+      ADD_FAILURE() << "unexpected kernel " << e.kernel;
+    }
+  }
+  EXPECT_EQ(fwd, 3);
+  EXPECT_EQ(bwd, 3);
+}
+
 TEST_F(CudaBackend, GraphReplayLarge) {
   ProblemOptions o = shape(4000, 64, 16, DType::f32, 78);
   o.clamp = true;
