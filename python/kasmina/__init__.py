@@ -9,6 +9,7 @@ from . import _C
 from . import _ops  # registers torch.ops.kasmina.*
 from . import reference
 from . import distributed  # DDP helpers, cross-rank telemetry (docs/DISTRIBUTED.md)
+from . import profile  # per-kernel timing and NVTX ranges
 from .enums import GRAD_STATS_COLUMNS, TELEMETRY_COLUMNS, Kind, Stage, Strategy
 from .layer import KasminaLayer
 from ._ops import info
@@ -24,5 +25,6 @@ __all__ = [
     "Strategy",
     "distributed",
     "info",
+    "profile",
     "reference",
 ]

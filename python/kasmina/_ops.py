@@ -404,4 +404,7 @@ def info(hidden: int = 1024, num_seeds: int = 8, rows: int = 4096,
         dispatch_shape=dict(rows=rows, hidden=hidden, num_seeds=num_seeds,
                             dtype=str(dtype).replace("torch.", "")),
         dispatch=dispatch,
+        # Launch knobs in force (0 = the architecture's default; docs/PERFORMANCE.md).
+        cuda_launch_config=dict(_C.cuda_launch_config()),
+        profiling=bool(_C.profiling()),  # kasmina.profile / KASMINA_PROFILE=1
     )

@@ -744,6 +744,34 @@ NB_MODULE(_C, m) {
     d["cpu_threads"] = info.cpu_threads;
     return d;
   });
+  m.def("set_profiling", [](bool on) { kasmina::set_profiling(on); }, "on"_a);
+  m.def("profiling", []() { return kasmina::profiling(); });
+  m.def("profile_reset", []() { kasmina::profile_reset(); });
+  m.def("profile_report", []() {
+    nb::list out;
+    for (const kasmina::ProfileEntry& e : kasmina::profile_report()) {
+      nb::dict d;
+      d["kernel"] = e.kernel;
+      d["calls"] = e.calls;
+      d["total_us"] = e.total_us;
+      d["mean_us"] = e.mean_us();
+      d["bytes"] = e.bytes;
+      d["gbps"] = e.gbps();
+      out.append(d);
+    }
+    return out;
+  });
+  m.def("format_profile", []() { return kasmina::format_profile(kasmina::profile_report()); });
+  m.def("set_cuda_launch_config", [](int forward_rows, int backward_rows) {
+    kasmina::set_cuda_launch_config({forward_rows, backward_rows});
+  }, "forward_rows_in_flight"_a, "backward_rows_in_flight"_a);
+  m.def("cuda_launch_config", []() {
+    const kasmina::CudaLaunchConfig c = kasmina::cuda_launch_config();
+    nb::dict d;
+    d["forward_rows_in_flight"] = c.forward_rows_in_flight;
+    d["backward_rows_in_flight"] = c.backward_rows_in_flight;
+    return d;
+  });
   m.def("allowed_targets", [](int stage) {
     KASMINA_CHECK_VALUE(stage >= 0 && stage < kasmina::kNumStages, "stage must be in [0, ",
                         kasmina::kNumStages, "), got ", stage);
