@@ -60,6 +60,32 @@ struct CudaLaunchConfig {
 void set_cuda_launch_config(const CudaLaunchConfig&);
 CudaLaunchConfig cuda_launch_config();
 
+// Winners of `kasmina tune` (docs/PERFORMANCE.md, "Autotuning"): per device
+// name, element size and shape class, the rows in flight that measured
+// fastest. The plan's one selection point takes, in this order, a nonzero
+// CudaLaunchConfig field, the tuned entry of (device, element size, shape
+// class), the architecture's default (src/cuda/tuning.hpp); `describe`
+// says which. Entries with values outside CudaLaunchConfig's lists are
+// refused (nothing changed).
+enum class ShapeClass : int32_t {
+  small = 0,   // x under 1 MiB: latency-bound (launch, seed view, one pass)
+  medium = 1,  // under 64 MiB: a few passes per CTA
+  large = 2,   // 64 MiB and more: streaming
+};
+ShapeClass shape_class(int64_t rows, int64_t hidden, std::size_t elem_bytes);
+std::string_view shape_class_name(ShapeClass);
+struct CudaTunedEntry {
+  std::string device;  // the CUDA device name, e.g. "NVIDIA H100 80GB HBM3"
+  int elem_bytes = 4;  // 4 (float32) or 2 (bfloat16, float16)
+  ShapeClass shape = ShapeClass::large;
+  int forward_rows_in_flight = 0;   // 0 = keep the default
+  int backward_rows_in_flight = 0;
+};
+void set_cuda_tuned_table(const std::vector<CudaTunedEntry>&);
+std::vector<CudaTunedEntry> cuda_tuned_table();
+// The tuned rows in flight for (device, elem_bytes, shape), 0 where none.
+CudaTunedEntry cuda_tuned_lookup(const std::string& device, std::size_t elem_bytes, ShapeClass shape);
+
 // Build facts for `kasmina info`.
 struct BuildInfo {
   std::string version;

@@ -406,5 +406,6 @@ def info(hidden: int = 1024, num_seeds: int = 8, rows: int = 4096,
         dispatch=dispatch,
         # Launch knobs in force (0 = the architecture's default; docs/PERFORMANCE.md).
         cuda_launch_config=dict(_C.cuda_launch_config()),
+        cuda_tuned_entries=len(_C.cuda_tuned_table()),  # from `kasmina tune`
         profiling=bool(_C.profiling()),  # kasmina.profile / KASMINA_PROFILE=1
     )

@@ -28,7 +28,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kasmina", description="kasmina: the execution layer of "
                                 "morphogenetic neural networks.")
-    sub = p.add_subparsers(dest="command", metavar="{info,bench,demo}")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,demo,tune}")
     sub.required = True
 
     i = sub.add_parser("info", help="version, build, backends, devices and dispatcher choice",
@@ -61,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     out.add_argument("--markdown", action="store_true",
                      help="print a Markdown table for docs/PERFORMANCE.md")
+
+    t = sub.add_parser("tune", help="measure the CUDA launch candidates on this GPU and "
+                       "cache the winners",
+                       description="Time every rows-in-flight candidate of the CUDA forward "
+                       "and backward for float32 and bfloat16 at one shape per shape class "
+                       "(small 16x4096:64, medium 8192x768:16, large 16384x4096:64) and write "
+                       "the winners to the tune cache, which `import kasmina` loads. Speed "
+                       "only: results stay within SPEC section 9 whatever the setting.")
+    t.add_argument("--out", default=None, metavar="PATH",
+                   help="cache file (default $KASMINA_TUNE_CACHE or "
+                   "~/.cache/kasmina/tune-v1.json)")
+    t.add_argument("--quick", action="store_true", help="fewer repetitions")
+    t.add_argument("--json", action="store_true", help="print the cache document as JSON")
 
     d = sub.add_parser("demo", help="grow a network on the digits data set and compare it "
                        "with the host alone",
@@ -202,6 +215,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import json
+
+    from kasmina.tune import run_tune
+    try:
+        doc = run_tune(out=args.out, quick=args.quick,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except ValueError as exc:
+        print(f"kasmina tune: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(f"wrote {doc['path']} ({len(doc['entries'])} entries)")
+        for e in doc["entries"]:
+            print(f"  {e['device']}  {e['elem_bytes']}-byte {e['shape_class']:<6} "
+                  f"forward rows in flight {e['forward_rows_in_flight']}, "
+                  f"backward {e['backward_rows_in_flight']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kasmina.demo import DemoConfig, run_demo
     cfg = DemoConfig(epochs=args.epochs, strategy=args.strategy, seeds=args.seeds,
@@ -227,7 +261,8 @@ def cmd_demo(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo}[args.command](args)
+    return {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo,
+            "tune": cmd_tune}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 // params once more. Every failure is a kasmina::Error, which the translator
 // below turns into ValueError / TypeError / RuntimeError with the same text.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
@@ -772,6 +773,32 @@ NB_MODULE(_C, m) {
     d["backward_rows_in_flight"] = c.backward_rows_in_flight;
     return d;
   });
+  m.def("set_cuda_tuned_table", [](const std::vector<std::tuple<std::string, int, int, int, int>>& rows) {
+    std::vector<kasmina::CudaTunedEntry> entries;
+    for (const auto& [device, elem_bytes, shape, fwd, bwd] : rows) {
+      KASMINA_CHECK_VALUE(shape >= 0 && shape <= 2, "tuned entry: shape class must be 0, 1 or 2 (got ",
+                          shape, ")");
+      kasmina::CudaTunedEntry e;
+      e.device = device;
+      e.elem_bytes = elem_bytes;
+      e.shape = static_cast<kasmina::ShapeClass>(shape);
+      e.forward_rows_in_flight = fwd;
+      e.backward_rows_in_flight = bwd;
+      entries.push_back(e);
+    }
+    kasmina::set_cuda_tuned_table(entries);
+  }, "entries"_a, "Entries (device, elem_bytes, shape_class 0/1/2, forward rows, backward rows).");
+  m.def("cuda_tuned_table", []() {
+    nb::list out;
+    for (const kasmina::CudaTunedEntry& e : kasmina::cuda_tuned_table()) {
+      out.append(nb::make_tuple(e.device, e.elem_bytes, static_cast<int>(e.shape),
+                                e.forward_rows_in_flight, e.backward_rows_in_flight));
+    }
+    return out;
+  });
+  m.def("shape_class", [](int64_t rows, int64_t hidden, int elem_bytes) {
+    return static_cast<int>(kasmina::shape_class(rows, hidden, static_cast<std::size_t>(elem_bytes)));
+  }, "rows"_a, "hidden"_a, "elem_bytes"_a);
   m.def("allowed_targets", [](int stage) {
     KASMINA_CHECK_VALUE(stage >= 0 && stage < kasmina::kNumStages, "stage must be in [0, ",
                         kasmina::kNumStages, "), got ", stage);

@@ -2,6 +2,9 @@
 // that the API exists in every build; the CUDA backend reads them at each
 // launch.
 #include <atomic>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include "kasmina/error.hpp"
 #include "kasmina/ops.hpp"
@@ -25,6 +28,68 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
                       config.backward_rows_in_flight, ")");
   g_forward_rows.store(config.forward_rows_in_flight, std::memory_order_relaxed);
   g_backward_rows.store(config.backward_rows_in_flight, std::memory_order_relaxed);
+}
+
+namespace {
+std::mutex g_table_mutex;
+std::vector<CudaTunedEntry>& table() {
+  static std::vector<CudaTunedEntry> t;
+  return t;
+}
+}  // namespace
+
+ShapeClass shape_class(int64_t rows, int64_t hidden, std::size_t elem_bytes) {
+  const double bytes = static_cast<double>(rows) * static_cast<double>(hidden) *
+                       static_cast<double>(elem_bytes);
+  if (bytes < 1024.0 * 1024.0) return ShapeClass::small;
+  if (bytes < 64.0 * 1024.0 * 1024.0) return ShapeClass::medium;
+  return ShapeClass::large;
+}
+
+std::string_view shape_class_name(ShapeClass c) {
+  switch (c) {
+    case ShapeClass::small: return "small";
+    case ShapeClass::medium: return "medium";
+    case ShapeClass::large: return "large";
+  }
+  return "?";
+}
+
+void set_cuda_tuned_table(const std::vector<CudaTunedEntry>& entries) {
+  for (const CudaTunedEntry& e : entries) {
+    KASMINA_CHECK_VALUE(e.elem_bytes == 2 || e.elem_bytes == 4,
+                        "tuned entry: elem_bytes must be 2 or 4 (got ", e.elem_bytes, ")");
+    const int s = static_cast<int>(e.shape);
+    KASMINA_CHECK_VALUE(s >= 0 && s <= 2, "tuned entry: shape class must be 0, 1 or 2 (got ", s, ")");
+    KASMINA_CHECK_VALUE(valid_forward_rows(e.forward_rows_in_flight) &&
+                            !(e.elem_bytes == 2 && e.forward_rows_in_flight == 4),
+                        "tuned entry: forward_rows_in_flight must be 0, 1, 2 or 4 (2-byte types: ",
+                        "at most 2) (got ", e.forward_rows_in_flight, ")");
+    KASMINA_CHECK_VALUE(valid_backward_rows(e.backward_rows_in_flight),
+                        "tuned entry: backward_rows_in_flight must be 0, 1 or 2 (got ",
+                        e.backward_rows_in_flight, ")");
+  }
+  const std::lock_guard<std::mutex> lock(g_table_mutex);
+  table() = entries;
+}
+
+std::vector<CudaTunedEntry> cuda_tuned_table() {
+  const std::lock_guard<std::mutex> lock(g_table_mutex);
+  return table();
+}
+
+CudaTunedEntry cuda_tuned_lookup(const std::string& device, std::size_t elem_bytes, ShapeClass shape) {
+  const std::lock_guard<std::mutex> lock(g_table_mutex);
+  for (const CudaTunedEntry& e : table()) {
+    if (e.device == device && static_cast<std::size_t>(e.elem_bytes) == elem_bytes && e.shape == shape) {
+      return e;
+    }
+  }
+  CudaTunedEntry none;
+  none.device = device;
+  none.elem_bytes = static_cast<int>(elem_bytes);
+  none.shape = shape;
+  return none;
 }
 
 CudaLaunchConfig cuda_launch_config() {

@@ -875,13 +875,6 @@ int64_t max_chunk(const DeviceInfo& dev) {
   return static_cast<int64_t>(tuning_for(dev.cc_major).smem_budget_bytes / sizeof(float));
 }
 
-// Rows in flight of the vector path: the launch config's, else the
-// architecture's default; the scalar path keeps one.
-int backward_rows_in_flight(const Tuning& t) {
-  const int configured = cuda_launch_config().backward_rows_in_flight;
-  return configured != 0 ? configured : t.backward_rows_in_flight;
-}
-
 LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   const Resolved r = resolve(p);
   const Tuning& t = tuning_for(dev.cc_major);
@@ -895,7 +888,9 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   if (by_smem < groups) groups = by_smem;
   if (groups < 1) groups = 1;
   plan.threads = plan.group * static_cast<int>(groups);
-  plan.rows_in_flight = r.vector ? backward_rows_in_flight(t) : 1;
+  const RowsChoice choice = select_rows_in_flight(false, dev, p.dtype, p.rows, p.hidden);
+  plan.rows_in_flight = r.vector ? choice.rows : 1;
+  plan.rows_source = r.vector ? choice.source : "scalar path";
   // No more rows in flight than a small batch fills (as the forward).
   while (plan.rows_in_flight > 1 && groups * (plan.rows_in_flight / 2) >= p.rows) {
     plan.rows_in_flight /= 2;
@@ -1051,7 +1046,7 @@ std::string describe_backward_cuda(const BackwardParams& p) {
   os << "cuda.backward." << (r.vector ? "vec" : "scalar") << plan.vector << " "
      << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
      << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_in_flight
-     << " rows in flight per thread, " << plan.rows_per_pass
+     << " rows in flight per thread (" << plan.rows_source << "), " << plan.rows_per_pass
      << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
      << " threads, " << plan.smem_bytes << " B shared memory (dW column sums"

@@ -34,6 +34,16 @@ struct DeviceInfo {
 // The current device's facts (cached, thread-safe).
 const DeviceInfo& current_device_info();
 
+// The one selection point of the rows in flight (ops.hpp): a nonzero
+// CudaLaunchConfig field, else the tuned entry of (device, element size,
+// shape class), else the architecture's default; `source` names which.
+struct RowsChoice {
+  int rows;
+  const char* source;  // "set", "tuned" or "default"
+};
+RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, DType dtype, int64_t rows,
+                                 int64_t hidden);
+
 // CTAs of `func` (launched with `threads` and `smem_bytes` dynamic shared
 // memory) one SM of the current device holds at once; cached per (kernel,
 // shape, device), so the occupancy calculator runs once.
@@ -46,6 +56,7 @@ struct LaunchPlan {
   int vector = 1;         // elements per access (16 bytes on the vector path)
   int group = 1;          // threads per row group (power of two, <= 32)
   int rows_in_flight = 1;  // rows a thread loads before it computes on the first
+  const char* rows_source = "default";  // select_rows_in_flight's source
   int rows_per_pass = 1;  // rows a CTA covers per pass (row groups x rows in flight)
   int threads = 0;        // group * rows_per_pass
   int tiles_max = 1;      // row tiles per seed the workspace is sized for

@@ -41,6 +41,20 @@ const DeviceInfo& current_device_info() {
   return *it->second;
 }
 
+RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, DType dtype, int64_t rows,
+                                 int64_t hidden) {
+  const CudaLaunchConfig set = cuda_launch_config();
+  const int configured = forward ? set.forward_rows_in_flight : set.backward_rows_in_flight;
+  if (configured != 0) return {configured, "set"};
+  const std::size_t esize = dtype_size(dtype);
+  const CudaTunedEntry tuned = cuda_tuned_lookup(dev.name, esize, shape_class(rows, hidden, esize));
+  const int from_table = forward ? tuned.forward_rows_in_flight : tuned.backward_rows_in_flight;
+  if (from_table != 0) return {from_table, "tuned"};
+  const Tuning& t = tuning_for(dev.cc_major);
+  if (!forward) return {t.backward_rows_in_flight, "default"};
+  return {esize == 4 ? t.forward_rows_in_flight_4byte : t.forward_rows_in_flight_2byte, "default"};
+}
+
 int resident_ctas_per_sm(const void* func, int threads, std::size_t smem_bytes) {
   int device = 0;
   KASMINA_CUDA_CHECK(cudaGetDevice(&device));

@@ -542,15 +542,6 @@ int tiles_max_for(int32_t num_seeds, const DeviceInfo& dev) {
   return tiles_per_seed_bound(num_seeds, tuning_for(dev.cc_major), dev.sm_count);
 }
 
-// Rows in flight of the vector path: the launch config's, else the
-// architecture's default. The scalar path (a fallback for odd shapes and
-// pointers) keeps one.
-int forward_rows_in_flight(const Tuning& t, DType dtype) {
-  const int configured = cuda_launch_config().forward_rows_in_flight;
-  if (configured != 0) return configured;
-  return dtype_size(dtype) == 4 ? t.forward_rows_in_flight_4byte : t.forward_rows_in_flight_2byte;
-}
-
 LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev) {
   const Resolved r = resolve(p);
   const Tuning& t = tuning_for(dev.cc_major);
@@ -562,7 +553,10 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev) {
   plan.group = next_pow2(ceil_div(r.C, plan.vector));
   if (plan.group > kForwardGroupThreads) plan.group = kForwardGroupThreads;
   plan.threads = t.block_threads;
-  plan.rows_in_flight = r.vector ? forward_rows_in_flight(t, p.dtype) : 1;
+  // The scalar path (a fallback for odd shapes and pointers) keeps one row.
+  const RowsChoice choice = select_rows_in_flight(true, dev, p.dtype, p.rows, p.hidden);
+  plan.rows_in_flight = r.vector ? choice.rows : 1;
+  plan.rows_source = r.vector ? choice.source : "scalar path";
   // 2-byte types at most 2: their 8-wide step with four rows spilled on
   // sm_80 (and ran no faster than two on the H100).
   if (dtype_size(p.dtype) == 2 && plan.rows_in_flight > 2) plan.rows_in_flight = 2;
@@ -700,7 +694,8 @@ std::string describe_forward_cuda(const ForwardParams& p) {
   os << "cuda.forward." << (r.vector ? "vec" : "scalar") << plan.vector << " "
      << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
      << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_in_flight
-     << " rows in flight per thread, " << plan.rows_per_pass << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
+     << " rows in flight per thread (" << plan.rows_source << "), " << plan.rows_per_pass
+     << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
      << " threads, one launch"
      << (plan.tiles == 1 ? " (one CTA per seed: no partials)" : "") << ", "

@@ -373,5 +373,42 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
   set_cuda_launch_config(saved);
 }
 
+TEST(Dispatch, TunedTableValidatesAndLooksUp) {
+  const std::vector<CudaTunedEntry> saved = cuda_tuned_table();
+  EXPECT_EQ(shape_class(16, 4096, 4), ShapeClass::small);
+  EXPECT_EQ(shape_class(8192, 768, 4), ShapeClass::medium);
+  EXPECT_EQ(shape_class(16384, 4096, 2), ShapeClass::large);
+  EXPECT_EQ(shape_class(0, 4096, 4), ShapeClass::small);
+  EXPECT_EQ(shape_class_name(ShapeClass::medium), "medium");
+  CudaTunedEntry e;
+  e.device = "GPU A";
+  e.elem_bytes = 4;
+  e.shape = ShapeClass::large;
+  e.forward_rows_in_flight = 4;
+  e.backward_rows_in_flight = 2;
+  set_cuda_tuned_table({e});
+  const CudaTunedEntry hit = cuda_tuned_lookup("GPU A", 4, ShapeClass::large);
+  EXPECT_EQ(hit.forward_rows_in_flight, 4);
+  EXPECT_EQ(hit.backward_rows_in_flight, 2);
+  EXPECT_EQ(cuda_tuned_lookup("GPU B", 4, ShapeClass::large).forward_rows_in_flight, 0);
+  EXPECT_EQ(cuda_tuned_lookup("GPU A", 2, ShapeClass::large).forward_rows_in_flight, 0);
+  EXPECT_EQ(cuda_tuned_lookup("GPU A", 4, ShapeClass::small).backward_rows_in_flight, 0);
+  CudaTunedEntry bad = e;
+  bad.elem_bytes = 2;  // 2-byte types run at most 2 rows in flight
+  expect_error([&] { set_cuda_tuned_table({bad}); },
+               {ErrorKind::value, {"forward_rows_in_flight", "at most 2", "got 4"}}, "bf16 rows 4");
+  bad = e;
+  bad.backward_rows_in_flight = 3;
+  expect_error([&] { set_cuda_tuned_table({e, bad}); },
+               {ErrorKind::value, {"backward_rows_in_flight", "got 3"}}, "bwd rows 3");
+  bad = e;
+  bad.elem_bytes = 8;
+  expect_error([&] { set_cuda_tuned_table({bad}); }, {ErrorKind::value, {"elem_bytes", "got 8"}},
+               "elem 8");
+  ASSERT_EQ(cuda_tuned_table().size(), 1u);  // the refused tables changed nothing
+  EXPECT_EQ(cuda_tuned_table()[0].device, "GPU A");
+  set_cuda_tuned_table(saved);
+}
+
 }  // namespace
 }  // namespace kasmina::test

@@ -301,6 +301,36 @@ TEST_F(SmallCuda, EveryLaunchConfig) {
   }
 }
 
+// The selection order of rows in flight: an explicit launch config, else the
+// tuned entry of (device, element size, shape class), else the default; the
+// description names the source, and a tuned run matches the reference.
+TEST_F(SmallCuda, TunedEntryIsSelectedAndNamed) {
+  const std::vector<CudaTunedEntry> saved = cuda_tuned_table();
+  const LaunchConfigGuard guard({0, 0});
+  cudaDeviceProp prop{};
+  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  const ProblemOptions o = shape(37, 48, 3, DType::f32, 181);
+  Problem p = make_problem(o);
+  const DeviceProblem d(p, false);
+  EXPECT_NE(describe_forward(d.forward_params(p), Backend::cuda).find("(default)"), std::string::npos);
+  CudaTunedEntry e;
+  e.device = prop.name;
+  e.elem_bytes = 4;
+  e.shape = shape_class(o.rows, o.chunk * o.num_seeds, 4);
+  e.forward_rows_in_flight = 2;
+  e.backward_rows_in_flight = 1;
+  set_cuda_tuned_table({e});
+  const std::string fwd = describe_forward(d.forward_params(p), Backend::cuda);
+  EXPECT_NE(fwd.find("2 rows in flight per thread (tuned)"), std::string::npos) << fwd;
+  const std::string bwd = describe_backward(d.backward_params(p), Backend::cuda);
+  EXPECT_NE(bwd.find("1 rows in flight per thread (tuned)"), std::string::npos) << bwd;
+  check_problem(o);
+  set_cuda_launch_config({1, 0});
+  const std::string set = describe_forward(d.forward_params(p), Backend::cuda);
+  EXPECT_NE(set.find("1 rows in flight per thread (set)"), std::string::npos) << set;
+  set_cuda_tuned_table(saved);
+}
+
 // -------------------------------------------------------------- full suite
 
 class CudaBackend : public CudaTest {};

@@ -1,0 +1,195 @@
+"""Autotuning of the CUDA launch configuration (``kasmina tune``).
+
+The CUDA kernels take one run-time knob that changes speed only: how many rows
+each thread loads before it computes (``rows in flight``, docs/DESIGN.md 37).
+``kasmina tune`` measures the candidates on this machine's GPU for each
+element size (float32; bfloat16 for the 2-byte types) and shape class (small,
+medium, large: ``kasmina._C.shape_class``) with the same timer as
+``kasmina bench`` (CUDA events, L2 flushed, median), and writes the winners
+to a versioned cache file. ``import kasmina`` loads the file and hands the
+entries for the devices it names to the dispatcher, whose one selection
+point takes: a launch config set explicitly, else the tuned entry, else the
+architecture's default (``kasmina info`` and the profiler say which).
+
+The cache: ``$KASMINA_TUNE_CACHE``, else ``$XDG_CACHE_HOME/kasmina/tune-v1.json``
+(``~/.cache/...``). A file of another format or version, or a damaged one,
+is ignored with a warning: tuning changes speed, never results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import _C
+
+FORMAT = "kasmina-tune"
+VERSION = 1
+SHAPE_CLASSES = ("small", "medium", "large")
+# One representative shape per class (the issue's benchmark shapes).
+CLASS_SHAPES = {"small": (16, 4096, 64), "medium": (8192, 768, 16), "large": (16384, 4096, 64)}
+DTYPES = {"float32": (torch.float32, 4), "bfloat16": (torch.bfloat16, 2)}
+FORWARD_CANDIDATES = {4: (1, 2, 4), 2: (1, 2)}
+BACKWARD_CANDIDATES = (1, 2)
+
+
+def cache_path() -> Path:
+    env = os.environ.get("KASMINA_TUNE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kasmina" / f"tune-v{VERSION}.json"
+
+
+def _check_entry(e: Any) -> tuple[str, int, int, int, int]:
+    if not isinstance(e, dict):
+        raise ValueError(f"entry is not an object: {e!r}")
+    device = e.get("device")
+    elem = e.get("elem_bytes")
+    shape = e.get("shape_class")
+    fwd, bwd = e.get("forward_rows_in_flight"), e.get("backward_rows_in_flight")
+    if not isinstance(device, str) or not device:
+        raise ValueError(f"entry without a device name: {e!r}")
+    if shape not in SHAPE_CLASSES:
+        raise ValueError(f"entry with shape_class {shape!r}, want one of {SHAPE_CLASSES}")
+    for name, v in (("elem_bytes", elem), ("forward_rows_in_flight", fwd),
+                    ("backward_rows_in_flight", bwd)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"entry with a non-integer {name}: {e!r}")
+    return device, elem, SHAPE_CLASSES.index(shape), fwd, bwd
+
+
+def read_cache(path: Path) -> list[tuple[str, int, int, int, int]]:
+    """The entries of a cache file; ValueError for a file that is not a
+    kasmina tune cache of this version (or has a bad entry)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file")
+    if doc.get("version") != VERSION:
+        raise ValueError(f"{path} has version {doc.get('version')!r}, this kasmina reads {VERSION}")
+    entries = doc.get("entries")
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} has no entries list")
+    return [_check_entry(e) for e in entries]
+
+
+def apply(entries: list[tuple[str, int, int, int, int]]) -> None:
+    """Hand the entries to the dispatcher (validated there: a bad value
+    raises ValueError and changes nothing)."""
+    _C.set_cuda_tuned_table(entries)
+
+
+def load(path: Path | None = None, *, quiet_missing: bool = True) -> int:
+    """Load the cache file into the dispatcher; returns the number of entries.
+    A missing file loads nothing; an unreadable or invalid one warns and loads
+    nothing (the defaults stay)."""
+    path = cache_path() if path is None else Path(path)
+    if not path.exists():
+        if not quiet_missing:
+            warnings.warn(f"kasmina: no tune cache at {path}", stacklevel=2)
+        return 0
+    try:
+        entries = read_cache(path)
+        apply(entries)
+    except ValueError as exc:
+        warnings.warn(f"kasmina: ignoring the tune cache: {exc}", stacklevel=2)
+        return 0
+    return len(entries)
+
+
+def write_cache(path: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    doc = {"format": FORMAT, "version": VERSION, **meta, "entries": entries}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)  # never a half-written cache
+
+
+def _measure_class(shape, dtype, elem, timer, progress) -> dict[str, Any]:
+    from .bench import Shape, make_layer
+
+    rows, hidden, seeds = shape
+    device = torch.device("cuda")
+    layer = make_layer(Shape(rows, hidden, seeds), device).to(dtype)
+    x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(rows, hidden, device=device, dtype=dtype)
+
+    def fwd():
+        with torch.no_grad():
+            layer(x)
+
+    def both():
+        y = layer(x)
+        y.backward(dy)
+
+    out: dict[str, Any] = {"forward_us": {}, "forward_backward_us": {}}
+    try:
+        for u in FORWARD_CANDIDATES[elem]:
+            _C.set_cuda_launch_config(u, 0)
+            out["forward_us"][u] = 1e3 * timer(fwd)
+            progress(f"  forward rows in flight {u}: {out['forward_us'][u]:.1f} us")
+        best_f = min(out["forward_us"], key=out["forward_us"].get)
+        for u in BACKWARD_CANDIDATES:
+            _C.set_cuda_launch_config(best_f, u)
+            out["forward_backward_us"][u] = 1e3 * timer(both)
+            progress(f"  forward+backward, backward rows in flight {u}: "
+                     f"{out['forward_backward_us'][u]:.1f} us")
+    finally:
+        _C.set_cuda_launch_config(0, 0)
+    out["forward_rows_in_flight"] = best_f
+    out["backward_rows_in_flight"] = min(out["forward_backward_us"],
+                                         key=out["forward_backward_us"].get)
+    return out
+
+
+def run_tune(*, out: Path | None = None, quick: bool = False,
+             progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Measure every candidate for each dtype and shape class on the current
+    CUDA device (``quick``: fewer repetitions) and write the winners to ``out`` (default: cache_path()),
+    merged with the entries of other devices already there. Returns the
+    cache document. ValueError where there is no CUDA device."""
+    if not torch.cuda.is_available() or not _C.backend_available(2):
+        raise ValueError("kasmina tune measures the CUDA kernels: no CUDA device is available "
+                         "here (the CPU backend has no launch knobs)")
+    from .bench import Timer
+
+    path = cache_path() if out is None else Path(out)
+    device_name = torch.cuda.get_device_name()
+    timer = Timer(torch.device("cuda"), quick)
+    entries = []
+    for dname, (dtype, elem) in DTYPES.items():
+        for cls in SHAPE_CLASSES:
+            shape = CLASS_SHAPES[cls]
+            progress(f"{dname} {cls} ({shape[0]}x{shape[1]}:{shape[2]})")
+            m = _measure_class(shape, dtype, elem, timer, progress)
+            entries.append(dict(device=device_name, elem_bytes=elem, shape_class=cls,
+                                forward_rows_in_flight=m["forward_rows_in_flight"],
+                                backward_rows_in_flight=m["backward_rows_in_flight"],
+                                shape=list(shape), dtype=dname,
+                                forward_us={str(k): v for k, v in m["forward_us"].items()},
+                                forward_backward_us={str(k): v for k, v in
+                                                     m["forward_backward_us"].items()}))
+    kept = []
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("format") == FORMAT and doc.get("version") == VERSION:
+                kept = [e for e in doc.get("entries", []) if e.get("device") != device_name]
+        except (OSError, ValueError):
+            kept = []
+    from . import __version__
+    meta = dict(created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                kasmina=__version__, torch=torch.__version__)
+    write_cache(path, kept + entries, meta)
+    apply(read_cache(path))
+    return {"path": str(path), "format": FORMAT, "version": VERSION, **meta,
+            "entries": kept + entries}
