@@ -39,6 +39,7 @@ void* cuda_timer_start(void* stream);
 void cuda_timer_stop(void* token, void* stream);
 double cuda_timer_elapsed_us(void* token);
 void cuda_timer_discard(void* token);
+bool cuda_timer_ready(void* token);  // its stop event completed (no wait)
 void cuda_range_push(const char* name);
 void cuda_range_pop();
 #endif

@@ -62,6 +62,8 @@ def _check_entry(e: Any) -> tuple[str, int, int, int, int]:
                     ("backward_rows_in_flight", bwd)):
         if not isinstance(v, int) or isinstance(v, bool):
             raise ValueError(f"entry with a non-integer {name}: {e!r}")
+        if not 0 <= v <= 8:  # the dispatcher checks the exact lists
+            raise ValueError(f"entry with {name} = {v} out of range: {e!r}")
     return device, elem, SHAPE_CLASSES.index(shape), fwd, bwd
 
 
@@ -93,15 +95,20 @@ def load(path: Path | None = None, *, quiet_missing: bool = True) -> int:
     A missing file loads nothing; an unreadable or invalid one warns and loads
     nothing (the defaults stay)."""
     path = cache_path() if path is None else Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:
+        warnings.warn(f"kasmina: ignoring the tune cache {path}: {exc}", stacklevel=2)
+        return 0
+    if not exists:
         if not quiet_missing:
             warnings.warn(f"kasmina: no tune cache at {path}", stacklevel=2)
         return 0
     try:
         entries = read_cache(path)
         apply(entries)
-    except ValueError as exc:
-        warnings.warn(f"kasmina: ignoring the tune cache: {exc}", stacklevel=2)
+    except Exception as exc:  # noqa: BLE001 - a cache must never break import kasmina
+        warnings.warn(f"kasmina: ignoring the tune cache {path}: {exc}", stacklevel=2)
         return 0
     return len(entries)
 
@@ -132,6 +139,7 @@ def _measure_class(shape, dtype, elem, timer, progress) -> dict[str, Any]:
         y.backward(dy)
 
     out: dict[str, Any] = {"forward_us": {}, "forward_backward_us": {}}
+    before = _C.cuda_launch_config()
     try:
         for u in FORWARD_CANDIDATES[elem]:
             _C.set_cuda_launch_config(u, 0)
@@ -143,8 +151,9 @@ def _measure_class(shape, dtype, elem, timer, progress) -> dict[str, Any]:
             out["forward_backward_us"][u] = 1e3 * timer(both)
             progress(f"  forward+backward, backward rows in flight {u}: "
                      f"{out['forward_backward_us'][u]:.1f} us")
-    finally:
-        _C.set_cuda_launch_config(0, 0)
+    finally:  # the caller's own setting, if any, comes back
+        _C.set_cuda_launch_config(before["forward_rows_in_flight"],
+                                  before["backward_rows_in_flight"])
     out["forward_rows_in_flight"] = best_f
     out["backward_rows_in_flight"] = min(out["forward_backward_us"],
                                          key=out["forward_backward_us"].get)
@@ -169,6 +178,9 @@ def run_tune(*, out: Path | None = None, quick: bool = False,
     for dname, (dtype, elem) in DTYPES.items():
         for cls in SHAPE_CLASSES:
             shape = CLASS_SHAPES[cls]
+            # The small class mostly runs 1 row in flight whatever the
+            # setting (the plan caps it for small batches); its entry then
+            # only records that no candidate won.
             progress(f"{dname} {cls} ({shape[0]}x{shape[1]}:{shape[2]})")
             m = _measure_class(shape, dtype, elem, timer, progress)
             entries.append(dict(device=device_name, elem_bytes=elem, shape_class=cls,
@@ -178,18 +190,25 @@ def run_tune(*, out: Path | None = None, quick: bool = False,
                                 forward_us={str(k): v for k, v in m["forward_us"].items()},
                                 forward_backward_us={str(k): v for k, v in
                                                      m["forward_backward_us"].items()}))
+    # Other devices' entries stay, those that still validate.
     kept = []
-    if path.exists():
-        try:
-            doc = json.loads(path.read_text())
-            if doc.get("format") == FORMAT and doc.get("version") == VERSION:
-                kept = [e for e in doc.get("entries", []) if e.get("device") != device_name]
-        except (OSError, ValueError):
-            kept = []
+    try:
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        if isinstance(doc, dict) and doc.get("format") == FORMAT and doc.get("version") == VERSION:
+            for e in doc.get("entries", []) if isinstance(doc.get("entries"), list) else []:
+                try:
+                    _check_entry(e)
+                except ValueError:
+                    continue
+                if e.get("device") != device_name:
+                    kept.append(e)
+    except (OSError, ValueError):
+        kept = []
+    # Checked by the dispatcher before anything is written.
+    apply([_check_entry(e) for e in kept + entries])
     from . import __version__
     meta = dict(created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 kasmina=__version__, torch=torch.__version__)
     write_cache(path, kept + entries, meta)
-    apply(read_cache(path))
     return {"path": str(path), "format": FORMAT, "version": VERSION, **meta,
             "entries": kept + entries}

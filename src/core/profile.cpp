@@ -72,6 +72,33 @@ void resolve_pending_locked() {
 #endif
 }
 
+// Past this many pending GPU timings, the completed ones are read before
+// more are queued, so the list stays small in long runs.
+constexpr std::size_t kMaxPending = 1024;
+
+// Reads the pending GPU timings whose stop event already completed (no
+// wait); while more than kMaxPending / 2 would stay, it waits for the oldest
+// (already behind the newer work on the stream). Caller holds the mutex.
+[[maybe_unused]] void resolve_completed_locked() {
+#ifdef KASMINA_WITH_CUDA
+  std::vector<Pending>& pending = state().pending;
+  std::vector<Pending> running;
+  for (std::size_t i = 0; i < pending.size(); ++i) {
+    const bool wait = i < pending.size() / 2 && pending.size() - i > kMaxPending / 2;
+    if (wait || detail::cuda_timer_ready(pending[i].token)) {
+      try {
+        charge(pending[i].kernel, detail::cuda_timer_elapsed_us(pending[i].token), pending[i].bytes);
+      } catch (...) {
+        // The report lacks this call (the pair is freed by elapsed_us).
+      }
+    } else {
+      running.push_back(pending[i]);
+    }
+  }
+  pending.swap(running);
+#endif
+}
+
 void report_at_exit() {
   try {
     const std::vector<ProfileEntry> entries = profile_report();
@@ -134,10 +161,6 @@ std::string format_profile(const std::vector<ProfileEntry>& entries) {
 
 namespace detail {
 
-// A GPU timing that has waited this long is read before more are queued, so
-// the pending list stays small in long runs.
-constexpr std::size_t kMaxPending = 1024;
-
 void OpScope::range_push(const char* name) {
 #ifdef KASMINA_WITH_CUDA
   cuda_range_push(name);
@@ -167,7 +190,7 @@ OpScope::~OpScope() {
             cuda_timer_stop(cuda_token_, stream_);
             const std::lock_guard<std::mutex> lock(state().mutex);
             state().pending.push_back({kernel_, bytes_, cuda_token_});
-            if (state().pending.size() >= kMaxPending) resolve_pending_locked();
+            if (state().pending.size() >= kMaxPending) resolve_completed_locked();
           } else {
             cuda_timer_discard(cuda_token_);
           }

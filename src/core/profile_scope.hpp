@@ -18,12 +18,18 @@ class OpScope {
   template <typename KernelName>
   OpScope(const char* name, Backend backend, void* stream, double bytes, KernelName kernel)
       : backend_(backend), stream_(stream), bytes_(bytes) {
-    range_push(name);
     if (profiling()) {
-      active_ = true;
-      kernel_ = kernel();
-      start();
+      // A profiler failure (naming the variant, creating events) leaves
+      // this call untimed; it never fails the op.
+      try {
+        kernel_ = kernel();
+        start();
+        active_ = true;
+      } catch (...) {
+        active_ = false;
+      }
     }
+    range_push(name);  // last: nothing after it can throw, so the destructor pops it
   }
   ~OpScope();
   OpScope(const OpScope&) = delete;

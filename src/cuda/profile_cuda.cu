@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 #include <nvtx3/nvToolsExt.h>
 
+#include <memory>
+
 #include "backends.hpp"
 #include "cuda/cuda_check.hpp"
 
@@ -23,11 +25,19 @@ void* cuda_timer_start(void* stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   KASMINA_CUDA_CHECK(cudaStreamIsCapturing(s, &capture));
   if (capture != cudaStreamCaptureStatusNone) return nullptr;  // a graph: not timed
-  auto* pair = new EventPair;
-  KASMINA_CUDA_CHECK(cudaEventCreate(&pair->start));
-  KASMINA_CUDA_CHECK(cudaEventCreate(&pair->stop));
-  KASMINA_CUDA_CHECK(cudaEventRecord(pair->start, s));
-  return pair;
+  auto pair = std::make_unique<EventPair>();
+  cudaError_t status = cudaEventCreate(&pair->start);
+  if (status == cudaSuccess) status = cudaEventCreate(&pair->stop);
+  if (status == cudaSuccess) status = cudaEventRecord(pair->start, s);
+  if (status != cudaSuccess) {
+    cuda_timer_discard(pair.release());
+    KASMINA_CUDA_CHECK(status);
+  }
+  return pair.release();
+}
+
+bool cuda_timer_ready(void* token) {
+  return cudaEventQuery(static_cast<EventPair*>(token)->stop) != cudaErrorNotReady;
 }
 
 void cuda_timer_stop(void* token, void* stream) {
@@ -47,8 +57,8 @@ double cuda_timer_elapsed_us(void* token) {
 
 void cuda_timer_discard(void* token) {
   auto* pair = static_cast<EventPair*>(token);
-  (void)cudaEventDestroy(pair->start);
-  (void)cudaEventDestroy(pair->stop);
+  if (pair->start != nullptr) (void)cudaEventDestroy(pair->start);
+  if (pair->stop != nullptr) (void)cudaEventDestroy(pair->stop);
   delete pair;
 }
 

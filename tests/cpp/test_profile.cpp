@@ -77,6 +77,10 @@ TEST_F(ProfileTest, ChargesCallsAndBytesPerKernel) {
   EXPECT_TRUE(profile_report().empty());
 }
 
+// Validation runs before the profiler's scope opens, so a refused call is
+// never charged (a call that fails inside a backend after validation is
+// discarded by the scope: SmallCuda.ProfilerTimesKernelsAndSkipsCaptures,
+// with a workspace too small).
 TEST_F(ProfileTest, RefusedCallsAreNotCharged) {
   set_profiling(true);
   Problem p = make_problem(options(DType::f32));

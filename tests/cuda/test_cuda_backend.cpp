@@ -275,6 +275,34 @@ class LaunchConfigGuard {
   CudaLaunchConfig saved_;
 };
 
+// The tuned table and the profiling switch, restored however a test ends.
+class TunedTableGuard {
+ public:
+  TunedTableGuard() : saved_(cuda_tuned_table()) { set_cuda_tuned_table({}); }
+  ~TunedTableGuard() { set_cuda_tuned_table(saved_); }
+  TunedTableGuard(const TunedTableGuard&) = delete;
+  TunedTableGuard& operator=(const TunedTableGuard&) = delete;
+
+ private:
+  std::vector<CudaTunedEntry> saved_;
+};
+class ProfilingGuard {
+ public:
+  ProfilingGuard() : was_on_(profiling()) {
+    profile_reset();
+    set_profiling(true);
+  }
+  ~ProfilingGuard() {
+    set_profiling(was_on_);
+    profile_reset();
+  }
+  ProfilingGuard(const ProfilingGuard&) = delete;
+  ProfilingGuard& operator=(const ProfilingGuard&) = delete;
+
+ private:
+  bool was_on_;
+};
+
 struct ConfigCase {
   int forward_rows, backward_rows;
 };
@@ -290,7 +318,8 @@ TEST_F(SmallCuda, EveryLaunchConfig) {
   for (const ConfigCase& cc : kConfigs) {
     SCOPED_TRACE(config_name(cc));
     const LaunchConfigGuard guard({cc.forward_rows, cc.backward_rows});
-    for (int64_t rows : {1, 37}) {
+    // 100 rows: above the small-batch cap, so 4 rows in flight really run.
+    for (int64_t rows : {1, 37, 100}) {
       ProblemOptions o = shape(rows, 48, 3, cc.forward_rows == 2 ? DType::bf16 : DType::f32, ++rng);
       check_problem(o);
       o.clamp = true;
@@ -305,7 +334,7 @@ TEST_F(SmallCuda, EveryLaunchConfig) {
 // tuned entry of (device, element size, shape class), else the default; the
 // description names the source, and a tuned run matches the reference.
 TEST_F(SmallCuda, TunedEntryIsSelectedAndNamed) {
-  const std::vector<CudaTunedEntry> saved = cuda_tuned_table();
+  const TunedTableGuard table_guard;
   const LaunchConfigGuard guard({0, 0});
   cudaDeviceProp prop{};
   CUDA_OK(cudaGetDeviceProperties(&prop, 0));
@@ -328,7 +357,6 @@ TEST_F(SmallCuda, TunedEntryIsSelectedAndNamed) {
   set_cuda_launch_config({1, 0});
   const std::string set = describe_forward(d.forward_params(p), Backend::cuda);
   EXPECT_NE(set.find("1 rows in flight per thread (set)"), std::string::npos) << set;
-  set_cuda_tuned_table(saved);
 }
 
 // -------------------------------------------------------------- full suite
@@ -605,20 +633,21 @@ TEST_F(SmallCuda, GraphReplay) { graph_replay(shape(33, 48, 3, DType::bf16, 77))
 // charged to its variant with its bytes; calls inside a graph capture are
 // not timed, and the capture still replays bit-identically.
 TEST_F(SmallCuda, ProfilerTimesKernelsAndSkipsCaptures) {
-  const bool was_on = profiling();
-  profile_reset();
-  set_profiling(true);
+  const ProfilingGuard profiling_on;
+  const LaunchConfigGuard config({0, 0});
   const ProblemOptions o = shape(33, 48, 3, DType::f32, 79);
   {
     Problem p = make_problem(o);
     const DeviceProblem d(p, false);
     run_cuda(p, d);
     run_cuda(p, d);
+    // Fails inside the backend, after the profiler's scope opened: not charged.
+    ForwardParams small = d.forward_params(p);
+    small.workspace_bytes = 1;
+    EXPECT_THROW(forward(small, Backend::cuda), Error);
   }
   graph_replay(o);  // one more eager forward + backward, then a capture
   const std::vector<ProfileEntry> r = profile_report();
-  set_profiling(was_on);
-  profile_reset();
   int64_t fwd = 0, bwd = 0;
   const double elems = 33.0 * 48.0 * 3.0;
   for (const ProfileEntry& e : r) {

@@ -87,3 +87,17 @@ def test_tune_without_a_gpu_says_why(capsys, tmp_path):
 def test_info_counts_tuned_entries(clean_table):
     _C.set_cuda_tuned_table([("GPU A", 4, 2, 1, 2)])
     assert kasmina.info(hidden=32, num_seeds=4, rows=8)["cuda_tuned_entries"] == 1
+
+
+def test_out_of_range_integer_does_not_break_loading(tmp_path, clean_table):
+    path = tmp_path / "tune.json"
+    doc = {"format": "kasmina-tune", "version": tune.VERSION,
+           "entries": [_entry(forward_rows_in_flight=4294967297)]}
+    path.write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match="out of range"):
+        assert tune.load(path) == 0
+    path.write_text(json.dumps({"format": "kasmina-tune", "version": tune.VERSION,
+                                "entries": ["not an object"]}))
+    with pytest.warns(UserWarning, match="not an object"):
+        assert tune.load(path) == 0
+    assert _C.cuda_tuned_table() == []
