@@ -173,6 +173,18 @@ def _print_info(info: dict[str, Any]) -> None:
                 print(f"  {name:<10} {why}")
         else:
             print(f"  {dispatch}")
+    launch = info.pop("cuda_launch_config", None)
+    tuned = info.pop("cuda_tuned_entries", None)
+    if isinstance(launch, dict):
+        def rows(v):
+            return "default" if v == 0 else str(v)
+        print(f"CUDA launch     rows in flight: forward {rows(launch.get('forward_rows_in_flight'))}"
+              f", backward {rows(launch.get('backward_rows_in_flight'))}; "
+              f"{tuned if tuned is not None else '?'} tuned entries (kasmina tune)")
+    if "profiling" in info:
+        on = info.pop("profiling")
+        print(f"profiling       {'on' if on else 'off'} (KASMINA_PROFILE=1 or "
+              "kasmina.profile.enable())")
     for k, v in info.items():  # anything newer than this command
         print(f"{k}: {v}")
 
