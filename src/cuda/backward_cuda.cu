@@ -282,6 +282,18 @@ struct PassRows {
   __device__ __forceinline__ T* dxr(int u) const {
     return static_cast<T*>(args.dx) + row[u] * args.dx_stride + col0;
   }
+  // The raw vectors of X (when with_x) and G at column c of every active
+  // row, all issued before any is used.
+  template <int V>
+  __device__ __forceinline__ void load(int c, bool with_x, RawVec<T, V> (&rx)[U],
+                                       RawVec<T, V> (&rg)[U]) const {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!active[u]) continue;
+      if (with_x) rx[u] = load_raw<T, V>(xr(u) + c);
+      rg[u] = load_raw<T, V>(gr(u) + c);
+    }
+  }
 };
 
 // The rows of a seed that neither blends nor trains: dX = G after the mask
@@ -307,12 +319,7 @@ __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int
       for (int u = 0; u < U; ++u) ss[u] = 0.0f;
       for (int c = lane * V; c < C; c += G * V) {
         RawVec<T, V> rx[U], rg[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (!rows.active[u]) continue;
-          rg[u] = load_raw<T, V>(rows.gr(u) + c);
-          if (with_x) rx[u] = load_raw<T, V>(rows.xr(u) + c);
-        }
+        rows.template load<V>(c, with_x, rx, rg);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           if (!rows.active[u]) continue;
@@ -330,12 +337,7 @@ __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int
     }
     for (int c = lane * V; c < C; c += G * V) {
       RawVec<T, V> rx[U], rg[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (!rows.active[u]) continue;
-        rg[u] = load_raw<T, V>(rows.gr(u) + c);
-        if (with_x) rx[u] = load_raw<T, V>(rows.xr(u) + c);
-      }
+      rows.template load<V>(c, with_x, rx, rg);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (!rows.active[u]) continue;
@@ -482,12 +484,7 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
       for (int u = 0; u < U; ++u) ss[u] = 0.0f;
       for (int c = lane * V; c < C; c += span) {
         RawVec<T, V> rx[U], rg[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (!rows.active[u]) continue;
-          rx[u] = load_raw<T, V>(rows.xr(u) + c);
-          rg[u] = load_raw<T, V>(rows.gr(u) + c);
-        }
+        rows.template load<V>(c, true, rx, rg);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           if (!rows.active[u]) continue;
@@ -507,12 +504,7 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
     float* accp = acc;
     for (int c = lane * V; c < C; c += span, accp += span) {
       RawVec<T, V> rx[U], rg[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (!rows.active[u]) continue;
-        rx[u] = load_raw<T, V>(rows.xr(u) + c);
-        rg[u] = load_raw<T, V>(rows.gr(u) + c);
-      }
+      rows.template load<V>(c, true, rx, rg);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (!rows.active[u]) continue;
