@@ -39,6 +39,10 @@ std::vector<CudaTunedEntry>& table() {
 }  // namespace
 
 ShapeClass shape_class(int64_t rows, int64_t hidden, std::size_t elem_bytes) {
+  KASMINA_CHECK_VALUE(rows >= 0 && hidden >= 0, "shape_class: rows and hidden must be >= 0 (got ",
+                      rows, " x ", hidden, ")");
+  KASMINA_CHECK_VALUE(elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8,
+                      "shape_class: elem_bytes must be 2, 4 or 8 (got ", elem_bytes, ")");
   const double bytes = static_cast<double>(rows) * static_cast<double>(hidden) *
                        static_cast<double>(elem_bytes);
   if (bytes < 1024.0 * 1024.0) return ShapeClass::small;

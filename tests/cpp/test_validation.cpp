@@ -380,6 +380,10 @@ TEST(Dispatch, TunedTableValidatesAndLooksUp) {
   EXPECT_EQ(shape_class(16384, 4096, 2), ShapeClass::large);
   EXPECT_EQ(shape_class(0, 4096, 4), ShapeClass::small);
   EXPECT_EQ(shape_class_name(ShapeClass::medium), "medium");
+  expect_error([] { (void)shape_class(-1, 64, 4); },
+               {ErrorKind::value, {"shape_class", ">= 0", "-1 x 64"}}, "negative rows");
+  expect_error([] { (void)shape_class(8, 64, 3); },
+               {ErrorKind::value, {"elem_bytes must be 2, 4 or 8", "got 3"}}, "elem 3");
   CudaTunedEntry e;
   e.device = "GPU A";
   e.elem_bytes = 4;
