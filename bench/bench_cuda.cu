@@ -328,6 +328,73 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
   for (void* p : {x, y, dy, dx}) CHECK(cudaFree(p));
 }
 
+// Issue 7's streaming comparison for the small batch: kLayers forwards of
+// 16x4096/64 (one x, each its own y, telemetry and workspace), per forward:
+// plain launches back to back, one forward_many launch, and the plain
+// launches replayed from a CUDA graph. L2 is flushed before each timed run.
+void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
+  constexpr int kLayers = 8;
+  const Shape shape{16, 4096, 64};
+  const std::size_t esize = kasmina::dtype_size(dtype);
+  const int64_t numel = shape.rows * shape.hidden;
+  const std::size_t bytes = static_cast<std::size_t>(numel) * esize;
+  void* x = nullptr;
+  CHECK(cudaMalloc(&x, bytes));
+  if (dtype == kasmina::DType::f32) {
+    fill<float>(x, numel, 3);
+  } else {
+    fill<__nv_bfloat16>(x, numel, 3);
+  }
+  DeviceLayer layer(shape, true);
+  std::vector<kasmina::ForwardParams> params(kLayers);
+  std::vector<void*> owned;
+  for (int i = 0; i < kLayers; ++i) {
+    kasmina::ForwardParams& fp = params[i];
+    fp.x = x;
+    fp.dtype = dtype;
+    fp.rows = shape.rows;
+    fp.hidden = shape.hidden;
+    fp.num_seeds = shape.seeds;
+    fp.seeds = layer.table();
+    fp.registry = layer.registry();
+    fp.stream = bench.stream();
+    void *y = nullptr, *tel = nullptr, *ws = nullptr;
+    CHECK(cudaMalloc(&y, bytes));
+    CHECK(cudaMalloc(&tel, sizeof(float) * shape.seeds * 8));
+    fp.y = y;
+    fp.telemetry = static_cast<float*>(tel);
+    fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
+    CHECK(cudaMalloc(&ws, fp.workspace_bytes));
+    CHECK(cudaMemset(ws, 0, fp.workspace_bytes));
+    fp.workspace = ws;
+    owned.insert(owned.end(), {y, tel, ws});
+  }
+  const std::string dname(kasmina::dtype_name(dtype));
+  const double fwd_bytes = 2.0 * static_cast<double>(bytes);
+  auto add = [&](const char* pass, const char* what, double total_us) {
+    const double t = total_us / kLayers;
+    rows.push_back({pass, dname, "blend-mixed", what, shape, t, fwd_bytes / (t * 1e3), 0.0, 0.0});
+  };
+  add("forward x8 plain", "8 launches back to back, per forward", bench.time_us([&] {
+        for (const auto& fp : params) kasmina::forward(fp, kasmina::Backend::cuda);
+      }));
+  add("forward x8 many", "one forward_many launch, per forward", bench.time_us([&] {
+        kasmina::forward_many(params.data(), kLayers, kasmina::Backend::cuda);
+      }));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  CHECK(cudaStreamBeginCapture(bench.stream(), cudaStreamCaptureModeThreadLocal));
+  for (const auto& fp : params) kasmina::forward(fp, kasmina::Backend::cuda);
+  CHECK(cudaStreamEndCapture(bench.stream(), &graph));
+  CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  add("forward x8 graph", "8 launches in a CUDA graph, per forward",
+      bench.time_us([&] { CHECK(cudaGraphLaunch(exec, bench.stream())); }));
+  CHECK(cudaGraphExecDestroy(exec));
+  CHECK(cudaGraphDestroy(graph));
+  for (void* p : owned) CHECK(cudaFree(p));
+  CHECK(cudaFree(x));
+}
+
 std::string json_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
@@ -373,6 +440,7 @@ int main(int argc, char** argv) {
         run_shape(bench, s, dt, candidates, rows);
       }
     }
+    for (kasmina::DType dt : {kasmina::DType::f32, kasmina::DType::bf16}) run_streaming(bench, dt, rows);
     std::printf("%-17s %-9s %-16s %-12s %10s %9s %9s %7s\n", "pass", "dtype", "shape", "seeds",
                 "time_us", "GB/s", "floorGB/s", "%floor");
     for (const Row& r : rows) {
@@ -399,7 +467,8 @@ int main(int argc, char** argv) {
     }
     std::printf("variants:\n");
     for (const Row& r : rows) {
-      if (r.seeds_mode == "blend-mixed" && !r.candidate && r.pass != "forward (graph)") {
+      if (r.seeds_mode == "blend-mixed" && !r.candidate && r.pass != "forward (graph)" &&
+          r.pass.find(" x8 ") == std::string::npos) {
         std::printf("  %s\n", r.variant.c_str());
       }
     }

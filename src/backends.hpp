@@ -29,6 +29,8 @@ std::vector<std::string> cuda_device_names();
 std::size_t forward_workspace_bytes_cuda(const ForwardParams&);
 std::size_t backward_workspace_bytes_cuda(const BackwardParams&);
 void forward_cuda(const ForwardParams&);
+// Up to 16 forwards of one dtype, stream and access path in one launch.
+void forward_stream_cuda(const ForwardParams* params, int count);
 void backward_cuda(const BackwardParams&);
 std::string describe_forward_cuda(const ForwardParams&);
 std::string describe_backward_cuda(const BackwardParams&);

@@ -40,6 +40,15 @@ std::size_t backward_workspace_bytes(const BackwardParams&, Backend);
 void forward(const ForwardParams&, Backend);
 void backward(const BackwardParams&, Backend);
 
+// The streaming entry point: the forwards of several problems (layers or
+// micro-batches: each its own x, y, seed table, registry, telemetry and
+// workspace) with one launch on CUDA, which removes the launch gaps of small
+// inputs. Each problem obeys SPEC as forward() does. On CUDA: 1 to 16
+// problems, one dtype, one stream and one access path (16-byte vector or
+// scalar), else kasmina::Error and nothing runs; every problem is validated
+// before any runs. On the CPU backends the problems run one after another.
+void forward_many(const ForwardParams* params, int count, Backend);
+
 // Which kernel variant the dispatcher picks for these params and why, for
 // `kasmina info` and the profiler (e.g. "cuda.forward.vec4 fp32: C % 4 == 0
 // and 16-byte aligned rows").

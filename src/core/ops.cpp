@@ -2,6 +2,7 @@
 // backend. Backends see only params that passed these checks.
 #include "kasmina/ops.hpp"
 
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -335,6 +336,10 @@ std::string profile_kernel_name(const char* op, Backend backend, DType dtype,
   if (backend != Backend::cuda) return name;
   const std::size_t on = description.find(" on ");
   name = description.substr(0, on);
+  const std::string plain = "cuda.forward.";
+  if (std::string(op) == "forward_many" && name.rfind(plain, 0) == 0) {
+    name = "cuda.forward_many." + name.substr(plain.size());
+  }
   const std::size_t rif = description.find(" rows in flight");
   if (rif != std::string::npos) {
     std::size_t b = description.rfind(", ", rif);
@@ -372,6 +377,59 @@ void forward(const ForwardParams& params, Backend backend) {
 #endif
       break;
   }
+  scope.done();
+}
+
+void forward_many(const ForwardParams* params, int count, Backend backend) {
+  KASMINA_CHECK_VALUE(params != nullptr && count >= 1, "forward_many needs at least one problem (got ",
+                      count, ")");
+  double bytes = 0;
+  for (int i = 0; i < count; ++i) {
+    validate(params[i], backend);
+    bytes += moved_bytes(params[i].rows, params[i].hidden, params[i].dtype, 2);
+  }
+  // The problems run at once on CUDA: what one writes (y, telemetry, counts,
+  // workspace) must be disjoint from what any other reads (x) or writes.
+  auto spans = [](const ForwardParams& p) {
+    const bool any = p.rows > 0;
+    return std::array<NamedSpan, 5>{{
+        {"x", any ? span_of(p.x, p.rows, p.hidden, stride_or_hidden(p.x_row_stride, p.hidden), p.dtype)
+                  : Span{}},
+        {"y", any ? span_of(p.y, p.rows, p.hidden, stride_or_hidden(p.y_row_stride, p.hidden), p.dtype)
+                  : Span{}},
+        {"telemetry", span_n(p.telemetry, static_cast<int64_t>(p.num_seeds) * kTelemetryWidth)},
+        {"nonfinite_count", span_n(p.nonfinite_count, p.num_seeds)},
+        {"workspace", span_n(static_cast<const unsigned char*>(p.workspace),
+                             static_cast<int64_t>(p.workspace_bytes))},
+    }};
+  };
+  for (int i = 0; i < count; ++i) {
+    const auto a = spans(params[i]);
+    for (int j = 0; j < count; ++j) {
+      if (j == i) continue;
+      const auto b = spans(params[j]);
+      for (std::size_t w = 1; w < a.size(); ++w) {  // a's writes
+        for (const NamedSpan& other : b) {
+          KASMINA_CHECK_VALUE(a[w].span.begin == a[w].span.end || other.span.begin == other.span.end ||
+                                  !overlap(a[w].span, other.span),
+                              "forward_many: problem ", i, "'s ", a[w].name, " overlaps problem ", j,
+                              "'s ", other.name, " (the problems run at once)");
+        }
+      }
+    }
+  }
+  if (backend != Backend::cuda) {
+    for (int i = 0; i < count; ++i) forward(params[i], backend);
+    return;
+  }
+  detail::OpScope scope("kasmina.forward_many", backend, params[0].stream, bytes, [&] {
+    return profile_kernel_name("forward_many", backend, params[0].dtype,
+                               describe_forward(params[0], backend)) +
+           " x" + std::to_string(count);
+  });
+#ifdef KASMINA_WITH_CUDA
+  detail::forward_stream_cuda(params, count);
+#endif
   scope.done();
 }
 

@@ -24,6 +24,7 @@
 
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "backends.hpp"
 #include "cuda/common.cuh"
@@ -225,8 +226,8 @@ enum class Mode { copy, residual, attention, mlp, conv, wide };
 // 16-byte loads in flight per thread, where one leaves HBM idle.
 template <typename T, int V, int U, Mode M, bool Clamp>
 __device__ __forceinline__ void forward_rows(const ForwardArgs& args, const SeedView& sv,
-                                             const float* table, int tile, int lane, int group,
-                                             ThreadStats& st) {
+                                             const float* table, int64_t col0, int tile, int lane,
+                                             int group, ThreadStats& st) {
   constexpr bool kBlend = M != Mode::copy;
   const int C = args.C;
   const int G = args.group;
@@ -234,7 +235,6 @@ __device__ __forceinline__ void forward_rows(const ForwardArgs& args, const Seed
   const int64_t RG = args.row_groups;
   const int64_t R = args.rows_per_pass;
   const int64_t N = args.rows;
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(tiles)) * C;
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
   const float a = sv.a;
@@ -360,26 +360,26 @@ __device__ __forceinline__ void forward_rows(const ForwardArgs& args, const Seed
 template <typename T, int V, int U, bool Clamp>
 __device__ __forceinline__ void forward_rows_mode(Mode mode, const ForwardArgs& args,
                                                   const SeedView& sv, const float* table,
-                                                  int tile, int lane, int group,
+                                                  int64_t col0, int tile, int lane, int group,
                                                   ThreadStats& st) {
   switch (mode) {
     case Mode::copy:
-      forward_rows<T, V, U, Mode::copy, Clamp>(args, sv, table, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::copy, Clamp>(args, sv, table, col0, tile, lane, group, st);
       break;
     case Mode::residual:
-      forward_rows<T, V, U, Mode::residual, Clamp>(args, sv, table, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::residual, Clamp>(args, sv, table, col0, tile, lane, group, st);
       break;
     case Mode::attention:
-      forward_rows<T, V, U, Mode::attention, Clamp>(args, sv, table, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::attention, Clamp>(args, sv, table, col0, tile, lane, group, st);
       break;
     case Mode::mlp:
-      forward_rows<T, V, U, Mode::mlp, Clamp>(args, sv, table, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::mlp, Clamp>(args, sv, table, col0, tile, lane, group, st);
       break;
     case Mode::conv:
-      forward_rows<T, V, U, Mode::conv, Clamp>(args, sv, table, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::conv, Clamp>(args, sv, table, col0, tile, lane, group, st);
       break;
     case Mode::wide:
-      forward_rows<T, V, U, Mode::wide, Clamp>(args, sv, table, tile, lane, group, st);
+      forward_rows<T, V, U, Mode::wide, Clamp>(args, sv, table, col0, tile, lane, group, st);
       break;
   }
 }
@@ -407,9 +407,11 @@ __device__ __forceinline__ void write_telemetry(const ForwardArgs& args, int s, 
   }
 }
 
+// One CTA of one forward problem: block is its index in the problem's grid
+// (tiles x seeds). The plain kernel runs one problem; the streaming kernel
+// runs several in one launch (forward_many).
 template <typename T, int V, int U>
-__global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T), U))
-    forward_kernel(const ForwardArgs args) {
+__device__ __forceinline__ void forward_cta(const ForwardArgs& args, int block) {
   extern __shared__ float coef_smem[];  // [C] when args.coef_table
   __shared__ FwdStats red_scratch[8];
   __shared__ SumF sum_scratch[8];
@@ -418,8 +420,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   __shared__ int is_last;
 
   const int tiles = args.tiles;
-  const int s = static_cast<int>(blockIdx.x) / tiles;
-  const int tile = static_cast<int>(blockIdx.x) - s * tiles;
+  const int s = block / tiles;
+  const int tile = block - s * tiles;
   const int C = args.C;
   const int G = args.group;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
@@ -470,10 +472,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   }
 
   ThreadStats st = ThreadStats::identity();
+  const int64_t col0 = static_cast<int64_t>(s) * C;
   if (args.clamp.enabled) {
-    forward_rows_mode<T, V, U, true>(mode, args, sv, table, tile, lane, group, st);
+    forward_rows_mode<T, V, U, true>(mode, args, sv, table, col0, tile, lane, group, st);
   } else {
-    forward_rows_mode<T, V, U, false>(mode, args, sv, table, tile, lane, group, st);
+    forward_rows_mode<T, V, U, false>(mode, args, sv, table, col0, tile, lane, group, st);
   }
   st.flush();
 
@@ -508,6 +511,35 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
     write_telemetry(args, s, acc, sv.blends);
     args.tickets[s] = 0u;  // every CTA of this seed has taken its ticket
   }
+}
+
+template <typename T, int V, int U>
+__global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T), U))
+    forward_kernel(const ForwardArgs args) {
+  forward_cta<T, V, U>(args, static_cast<int>(blockIdx.x));
+}
+
+// The streaming entry point: up to kMaxStreamed problems of one kernel
+// variant in one launch, CTAs numbered problem after problem.
+constexpr int kMaxStreamed = 16;
+struct StreamArgs {
+  int count;
+  int first_block[kMaxStreamed + 1];  // prefix sums of the problems' grids
+  ForwardArgs problem[kMaxStreamed];
+};
+// Kernel parameters up to 32 KiB need CUDA 12.1 and sm_70 or newer (here: sm_80, sm_90a).
+static_assert(sizeof(StreamArgs) <= 32764, "the streaming kernel's parameters exceed 32 KiB");
+
+// A problem picked by a run-time index reads its fields through generic
+// loads and keeps more of them in registers: the streaming kernel (for small
+// inputs, where the launch gap dominates) takes up to 255 registers.
+template <typename T, int V, int U>
+__global__ void __launch_bounds__(kMaxBlockThreads, 1)
+    forward_stream_kernel(const __grid_constant__ StreamArgs args) {
+  const int b = static_cast<int>(blockIdx.x);
+  int p = 0;
+  while (p + 1 < args.count && b >= args.first_block[p + 1]) ++p;  // uniform over the CTA
+  forward_cta<T, V, U>(args.problem[p], b - args.first_block[p]);
 }
 
 struct Resolved {
@@ -635,21 +667,12 @@ LaunchPlan dispatch(const LaunchPlan& plan, const ForwardParams& p, const Device
                dtype_name(p.dtype), ")");
 }
 
-}  // namespace
-}  // namespace kasmina::cuda
-
-namespace kasmina::detail {
-
-std::size_t forward_workspace_bytes_cuda(const ForwardParams& p) {
-  return cuda::workspace_bytes(p, cuda::current_device_info());
-}
-
-void forward_cuda(const ForwardParams& p) {
-  using namespace kasmina::cuda;
+// Every CUDA forward's checks before anything runs (SPEC section 8 errors
+// the dispatcher cannot see: the dtype the backend takes, the workspace).
+void check_cuda_forward(const ForwardParams& p, const DeviceInfo& dev) {
   KASMINA_CHECK_TYPE(p.dtype == DType::f32 || p.dtype == DType::bf16 || p.dtype == DType::f16,
                      "the CUDA backend takes float32, bfloat16 or float16 (got ",
                      dtype_name(p.dtype), ")");
-  const DeviceInfo& dev = current_device_info();
   const std::size_t need = workspace_bytes(p, dev);
   KASMINA_CHECK_VALUE(p.workspace != nullptr && p.workspace_bytes >= need,
                       "forward workspace too small: need ", need, " bytes (",
@@ -657,9 +680,10 @@ void forward_cuda(const ForwardParams& p) {
                       p.workspace);
   KASMINA_CHECK_VALUE(aligned16(p.workspace), "forward workspace must be 16-byte aligned (got ",
                       p.workspace, ")");
-  const LaunchPlan plan = plan_forward(p, dev);
-  const Resolved r = resolve(p);
+}
 
+ForwardArgs make_args(const ForwardParams& p, const LaunchPlan& plan) {
+  const Resolved r = resolve(p);
   ForwardArgs args{};
   args.x = p.x;
   args.y = p.y;
@@ -680,8 +704,98 @@ void forward_cuda(const ForwardParams& p) {
   auto* base = static_cast<unsigned char*>(p.workspace);
   args.tickets = reinterpret_cast<unsigned*>(base);
   args.partials = reinterpret_cast<FwdStats*>(base + tickets_bytes(p.num_seeds));
+  return args;
+}
 
+// The streaming launch of one kernel instance: each problem's tiles as the
+// plain launch would pick them (the plain kernel's occupancy), so each
+// problem gives the bits of a plain launch with the same rows in flight.
+template <typename T, int V, int U>
+void stream_launch(std::vector<LaunchPlan> plans, const ForwardParams* ps, int count,
+                   const DeviceInfo& dev) {
+  StreamArgs sa{};
+  sa.count = count;
+  std::size_t smem = 0;
+  for (int i = 0; i < count; ++i) {
+    plans[i] = finish_plan<T, V, U>(plans[i], ps[i], dev);
+    sa.problem[i] = make_args(ps[i], plans[i]);
+    sa.problem[i].tiles = plans[i].tiles;
+    sa.first_block[i + 1] = sa.first_block[i] + plans[i].tiles * ps[i].num_seeds;
+    if (plans[i].smem_bytes > smem) smem = plans[i].smem_bytes;
+  }
+  forward_stream_kernel<T, V, U><<<static_cast<unsigned>(sa.first_block[count]),
+                                   static_cast<unsigned>(plans[0].threads), smem,
+                                   static_cast<cudaStream_t>(ps[0].stream)>>>(sa);
+  KASMINA_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void stream_dispatch_dtype(const std::vector<LaunchPlan>& plans, const ForwardParams* ps, int count,
+                           const DeviceInfo& dev) {
+  constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
+  if (plans[0].vector != kVec) return stream_launch<T, 1, 1>(plans, ps, count, dev);
+  if (plans[0].rows_in_flight == 1) return stream_launch<T, kVec, 1>(plans, ps, count, dev);
+  if constexpr (sizeof(T) == 4) {
+    if (plans[0].rows_in_flight == 4) return stream_launch<T, kVec, 4>(plans, ps, count, dev);
+  }
+  stream_launch<T, kVec, 2>(plans, ps, count, dev);
+}
+
+void stream_dispatch(const std::vector<LaunchPlan>& plans, const ForwardParams* ps, int count,
+                     const DeviceInfo& dev) {
+  switch (ps[0].dtype) {
+    case DType::f32: return stream_dispatch_dtype<float>(plans, ps, count, dev);
+    case DType::bf16: return stream_dispatch_dtype<__nv_bfloat16>(plans, ps, count, dev);
+    case DType::f16: return stream_dispatch_dtype<__half>(plans, ps, count, dev);
+    case DType::f64: break;
+  }
+  KASMINA_FAIL(ErrorKind::type, "the CUDA backend takes float32, bfloat16 or float16");
+}
+
+}  // namespace
+}  // namespace kasmina::cuda
+
+namespace kasmina::detail {
+
+std::size_t forward_workspace_bytes_cuda(const ForwardParams& p) {
+  return cuda::workspace_bytes(p, cuda::current_device_info());
+}
+
+void forward_cuda(const ForwardParams& p) {
+  using namespace kasmina::cuda;
+  const DeviceInfo& dev = current_device_info();
+  check_cuda_forward(p, dev);
+  const LaunchPlan plan = plan_forward(p, dev);
+  ForwardArgs args = make_args(p, plan);
   dispatch(plan, p, dev, &args);
+}
+
+void forward_stream_cuda(const ForwardParams* ps, int count) {
+  using namespace kasmina::cuda;
+  KASMINA_CHECK_VALUE(count >= 1 && count <= kMaxStreamed, "forward_many on CUDA runs 1 to ",
+                      kMaxStreamed, " problems per launch (got ", count, ")");
+  const DeviceInfo& dev = current_device_info();
+  const bool vector = resolve(ps[0]).vector;
+  int rows_in_flight = 4;
+  std::vector<LaunchPlan> plans;
+  for (int i = 0; i < count; ++i) {
+    const ForwardParams& p = ps[i];
+    check_cuda_forward(p, dev);
+    KASMINA_CHECK_TYPE(p.dtype == ps[0].dtype, "forward_many: every problem must have one dtype (",
+                       dtype_name(ps[0].dtype), " and ", dtype_name(p.dtype), ")");
+    KASMINA_CHECK_VALUE(p.stream == ps[0].stream, "forward_many: every problem must use one stream");
+    KASMINA_CHECK_VALUE(resolve(p).vector == vector, "forward_many: problem ", i, " takes the ",
+                        vector ? "scalar" : "vector", " path and problem 0 the other (",
+                        resolve(p).why, "); launch them apart");
+    plans.push_back(plan_forward(p, dev));
+    if (plans.back().rows_in_flight < rows_in_flight) rows_in_flight = plans.back().rows_in_flight;
+  }
+  // One kernel instance for all: the smallest rows in flight of the plans.
+  for (LaunchPlan& plan : plans) {
+    plan.rows_in_flight = rows_in_flight;
+    plan.rows_per_pass = plan.threads / plan.group * rows_in_flight;
+  }
+  stream_dispatch(plans, ps, count, dev);
 }
 
 std::string describe_forward_cuda(const ForwardParams& p) {

@@ -373,6 +373,34 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
   set_cuda_launch_config(saved);
 }
 
+TEST(Dispatch, ForwardManyRunsEachAndRefusesSharedOutputs) {
+  ProblemOptions o = small_options();
+  Problem a = make_problem(o);
+  o.rng_seed += 1;
+  Problem b = make_problem(o);
+  Problem a1 = a, b1 = b;
+  const ForwardParams both[] = {a.forward_params(), b.forward_params()};
+  forward_many(both, 2, Backend::cpu);
+  forward(a1.forward_params(), Backend::cpu);
+  forward(b1.forward_params(), Backend::cpu);
+  expect_forward_bits_equal(a, a1, "forward_many problem 0");
+  expect_forward_bits_equal(b, b1, "forward_many problem 1");
+
+  Problem c = make_problem(o);
+  c.poison_outputs();
+  ForwardParams shared[] = {c.forward_params(), b.forward_params()};
+  shared[1].y = shared[0].y;  // two problems writing one y
+  expect_error([&] { forward_many(shared, 2, Backend::cpu); },
+               {ErrorKind::value, {"forward_many", "problem 0's y overlaps problem 1's y"}}, "shared y");
+  expect_untouched(c, "shared y");
+  shared[1] = b.forward_params();
+  shared[1].x = static_cast<const void*>(shared[0].y);  // one reads what the other writes
+  expect_error([&] { forward_many(shared, 2, Backend::cpu); },
+               {ErrorKind::value, {"problem 0's y overlaps problem 1's x"}}, "y read as x");
+  expect_error([&] { forward_many(shared, 0, Backend::cpu); },
+               {ErrorKind::value, {"at least one problem"}}, "no problem");
+}
+
 TEST(Dispatch, TunedTableValidatesAndLooksUp) {
   const std::vector<CudaTunedEntry> saved = cuda_tuned_table();
   EXPECT_EQ(shape_class(16, 4096, 4), ShapeClass::small);

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -359,6 +360,49 @@ TEST_F(SmallCuda, TunedEntryIsSelectedAndNamed) {
   EXPECT_NE(set.find("1 rows in flight per thread (set)"), std::string::npos) << set;
 }
 
+// The streaming entry point: several problems (shapes differ, one dtype) in
+// one launch give each problem the bits of its own plain launch (same rows in
+// flight) and match the reference; a mixed dtype is refused before anything
+// runs.
+void check_forward_many(DType dt, uint64_t rng) {
+  const LaunchConfigGuard guard({1, 0});  // one rows-in-flight setting for both ways
+  const ProblemOptions shapes[] = {shape(16, 64, 64, dt, rng), shape(37, 48, 3, dt, rng + 1),
+                                   shape(300, 64, 5, dt, rng + 2), shape(1, 48, 16, dt, rng + 3),
+                                   shape(0, 64, 2, dt, rng + 4)};
+  std::vector<Problem> many, plain;
+  std::vector<std::unique_ptr<DeviceProblem>> dev;
+  for (const ProblemOptions& o : shapes) {
+    many.push_back(make_problem(o));
+    plain.push_back(many.back());
+  }
+  for (Problem& p : many) dev.push_back(std::make_unique<DeviceProblem>(p, false));
+  std::vector<ForwardParams> params;
+  for (std::size_t i = 0; i < many.size(); ++i) {
+    dev[i]->poison();
+    many[i].poison_outputs();
+    params.push_back(dev[i]->forward_params(many[i]));
+  }
+  forward_many(params.data(), static_cast<int>(params.size()), Backend::cuda);
+  CUDA_OK(cudaDeviceSynchronize());
+  for (std::size_t i = 0; i < many.size(); ++i) dev[i]->download_forward(many[i]);
+  for (std::size_t i = 0; i < plain.size(); ++i) {
+    const std::string ctx = "forward_many problem " + std::to_string(i) + " " + describe(shapes[i]);
+    SCOPED_TRACE(ctx);
+    expect_forward_matches(many[i], reference::forward(many[i].forward_params()), ctx);
+    dev[i]->poison();
+    plain[i].poison_outputs();
+    forward(dev[i]->forward_params(plain[i]), Backend::cuda);
+    CUDA_OK(cudaDeviceSynchronize());
+    dev[i]->download_forward(plain[i]);
+    expect_forward_bits_equal(plain[i], many[i], ctx + " vs a plain launch");
+  }
+}
+
+TEST_F(SmallCuda, ForwardManyMatchesPlainLaunches) {
+  check_forward_many(DType::f32, 190);
+  check_forward_many(DType::bf16, 290);
+}
+
 // -------------------------------------------------------------- full suite
 
 class CudaBackend : public CudaTest {};
@@ -695,6 +739,19 @@ TEST_F(SmallCuda, WorkspaceTooSmallWritesNothing) {
   EXPECT_TRUE(all_bytes(p.nonfinite, 0xFF)) << "nonfinite counts were written";
   EXPECT_TRUE(all_bytes(p.dweights, 0xFF)) << "dweights were written";
   EXPECT_TRUE(all_bytes(p.grad_stats, 0xFF)) << "grad_stats were written";
+}
+
+TEST_F(SmallCuda, ForwardManyRefusesMixedDtypes) {
+  Problem a = make_problem(shape(8, 48, 3, DType::f32, 301));
+  Problem b = make_problem(shape(8, 48, 3, DType::bf16, 302));
+  const DeviceProblem da(a, false), db(b, false);
+  da.poison();
+  db.poison();
+  const ForwardParams params[] = {da.forward_params(a), db.forward_params(b)};
+  EXPECT_THROW(forward_many(params, 2, Backend::cuda), Error);
+  CUDA_OK(cudaDeviceSynchronize());
+  da.download_forward(a);
+  EXPECT_TRUE(all_bytes(a.y.bytes, 0xFF)) << "y was written by a refused forward_many";
 }
 
 // params.hpp: a workspace is left zero-filled by every launch (the Python
