@@ -36,9 +36,11 @@ namespace kasmina::cuda {
 namespace {
 
 // The scalar sums (dscale, dalpha, CONV taps) add N*C terms of both signs
-// whose total can be far smaller than their magnitudes: each step's V terms
-// are summed in float32, the steps in float64 (a float32 running sum over a
-// whole chunk missed SPEC section 9 at N*C ~ 1.5e5).
+// whose total can be far smaller than their magnitudes: every term is formed
+// and added in float64 (DESIGN 45). A float32 running sum over a whole chunk
+// missed SPEC section 9 at N*C ~ 1.5e5; float32 terms summed per step, then
+// in float64, still missed it on unlucky random data (T - X = sigma*w
+// rounded once per column: the error does not average out over rows).
 struct BwdStats {
   Moments mom;   // of dX
   float sumsq;   // of dX
@@ -516,71 +518,58 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
           for (int k = 0; k < V + 2; ++k) g[k] = g[k] * scale[u];
         }
         float dv[V];
-        float dsig = 0.0f, dalpha = 0.0f, cw0 = 0.0f, cw1 = 0.0f, cw2 = 0.0f;  // this step's
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const float gi = g[i];
           const float xi = xs[i + 2];
           const float cf = mode_coef<M>(sv, table, c + i);
-          const float t = mode_transform<M>(sv, cf, xi, xs[i + 1], xs[i]);
+          // The scalar sums' terms in float64 (see BwdStats): products of
+          // two floats are exact there, so T - X and dT/dsigma carry no
+          // float32 rounding (which, per column, does not average out).
+          const double gd = gi;
+          const double xd = xi;
           float through;  // dT/dX applied to G
+          double t_minus_x;
           if constexpr (kConv) {
             through = sigma * (w0 * gi + w1 * g[i + 1] + w2 * g[i + 2]);
-            cw0 += gi * xi;
-            cw1 += gi * xs[i + 1];
-            cw2 += gi * xs[i];
-            dsig += gi * (w0 * xi + w1 * xs[i + 1] + w2 * xs[i]);
+            const double x1 = xs[i + 1], x2 = xs[i];
+            st.cw0 = fma(gd, xd, st.cw0);
+            st.cw1 = fma(gd, x1, st.cw1);
+            st.cw2 = fma(gd, x2, st.cw2);
+            const double conv = static_cast<double>(w0) * xd + static_cast<double>(w1) * x1 +
+                                static_cast<double>(w2) * x2;
+            st.dsig = fma(gd, conv, st.dsig);
+            t_minus_x = fma(static_cast<double>(sigma), conv, -xd);
           } else {
             const bool att = M == Mode::attention ||
                              (M == Mode::wide && sv.kind == static_cast<int>(Kind::attention));
             const bool mlp = M == Mode::mlp ||
                              (M == Mode::wide && sv.kind == static_cast<int>(Kind::mlp));
+            const double cd = cf;
             float contrib;
             if (att) {
               through = cf * gi;
               contrib = gi * xi;
+              t_minus_x = xd * (cd - 1.0);  // exact: a float times (p - 1), 25 bits
             } else if (mlp) {
               const float pre = xi * cf;
               through = pre > 0.0f ? sigma * cf * gi : 0.0f;
               contrib = pre > 0.0f ? gi * xi : 0.0f;
-              dsig += gi * relu(pre);
-            } else {
+              const double pred = xd * cd;  // exact
+              const double r = pred > 0.0 ? pred : 0.0;
+              st.dsig = fma(gd, r, st.dsig);
+              t_minus_x = fma(static_cast<double>(sigma), r, -xd);
+            } else {  // RESIDUAL
               through = gi;
               contrib = gi;
-              dsig += gi * cf;
+              st.dsig = fma(gd, cd, st.dsig);
+              t_minus_x = static_cast<double>(sigma) * cd;  // exact
             }
             if (grads) accp[i * G] += contrib;  // uniform
           }
           dv[i] = blends ? b * gi + a * through : gi;
           // Summed for every seed; kept only where alpha has a gradient.
-          // T - X in the form without cancellation where the kind has one:
-          // sigma*w for RESIDUAL (t - x lost the bits of a small sigma*w
-          // next to x), x*(p - 1) for ATTENTION; MLP and CONV fuse the
-          // subtraction into the last multiply.
-          float t_minus_x;
-          if constexpr (M == Mode::residual) {
-            t_minus_x = sigma * cf;
-          } else if constexpr (M == Mode::attention) {
-            t_minus_x = xi * (cf - 1.0f);
-          } else if constexpr (M == Mode::wide) {
-            t_minus_x = sv.kind == static_cast<int>(Kind::residual)    ? sigma * cf
-                        : sv.kind == static_cast<int>(Kind::attention) ? xi * (cf - 1.0f)
-                                                                       : fmaf(sigma, relu(xi * cf), -xi);
-          } else if constexpr (M == Mode::mlp) {
-            t_minus_x = fmaf(sigma, relu(xi * cf), -xi);  // one rounding less than t - x
-          } else if constexpr (M == Mode::conv) {
-            t_minus_x = fmaf(sigma, w0 * xi + w1 * xs[i + 1] + w2 * xs[i], -xi);
-          } else {
-            t_minus_x = t - xi;
-          }
-          dalpha += gi * t_minus_x;
-        }
-        st.dsig += static_cast<double>(dsig);
-        st.dalpha += static_cast<double>(dalpha);
-        if constexpr (kConv) {
-          st.cw0 += static_cast<double>(cw0);
-          st.cw1 += static_cast<double>(cw1);
-          st.cw2 += static_cast<double>(cw2);
+          st.dalpha = fma(gd, t_minus_x, st.dalpha);
         }
         store_vec<T, V>(rows.dxr(u) + c, dv);
         gs.add<V>(dv);
