@@ -292,10 +292,31 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     if (blending && candidates) {
       for (int u : {1, 2, 4}) {
         if (u == 4 && esize == 2) continue;  // 2-byte types run at most 2 (ops.hpp)
-        kasmina::set_cuda_launch_config({u, 0});
+        kasmina::set_cuda_launch_config({u, 0, kasmina::CudaForwardVariant::generic, 0});
         const double t = time_forward();
-        rows.push_back({"forward", dname, mode, "fwd rows in flight " + std::to_string(u), shape, t,
+        rows.push_back({"forward", dname, mode, "fwd generic, rows in flight " + std::to_string(u), shape, t,
                         fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+      }
+      // The forward variants (sm_90: TMA at each pipeline depth; elsewhere
+      // the generic kernel runs and the row says so).
+      for (int stages : {2, 4, 8}) {
+        kasmina::CudaLaunchConfig c;
+        c.forward_variant = kasmina::CudaForwardVariant::tma;
+        c.forward_stages = stages;
+        kasmina::set_cuda_launch_config(c);
+        const std::string desc = kasmina::describe_forward(fp, kasmina::Backend::cuda);
+        const bool tma = desc.rfind("cuda.forward.tma", 0) == 0;
+        const double t = time_forward();
+        rows.push_back({"forward", dname, mode,
+                        tma ? "fwd TMA " + std::to_string(stages) + " stages"
+                            : "fwd TMA refused: generic ran",
+                        shape, t, fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+        if (!tma) break;
+        if (stages == 4) {
+          const double tb = time_both();
+          rows.push_back({"forward+backward", dname, mode, "fwd TMA 4 stages + bwd default", shape,
+                          tb, both_bytes / (tb * 1e3), floor_gbps, pct(both_bytes, tb), true});
+        }
       }
       for (int u : {1, 2}) {
         kasmina::set_cuda_launch_config({0, u});

@@ -60,9 +60,20 @@ std::string describe_backward(const BackwardParams&, Backend);
 // differ between settings). 0 means the architecture's default from
 // src/cuda/tuning.hpp. Process-wide, read at every launch; the benchmark and
 // `kasmina tune` set them to measure candidates.
+// The forward's kernel variant: the generic one (global loads, every
+// architecture) or, on sm_90, the TMA one (tensor-map copies of whole row
+// tiles into a shared-memory pipeline; needs the 16-byte vector path and
+// C <= 256 elements, else the generic one runs and `describe` says why).
+// Both give results within SPEC section 9 of the reference; the TMA variant
+// gives the bits of the generic one with 1 row in flight.
+enum class CudaForwardVariant : int32_t { automatic = 0, generic = 1, tma = 2 };
+std::string_view cuda_forward_variant_name(CudaForwardVariant);
+
 struct CudaLaunchConfig {
   int forward_rows_in_flight = 0;   // rows each thread loads before it computes: 1, 2 or 4 (2-byte types: at most 2)
   int backward_rows_in_flight = 0;  // the same for the backward: 1 or 2
+  CudaForwardVariant forward_variant = CudaForwardVariant::automatic;
+  int forward_stages = 0;  // the TMA variant's pipeline depth: 0 (default), 2 to 8
 };
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.
@@ -70,8 +81,8 @@ void set_cuda_launch_config(const CudaLaunchConfig&);
 CudaLaunchConfig cuda_launch_config();
 
 // Winners of `kasmina tune` (docs/PERFORMANCE.md, "Autotuning"): per device
-// name, element size and shape class, the rows in flight that measured
-// fastest. The plan's one selection point takes, in this order, a nonzero
+// name, element size and shape class, the rows in flight, forward variant
+// and pipeline depth that measured fastest. The plan's one selection point takes, in this order, a nonzero
 // CudaLaunchConfig field, the tuned entry of (device, element size, shape
 // class), the architecture's default (src/cuda/tuning.hpp); `describe`
 // says which. Entries with values outside CudaLaunchConfig's lists are
@@ -89,6 +100,8 @@ struct CudaTunedEntry {
   ShapeClass shape = ShapeClass::large;
   int forward_rows_in_flight = 0;   // 0 = keep the default
   int backward_rows_in_flight = 0;
+  CudaForwardVariant forward_variant = CudaForwardVariant::automatic;  // automatic = keep the default
+  int forward_stages = 0;
 };
 void set_cuda_tuned_table(const std::vector<CudaTunedEntry>&);
 std::vector<CudaTunedEntry> cuda_tuned_table();

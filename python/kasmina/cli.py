@@ -178,8 +178,12 @@ def _print_info(info: dict[str, Any]) -> None:
     if isinstance(launch, dict):
         def rows(v):
             return "default" if v == 0 else str(v)
+        variants = ("automatic", "generic", "tma")
+        v = launch.get("forward_variant", 0)
         print(f"CUDA launch     rows in flight: forward {rows(launch.get('forward_rows_in_flight'))}"
-              f", backward {rows(launch.get('backward_rows_in_flight'))}; "
+              f", backward {rows(launch.get('backward_rows_in_flight'))}; forward variant "
+              f"{variants[v] if v in (0, 1, 2) else v}, TMA stages "
+              f"{rows(launch.get('forward_stages', 0))}; "
               f"{tuned if tuned is not None else '?'} tuned entries (kasmina tune)")
     if "profiling" in info:
         on = info.pop("profiling")
@@ -243,7 +247,9 @@ def cmd_tune(args) -> int:
         print(f"wrote {doc['path']} ({len(doc['entries'])} entries)")
         for e in doc["entries"]:
             print(f"  {e['device']}  {e['elem_bytes']}-byte {e['shape_class']:<6} "
-                  f"forward rows in flight {e['forward_rows_in_flight']}, "
+                  f"forward rows in flight {e['forward_rows_in_flight']} "
+                  f"({e.get('forward_variant', 'automatic')}"
+                  f"{', %d stages' % e['forward_stages'] if e.get('forward_stages') else ''}), "
                   f"backward {e['backward_rows_in_flight']}")
     return 0
 

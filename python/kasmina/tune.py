@@ -1,7 +1,9 @@
 """Autotuning of the CUDA launch configuration (``kasmina tune``).
 
-The CUDA kernels take one run-time knob that changes speed only: how many rows
-each thread loads before it computes (``rows in flight``, docs/DESIGN.md 37).
+The CUDA kernels take run-time knobs that change speed only: how many rows
+each thread loads before it computes (``rows in flight``, docs/DESIGN.md 37)
+and, on sm_90, the forward's variant (generic, or TMA copies into a
+shared-memory pipeline of 2 to 8 stages, docs/DESIGN.md 44).
 ``kasmina tune`` measures the candidates on this machine's GPU for each
 element size (float32; bfloat16 for the 2-byte types) and shape class (small,
 medium, large: ``kasmina._C.shape_class``) with the same timer as
@@ -37,6 +39,9 @@ CLASS_SHAPES = {"small": (16, 4096, 64), "medium": (8192, 768, 16), "large": (16
 DTYPES = {"float32": (torch.float32, 4), "bfloat16": (torch.bfloat16, 2)}
 FORWARD_CANDIDATES = {4: (1, 2, 4), 2: (1, 2)}
 BACKWARD_CANDIDATES = (1, 2)
+# CudaForwardVariant's values; entries name them.
+VARIANTS = ("automatic", "generic", "tma")
+TMA_STAGES = (2, 4, 8)
 
 
 def cache_path() -> Path:
@@ -47,7 +52,7 @@ def cache_path() -> Path:
     return Path(base) / "kasmina" / f"tune-v{VERSION}.json"
 
 
-def _check_entry(e: Any) -> tuple[str, int, int, int, int]:
+def _check_entry(e: Any) -> tuple[str, int, int, int, int, int, int]:
     if not isinstance(e, dict):
         raise ValueError(f"entry is not an object: {e!r}")
     device = e.get("device")
@@ -64,10 +69,17 @@ def _check_entry(e: Any) -> tuple[str, int, int, int, int]:
             raise ValueError(f"entry with a non-integer {name}: {e!r}")
         if not 0 <= v <= 8:  # the dispatcher checks the exact lists
             raise ValueError(f"entry with {name} = {v} out of range: {e!r}")
-    return device, elem, SHAPE_CLASSES.index(shape), fwd, bwd
+    # Optional (entries written before the TMA variant have neither).
+    variant = e.get("forward_variant", "automatic")
+    if variant not in VARIANTS:
+        raise ValueError(f"entry with forward_variant {variant!r}, want one of {VARIANTS}")
+    stages = e.get("forward_stages", 0)
+    if not isinstance(stages, int) or isinstance(stages, bool) or not 0 <= stages <= 8:
+        raise ValueError(f"entry with forward_stages {stages!r}, want 0 to 8: {e!r}")
+    return device, elem, SHAPE_CLASSES.index(shape), fwd, bwd, VARIANTS.index(variant), stages
 
 
-def read_cache(path: Path) -> list[tuple[str, int, int, int, int]]:
+def read_cache(path: Path) -> list[tuple[str, int, int, int, int, int, int]]:
     """The entries of a cache file; ValueError for a file that is not a
     kasmina tune cache of this version (or has a bad entry)."""
     try:
@@ -84,7 +96,7 @@ def read_cache(path: Path) -> list[tuple[str, int, int, int, int]]:
     return [_check_entry(e) for e in entries]
 
 
-def apply(entries: list[tuple[str, int, int, int, int]]) -> None:
+def apply(entries: list[tuple[str, int, int, int, int, int, int]]) -> None:
     """Hand the entries to the dispatcher (validated there: a bad value
     raises ValueError and changes nothing)."""
     _C.set_cuda_tuned_table(entries)
@@ -138,23 +150,37 @@ def _measure_class(shape, dtype, elem, timer, progress) -> dict[str, Any]:
         y = layer(x)
         y.backward(dy)
 
+    # Forward candidates as (rows in flight, variant, stages): the generic
+    # kernel per rows in flight, and on sm_90 the TMA kernel per depth (the
+    # class shapes all take its vector path with C <= 256).
+    generic, tma = VARIANTS.index("generic"), VARIANTS.index("tma")
+    candidates = [(u, generic, 0) for u in FORWARD_CANDIDATES[elem]]
+    if torch.cuda.get_device_capability()[0] == 9:
+        candidates += [(1, tma, st) for st in TMA_STAGES]
     out: dict[str, Any] = {"forward_us": {}, "forward_backward_us": {}}
     before = _C.cuda_launch_config()
     try:
-        for u in FORWARD_CANDIDATES[elem]:
-            _C.set_cuda_launch_config(u, 0)
-            out["forward_us"][u] = 1e3 * timer(fwd)
-            progress(f"  forward rows in flight {u}: {out['forward_us'][u]:.1f} us")
-        best_f = min(out["forward_us"], key=out["forward_us"].get)
+        for cand in candidates:
+            u, variant, stages = cand
+            _C.set_cuda_launch_config(u, 0, variant, stages)
+            name = f"rows {u}" if variant == generic else f"tma {stages}"
+            out["forward_us"][name] = 1e3 * timer(fwd)
+            progress(f"  forward {name}: {out['forward_us'][name]:.1f} us")
+        best_name = min(out["forward_us"], key=out["forward_us"].get)
+        best_f = next(c for c in candidates
+                      if (f"rows {c[0]}" if c[1] == generic else f"tma {c[2]}") == best_name)
         for u in BACKWARD_CANDIDATES:
-            _C.set_cuda_launch_config(best_f, u)
+            _C.set_cuda_launch_config(best_f[0], u, best_f[1], best_f[2])
             out["forward_backward_us"][u] = 1e3 * timer(both)
             progress(f"  forward+backward, backward rows in flight {u}: "
                      f"{out['forward_backward_us'][u]:.1f} us")
     finally:  # the caller's own setting, if any, comes back
         _C.set_cuda_launch_config(before["forward_rows_in_flight"],
-                                  before["backward_rows_in_flight"])
-    out["forward_rows_in_flight"] = best_f
+                                  before["backward_rows_in_flight"],
+                                  before["forward_variant"], before["forward_stages"])
+    out["forward_rows_in_flight"] = best_f[0]
+    out["forward_variant"] = VARIANTS[best_f[1]]
+    out["forward_stages"] = best_f[2]
     out["backward_rows_in_flight"] = min(out["forward_backward_us"],
                                          key=out["forward_backward_us"].get)
     return out
@@ -186,6 +212,8 @@ def run_tune(*, out: Path | None = None, quick: bool = False,
             entries.append(dict(device=device_name, elem_bytes=elem, shape_class=cls,
                                 forward_rows_in_flight=m["forward_rows_in_flight"],
                                 backward_rows_in_flight=m["backward_rows_in_flight"],
+                                forward_variant=m["forward_variant"],
+                                forward_stages=m["forward_stages"],
                                 shape=list(shape), dtype=dname,
                                 forward_us={str(k): v for k, v in m["forward_us"].items()},
                                 forward_backward_us={str(k): v for k, v in

@@ -763,19 +763,28 @@ NB_MODULE(_C, m) {
     return out;
   });
   m.def("format_profile", []() { return kasmina::format_profile(kasmina::profile_report()); });
-  m.def("set_cuda_launch_config", [](int forward_rows, int backward_rows) {
-    kasmina::set_cuda_launch_config({forward_rows, backward_rows});
-  }, "forward_rows_in_flight"_a, "backward_rows_in_flight"_a);
+  m.def("set_cuda_launch_config", [](int forward_rows, int backward_rows, int variant, int stages) {
+    kasmina::CudaLaunchConfig c;
+    c.forward_rows_in_flight = forward_rows;
+    c.backward_rows_in_flight = backward_rows;
+    c.forward_variant = static_cast<kasmina::CudaForwardVariant>(variant);
+    c.forward_stages = stages;
+    kasmina::set_cuda_launch_config(c);
+  }, "forward_rows_in_flight"_a, "backward_rows_in_flight"_a, "forward_variant"_a = 0,
+     "forward_stages"_a = 0, "forward_variant: 0 automatic, 1 generic, 2 tma (sm_90).");
   m.def("cuda_launch_config", []() {
     const kasmina::CudaLaunchConfig c = kasmina::cuda_launch_config();
     nb::dict d;
     d["forward_rows_in_flight"] = c.forward_rows_in_flight;
     d["backward_rows_in_flight"] = c.backward_rows_in_flight;
+    d["forward_variant"] = static_cast<int>(c.forward_variant);
+    d["forward_stages"] = c.forward_stages;
     return d;
   });
-  m.def("set_cuda_tuned_table", [](const std::vector<std::tuple<std::string, int, int, int, int>>& rows) {
+  m.def("set_cuda_tuned_table",
+        [](const std::vector<std::tuple<std::string, int, int, int, int, int, int>>& rows) {
     std::vector<kasmina::CudaTunedEntry> entries;
-    for (const auto& [device, elem_bytes, shape, fwd, bwd] : rows) {
+    for (const auto& [device, elem_bytes, shape, fwd, bwd, variant, stages] : rows) {
       KASMINA_CHECK_VALUE(shape >= 0 && shape <= 2, "tuned entry: shape class must be 0, 1 or 2 (got ",
                           shape, ")");
       kasmina::CudaTunedEntry e;
@@ -784,15 +793,19 @@ NB_MODULE(_C, m) {
       e.shape = static_cast<kasmina::ShapeClass>(shape);
       e.forward_rows_in_flight = fwd;
       e.backward_rows_in_flight = bwd;
+      e.forward_variant = static_cast<kasmina::CudaForwardVariant>(variant);
+      e.forward_stages = stages;
       entries.push_back(e);
     }
     kasmina::set_cuda_tuned_table(entries);
-  }, "entries"_a, "Entries (device, elem_bytes, shape_class 0/1/2, forward rows, backward rows).");
+  }, "entries"_a, "Entries (device, elem_bytes, shape_class 0/1/2, forward rows, backward rows, "
+     "forward variant 0/1/2, forward stages).");
   m.def("cuda_tuned_table", []() {
     nb::list out;
     for (const kasmina::CudaTunedEntry& e : kasmina::cuda_tuned_table()) {
       out.append(nb::make_tuple(e.device, e.elem_bytes, static_cast<int>(e.shape),
-                                e.forward_rows_in_flight, e.backward_rows_in_flight));
+                                e.forward_rows_in_flight, e.backward_rows_in_flight,
+                                static_cast<int>(e.forward_variant), e.forward_stages));
     }
     return out;
   });

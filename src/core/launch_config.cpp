@@ -13,11 +13,28 @@ namespace kasmina {
 namespace {
 std::atomic<int> g_forward_rows{0};
 std::atomic<int> g_backward_rows{0};
+std::atomic<int> g_forward_variant{0};
+std::atomic<int> g_forward_stages{0};
 
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
 bool valid_backward_rows(int v) { return v == 0 || v == 1 || v == 2; }
+bool valid_variant(CudaForwardVariant v) {
+  const int i = static_cast<int>(v);
+  return i >= 0 && i <= 2;
+}
+// The TMA pipeline's barriers are a fixed array of 8 (forward_tma_sm90.cu).
+bool valid_stages(int v) { return v == 0 || (v >= 2 && v <= 8); }
 }  // namespace
+
+std::string_view cuda_forward_variant_name(CudaForwardVariant v) {
+  switch (v) {
+    case CudaForwardVariant::automatic: return "automatic";
+    case CudaForwardVariant::generic: return "generic";
+    case CudaForwardVariant::tma: return "tma";
+  }
+  return "?";
+}
 
 void set_cuda_launch_config(const CudaLaunchConfig& config) {
   KASMINA_CHECK_VALUE(valid_forward_rows(config.forward_rows_in_flight),
@@ -26,8 +43,16 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   KASMINA_CHECK_VALUE(valid_backward_rows(config.backward_rows_in_flight),
                       "backward_rows_in_flight must be 0 (default), 1 or 2 (got ",
                       config.backward_rows_in_flight, ")");
+  KASMINA_CHECK_VALUE(valid_variant(config.forward_variant),
+                      "forward_variant must be 0 (automatic), 1 (generic) or 2 (tma) (got ",
+                      static_cast<int>(config.forward_variant), ")");
+  KASMINA_CHECK_VALUE(valid_stages(config.forward_stages),
+                      "forward_stages must be 0 (default) or 2 to 8 (got ", config.forward_stages,
+                      ")");
   g_forward_rows.store(config.forward_rows_in_flight, std::memory_order_relaxed);
   g_backward_rows.store(config.backward_rows_in_flight, std::memory_order_relaxed);
+  g_forward_variant.store(static_cast<int>(config.forward_variant), std::memory_order_relaxed);
+  g_forward_stages.store(config.forward_stages, std::memory_order_relaxed);
 }
 
 namespace {
@@ -72,6 +97,11 @@ void set_cuda_tuned_table(const std::vector<CudaTunedEntry>& entries) {
     KASMINA_CHECK_VALUE(valid_backward_rows(e.backward_rows_in_flight),
                         "tuned entry: backward_rows_in_flight must be 0, 1 or 2 (got ",
                         e.backward_rows_in_flight, ")");
+    KASMINA_CHECK_VALUE(valid_variant(e.forward_variant),
+                        "tuned entry: forward_variant must be 0, 1 or 2 (got ",
+                        static_cast<int>(e.forward_variant), ")");
+    KASMINA_CHECK_VALUE(valid_stages(e.forward_stages),
+                        "tuned entry: forward_stages must be 0 or 2 to 8 (got ", e.forward_stages, ")");
   }
   const std::lock_guard<std::mutex> lock(g_table_mutex);
   table() = entries;
@@ -100,6 +130,9 @@ CudaLaunchConfig cuda_launch_config() {
   CudaLaunchConfig c;
   c.forward_rows_in_flight = g_forward_rows.load(std::memory_order_relaxed);
   c.backward_rows_in_flight = g_backward_rows.load(std::memory_order_relaxed);
+  c.forward_variant =
+      static_cast<CudaForwardVariant>(g_forward_variant.load(std::memory_order_relaxed));
+  c.forward_stages = g_forward_stages.load(std::memory_order_relaxed);
   return c;
 }
 

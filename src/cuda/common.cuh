@@ -44,6 +44,18 @@ struct RowsChoice {
 RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, DType dtype, int64_t rows,
                                  int64_t hidden);
 
+// The one selection point of the forward variant and the TMA pipeline depth:
+// a CudaLaunchConfig field, else the tuned entry, else the architecture's
+// default for the shape class (tuning.hpp); stages 0 means "as many as the
+// tuning's stage budget holds".
+struct VariantChoice {
+  CudaForwardVariant variant;
+  int stages;
+  const char* source;  // "set", "tuned" or "default"
+};
+VariantChoice select_forward_variant(const DeviceInfo& dev, DType dtype, int64_t rows,
+                                     int64_t hidden);
+
 // CTAs of `func` (launched with `threads` and `smem_bytes` dynamic shared
 // memory) one SM of the current device holds at once; cached per (kernel,
 // shape, device), so the occupancy calculator runs once.
@@ -63,6 +75,12 @@ struct LaunchPlan {
   int tiles = 1;          // row tiles per seed of this call (<= tiles_max)
   std::size_t smem_bytes = 0;  // dynamic shared memory per CTA
   int table_floats = 0;        // backward: coefficient table ahead of the sums
+  // Forward only: the kernel variant (select_forward_variant) and, for TMA,
+  // the pipeline depth; why TMA was asked for but does not run.
+  bool tma = false;
+  int stages = 0;
+  const char* variant_source = "default";
+  const char* tma_refusal = nullptr;
 };
 
 inline bool aligned16(const void* p) {

@@ -55,6 +55,29 @@ RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, DType dtyp
   return {esize == 4 ? t.forward_rows_in_flight_4byte : t.forward_rows_in_flight_2byte, "default"};
 }
 
+VariantChoice select_forward_variant(const DeviceInfo& dev, DType dtype, int64_t rows,
+                                     int64_t hidden) {
+  const CudaLaunchConfig set = cuda_launch_config();
+  const std::size_t esize = dtype_size(dtype);
+  const ShapeClass shape = shape_class(rows, hidden, esize);
+  const CudaTunedEntry tuned = cuda_tuned_lookup(dev.name, esize, shape);
+  VariantChoice c{};
+  if (set.forward_variant != CudaForwardVariant::automatic) {
+    c.variant = set.forward_variant;
+    c.source = "set";
+  } else if (tuned.forward_variant != CudaForwardVariant::automatic) {
+    c.variant = tuned.forward_variant;
+    c.source = "tuned";
+  } else {
+    const Tuning& t = tuning_for(dev.cc_major);
+    const int* by_class = esize == 4 ? t.forward_variant_4byte : t.forward_variant_2byte;
+    c.variant = static_cast<CudaForwardVariant>(by_class[static_cast<int>(shape)]);
+    c.source = "default";
+  }
+  c.stages = set.forward_stages != 0 ? set.forward_stages : tuned.forward_stages;
+  return c;
+}
+
 int resident_ctas_per_sm(const void* func, int threads, std::size_t smem_bytes) {
   int device = 0;
   KASMINA_CUDA_CHECK(cudaGetDevice(&device));

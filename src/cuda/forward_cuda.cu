@@ -28,227 +28,30 @@
 
 #include "backends.hpp"
 #include "cuda/common.cuh"
+#include "cuda/forward_body.cuh"
 #include "cuda/cuda_check.hpp"
 #include "kasmina/error.hpp"
 
 namespace kasmina::cuda {
 namespace {
 
-// One CTA's (and, merged, one seed's) telemetry over the input chunk.
-struct FwdStats {
-  Moments mom;
-  float lo;
-  float hi;
-  unsigned long long dead;
-  unsigned long long nonfinite;
-  double drift_sum;  // sum over rows of 1 - cos(X[n,:], Y[n,:]) (blending seeds only)
-
-  __device__ __forceinline__ static FwdStats identity() {
-    return {Moments::identity(), INFINITY, -INFINITY, 0ull, 0ull, 0.0};
-  }
-  __device__ __forceinline__ void merge(const FwdStats& b) {
-    mom.merge(b.mom);
-    lo = fminf(lo, b.lo);
-    hi = fmaxf(hi, b.hi);
-    dead += b.dead;
-    nonfinite += b.nonfinite;
-    drift_sum += b.drift_sum;
-  }
-  __device__ __forceinline__ FwdStats shfl_down(int off) const {
-    return {mom.shfl_down(off),
-            __shfl_down_sync(0xffffffffu, lo, off),
-            __shfl_down_sync(0xffffffffu, hi, off),
-            __shfl_down_sync(0xffffffffu, dead, off),
-            __shfl_down_sync(0xffffffffu, nonfinite, off),
-            __shfl_down_sync(0xffffffffu, drift_sum, off)};
-  }
-};
-
-__device__ __forceinline__ FwdStats load_partial(const FwdStats* p) {
-  FwdStats s;
-  s.mom.n = load_cg(&p->mom.n);
-  s.mom.mean = load_cg(&p->mom.mean);
-  s.mom.m2 = load_cg(&p->mom.m2);
-  s.lo = load_cg(&p->lo);
-  s.hi = load_cg(&p->hi);
-  s.dead = load_cg(&p->dead);
-  s.nonfinite = load_cg(&p->nonfinite);
-  s.drift_sum = load_cg(&p->drift_sum);
-  return s;
-}
-
-// One thread's telemetry on the hot path: 32-bit counts (a thread never
-// sees 2^32 values) keep the register budget small. The finite values are
-// summed as shifted data (DESIGN 30): count, sum of (x - K) and of (x - K)^2
-// in float32, K the first value of the pending batch (0 when it is not
-// finite; the thread's own, so no CTA-wide pass picks it), folded into the
-// Chan-merged moments by flush() every row pass once kFlushCount values are
-// pending (and at the end), so no float32 sum grows long. Widened to
-// FwdStats for the block reduction.
-constexpr unsigned kFlushCount = 4096;
-
-struct ThreadStats {
-  ThreadMoments mom;  // flushed batches
-  unsigned cnt;       // pending finite values since the last flush
-  float shift;        // K of the pending batch
-  float sum;          // their sum of (x - K)
-  float sq;           // their sum of (x - K)^2
-  float lo;
-  float hi;
-  float dead_pending;  // dead values since the last flush (exact: < 2^24)
-  unsigned dead;
-  unsigned nonfinite;
-  double drift_sum;
-
-  __device__ __forceinline__ static ThreadStats identity() {
-    return {{0u, 0.0f, 0.0f}, 0u, 0.0f, 0.0f, 0.0f, INFINITY, -INFINITY, 0.0f, 0u, 0u, 0.0};
-  }
-  // The pending batch as (count, mean, M2) into the moments (Chan): one exact
-  // division per flush. sum/cnt is the batch mean of x - K, and
-  // sq - sum * (sum/cnt) its M2 without cancellation while K lies near the
-  // data (the shifted-data algorithm); rounding below 0 is clamped.
-  __device__ __forceinline__ void flush() {
-    dead += static_cast<unsigned>(dead_pending);
-    dead_pending = 0.0f;
-    if (cnt == 0) return;
-    const float dm = sum / static_cast<float>(cnt);
-    float m2 = sq - sum * dm;
-    if (m2 < 0.0f) m2 = 0.0f;  // a NaN (overflowed sums) stays NaN
-    mom.add_batch(cnt, shift + dm, m2);
-    cnt = 0u;
-    sum = 0.0f;
-    sq = 0.0f;
-  }
-  // Call after the last flush().
-  __device__ __forceinline__ FwdStats widen() const {
-    return {mom.to_moments(), lo, hi, dead, nonfinite, drift_sum};
-  }
-};
-
-// Telemetry of V input values. One finiteness test per vector: the sum of
-// the shifted values is non-finite when any value is NaN or Inf (or, rarely,
-// when it overflows); then the exact per-value path runs, else the values
-// go into the shifted sums, min/max and the dead count without a test.
-template <int V>
-__device__ __forceinline__ void add_values(ThreadStats& st, const float (&xv)[V],
-                                           float dead_threshold) {
-  if (st.cnt == 0) st.shift = isfinite(xv[0]) ? xv[0] : 0.0f;  // nothing pending: any K is exact
-  const float shift = st.shift;
-  float d[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) d[i] = xv[i] - shift;
-  // Pairwise, in a fixed order.
-  float part[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) part[i] = d[i];
-#pragma unroll
-  for (int w = 1; w < V; w *= 2) {
-#pragma unroll
-    for (int i = 0; i + w < V; i += 2 * w) part[i] += part[i + w];
-  }
-  if (isfinite(part[0])) {
-    st.cnt += static_cast<unsigned>(V);
-    st.sum += part[0];
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      st.sq = fmaf(d[i], d[i], st.sq);
-      st.lo = fminf(st.lo, xv[i]);
-      st.hi = fmaxf(st.hi, xv[i]);
-      st.dead_pending += fabsf(xv[i]) <= dead_threshold ? 1.0f : 0.0f;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      if (isfinite(xv[i])) {
-        ++st.cnt;
-        st.sum += d[i];
-        st.sq = fmaf(d[i], d[i], st.sq);
-        st.lo = fminf(st.lo, xv[i]);
-        st.hi = fmaxf(st.hi, xv[i]);
-        if (fabsf(xv[i]) <= dead_threshold) ++st.dead;
-      } else {
-        ++st.nonfinite;
-      }
-    }
-  }
-}
-
-struct ForwardArgs {
-  const void* x;
-  void* y;
-  int64_t rows;
-  int64_t x_stride;
-  int64_t y_stride;
-  int C;
-  int group;
-  int row_groups;     // threads / group
-  int rows_per_pass;  // row_groups x rows in flight
-  int tiles;
-  bool coef_table;  // the dynamic shared memory holds C floats of coefficients
-  SeedTable seeds;
-  RegistryView registry;
-  OutputClamp clamp;
-  float dead_threshold;
-  float* telemetry;
-  int64_t* nonfinite_count;
-  unsigned* tickets;    // [S], zero between launches
-  FwdStats* partials;   // [S, tiles]
-};
-
-// group_sum of the three drift sums over a row group of G <= 8 lanes
-// (kForwardGroupThreads): unrolled with immediate offsets, the three
-// butterflies interleaved; the same additions in the same order as
-// group_sum, so the same bits in every lane of the group.
-__device__ __forceinline__ void group_sum3(double& a, double& b, double& c, int G) {
-  static_assert(kForwardGroupThreads <= 8, "group_sum3 unrolls three butterfly steps");
-#pragma unroll
-  for (int off = 4; off >= 1; off /= 2) {
-    if (off < G) {  // uniform; lane ^ off stays in the lane's aligned group
-      const double a2 = __shfl_xor_sync(0xffffffffu, a, off);
-      const double b2 = __shfl_xor_sync(0xffffffffu, b, off);
-      const double c2 = __shfl_xor_sync(0xffffffffu, c, off);
-      a += a2;
-      b += b2;
-      c += c2;
-    }
-  }
-}
-
-// The inner loop's variants, one per seed kind (and copy), chosen once per
-// CTA by a uniform switch: the per-element code has no test of the kind, of
-// the stage or of the clamp. `wide` runs RESIDUAL, ATTENTION and MLP
-// without the coefficient table (C too wide for it).
-enum class Mode { copy, residual, attention, mlp, conv, wide };
-
-// Rows of one CTA for one mode: y, the per-thread telemetry and the drift.
-// A row group takes U rows of each row pass (group, group + row_groups, ...)
-// and loads its vector of all U rows before it computes on the first: U
-// 16-byte loads in flight per thread, where one leaves HBM idle.
+// The generic kernel's row loop: the CTA visits row passes tile,
+// tile + tiles, ...; each thread loads its U rows' vectors from global
+// memory, and asks L2 for the next pass's rows first (two passes in flight).
 template <typename T, int V, int U, Mode M, bool Clamp>
-__device__ __forceinline__ void forward_rows(const ForwardArgs& args, const SeedView& sv,
-                                             const float* table, int64_t col0, int tile, int lane,
-                                             int group, ThreadStats& st) {
-  constexpr bool kBlend = M != Mode::copy;
+__device__ __forceinline__ void forward_rows(const ForwardArgs& args, const CtaSeed& cs,
+                                             int64_t col0, int tile, int lane, int group,
+                                             ThreadStats& st) {
   const int C = args.C;
-  const int G = args.group;
+  const int step = args.group * V;
   const int tiles = args.tiles;
   const int64_t RG = args.row_groups;
   const int64_t R = args.rows_per_pass;
   const int64_t N = args.rows;
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
-  const float a = sv.a;
-  const float b = 1.0f - sv.a;
-  const float sigma = sv.sigma;
-  const float w0 = sv.w0, w1 = sv.w1, w2 = sv.w2;
-  const float clo = args.clamp.lo;
-  const float chi = args.clamp.hi;
-  const float thr = args.dead_threshold;
-  const int step = G * V;
-
   for (int64_t pass = tile; pass * R < N; pass += tiles) {
     const int64_t n0 = pass * R + group;
-    // The next pass's rows on their way to L2 (two passes in flight).
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t n = n0 + tiles * R + u * RG;
@@ -257,153 +60,16 @@ __device__ __forceinline__ void forward_rows(const ForwardArgs& args, const Seed
         for (int c = lane * V; c < C; c += step) prefetch_l2(p + c);
       }
     }
-    bool active[U];
-    const T* xr[U];
-    T* yr[U];
+    PassRows<T, U> r;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t n = n0 + u * RG;
-      active[u] = n < N;
-      const int64_t nn = active[u] ? n : 0;  // no pointer past the tensor
-      xr[u] = x + nn * args.x_stride + col0;
-      yr[u] = y + nn * args.y_stride + col0;
+      r.active[u] = n < N;
+      const int64_t nn = r.active[u] ? n : 0;  // no pointer past the tensor
+      r.x[u] = x + nn * args.x_stride + col0;
+      r.y[u] = y + nn * args.y_stride + col0;
     }
-    // Drift is 1 - cos, small next to 1: the row sums are kept in float64
-    // (a product of two floats is exact there), so the cancellation in
-    // 1 - cos costs nothing visible at float32 output precision (DESIGN 28).
-    double dot[U], xx[U], yy[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) dot[u] = xx[u] = yy[u] = 0.0;
-    for (int c = lane * V; c < C; c += step) {
-      RawVec<T, V> raw[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (active[u]) raw[u] = load_raw<T, V>(xr[u] + c);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (!active[u]) continue;
-        float xv[V];
-        decode_vec<T, V>(raw[u], xv);
-        if constexpr (!kBlend && !Clamp) {
-          // A copy stores the loaded bytes unchanged.
-          store_raw<T, V>(yr[u] + c, raw[u]);
-        } else {
-          float yv[V];
-          float coef[V];
-          if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
-#pragma unroll
-            for (int i = 0; i < V; ++i) coef[i] = table[c + i];
-          }
-          // CONV's two left neighbours (0 at the chunk start; L1 hits, the
-          // neighbour lane loaded them), then rolled along the vector.
-          float xm2 = 0.0f, xm1 = 0.0f;
-          if constexpr (M == Mode::conv) {
-            xm2 = c >= 2 ? load_one(xr[u] + c - 2) : 0.0f;
-            xm1 = c >= 1 ? load_one(xr[u] + c - 1) : 0.0f;
-          }
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            const float xi = xv[i];
-            float yi = xi;
-            if constexpr (kBlend) {
-              // seed_transform per kind, and the blend as the backward
-              // recomputes it for the clamp mask (the same bits: DESIGN 4).
-              float t;
-              if constexpr (M == Mode::residual) {
-                t = xi + sigma * coef[i];
-              } else if constexpr (M == Mode::attention) {
-                t = xi * coef[i];
-              } else if constexpr (M == Mode::mlp) {
-                t = sigma * relu(xi * coef[i]);
-              } else if constexpr (M == Mode::conv) {
-                t = sigma * (w0 * xi + w1 * xm1 + w2 * xm2);
-                xm2 = xm1;
-                xm1 = xi;
-              } else {
-                t = seed_transform(sv, coef_at(sv, nullptr, c + i), xi, 0.0f, 0.0f);
-              }
-              yi = a * t + b * xi;
-              const double xd = xi, yd = yi;
-              dot[u] += xd * yd;
-              xx[u] += xd * xd;
-              yy[u] += yd * yd;
-            }
-            yv[i] = Clamp ? clamp_output(true, clo, chi, yi) : yi;
-          }
-          store_vec<T, V>(yr[u] + c, yv);
-        }
-        add_values<V>(st, xv, thr);
-      }
-    }
-    if constexpr (kBlend) {
-      // Every lane of the CTA reaches this point the same number of times.
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        group_sum3(dot[u], xx[u], yy[u], G);
-        if (active[u] && lane == 0) {
-          // cos = 1 for a zero or non-finite row (SPEC section 4), and for a
-          // row with Y == X (dot == |X|^2 == |Y|^2), where the formula would
-          // leave rounding noise instead of the exact 0. A non-finite X or Y
-          // makes |X|^2 or |Y|^2 non-finite (squares of finite floats cannot
-          // overflow a double), so no per-value test.
-          const bool unit = !isfinite(xx[u]) || !isfinite(yy[u]) || xx[u] == 0.0 ||
-                            yy[u] == 0.0 || (dot[u] == xx[u] && xx[u] == yy[u]);
-          if (!unit) st.drift_sum += 1.0 - dot[u] * rsqrt(xx[u] * yy[u]);
-        }
-      }
-    }
-    if (st.cnt >= kFlushCount) st.flush();
-  }
-}
-
-template <typename T, int V, int U, bool Clamp>
-__device__ __forceinline__ void forward_rows_mode(Mode mode, const ForwardArgs& args,
-                                                  const SeedView& sv, const float* table,
-                                                  int64_t col0, int tile, int lane, int group,
-                                                  ThreadStats& st) {
-  switch (mode) {
-    case Mode::copy:
-      forward_rows<T, V, U, Mode::copy, Clamp>(args, sv, table, col0, tile, lane, group, st);
-      break;
-    case Mode::residual:
-      forward_rows<T, V, U, Mode::residual, Clamp>(args, sv, table, col0, tile, lane, group, st);
-      break;
-    case Mode::attention:
-      forward_rows<T, V, U, Mode::attention, Clamp>(args, sv, table, col0, tile, lane, group, st);
-      break;
-    case Mode::mlp:
-      forward_rows<T, V, U, Mode::mlp, Clamp>(args, sv, table, col0, tile, lane, group, st);
-      break;
-    case Mode::conv:
-      forward_rows<T, V, U, Mode::conv, Clamp>(args, sv, table, col0, tile, lane, group, st);
-      break;
-    case Mode::wide:
-      forward_rows<T, V, U, Mode::wide, Clamp>(args, sv, table, col0, tile, lane, group, st);
-      break;
-  }
-}
-
-// Seed s's telemetry row from its merged statistics (SPEC section 4).
-__device__ __forceinline__ void write_telemetry(const ForwardArgs& args, int s, const FwdStats& acc,
-                                                bool blends) {
-  const int64_t N = args.rows;
-  const unsigned long long n = acc.mom.n;
-  const float mean = n > 0 ? acc.mom.mean : 0.0f;
-  const float variance = n > 0 ? acc.mom.m2 / static_cast<float>(n) : 0.0f;
-  float* tel = args.telemetry + static_cast<int64_t>(s) * kTelemetryWidth;
-  tel[kTelVariance] = variance;
-  tel[kTelMean] = mean;
-  tel[kTelMin] = acc.lo;
-  tel[kTelMax] = acc.hi;
-  tel[kTelDeadRatio] = n > 0 ? static_cast<float>(acc.dead) / static_cast<float>(n) : 0.0f;
-  tel[kTelSignalToNoise] = n > 0 ? fabsf(mean) / sqrtf(variance + 1e-8f) : 0.0f;
-  tel[kTelNonfinite] = static_cast<float>(acc.nonfinite);
-  // Exactly 0 for a copy and for N = 0 (SPEC section 4).
-  tel[kTelDrift] =
-      (blends && N > 0) ? static_cast<float>(acc.drift_sum / static_cast<double>(N)) : 0.0f;
-  if (args.nonfinite_count != nullptr) {
-    args.nonfinite_count[s] = static_cast<int64_t>(acc.nonfinite);
+    forward_pass<T, V, U, M, Clamp>(args, cs.sv, cs.table, r, lane, st);
   }
 }
 
@@ -413,12 +79,6 @@ __device__ __forceinline__ void write_telemetry(const ForwardArgs& args, int s, 
 template <typename T, int V, int U>
 __device__ __forceinline__ void forward_cta(const ForwardArgs& args, int block) {
   extern __shared__ float coef_smem[];  // [C] when args.coef_table
-  __shared__ FwdStats red_scratch[8];
-  __shared__ SumF sum_scratch[8];
-  __shared__ MaxF max_scratch[8];
-  __shared__ float bcast;
-  __shared__ int is_last;
-
   const int tiles = args.tiles;
   const int s = block / tiles;
   const int tile = block - s * tiles;
@@ -446,71 +106,14 @@ __device__ __forceinline__ void forward_cta(const ForwardArgs& args, int block) 
     }
   }
 
-  SeedView sv = load_seed_view(args.seeds, args.registry, s, C);
-  if (sv.blends && sv.kind == static_cast<int>(Kind::attention)) {
-    compute_softmax(sv, C, sum_scratch, max_scratch, &bcast);
-  }
-  Mode mode = Mode::copy;
-  if (sv.blends) {
-    switch (sv.kind) {
-      case static_cast<int>(Kind::residual): mode = Mode::residual; break;
-      case static_cast<int>(Kind::attention): mode = Mode::attention; break;
-      case static_cast<int>(Kind::mlp): mode = Mode::mlp; break;
-      default: mode = Mode::conv; break;
-    }
-  }
-  const bool needs_coef = mode == Mode::residual || mode == Mode::attention || mode == Mode::mlp;
-  const float* table = nullptr;
-  if (needs_coef) {
-    if (args.coef_table) {
-      fill_coef_table(sv, C, coef_smem);
-      table = coef_smem;
-      __syncthreads();
-    } else {
-      mode = Mode::wide;
-    }
-  }
-
+  const CtaSeed cs = setup_seed(args, s, coef_smem);
   ThreadStats st = ThreadStats::identity();
   const int64_t col0 = static_cast<int64_t>(s) * C;
-  if (args.clamp.enabled) {
-    forward_rows_mode<T, V, U, true>(mode, args, sv, table, col0, tile, lane, group, st);
-  } else {
-    forward_rows_mode<T, V, U, false>(mode, args, sv, table, col0, tile, lane, group, st);
-  }
-  st.flush();
-
-  const FwdStats cta = block_reduce(st.widen(), red_scratch);
-  if (tiles == 1) {
-    // The seed's only CTA: its statistics are the seed's (no partials, no
-    // ticket: a small batch pays no second round trip through L2).
-    if (threadIdx.x == 0) write_telemetry(args, s, cta, sv.blends);
-    return;
-  }
-  FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * tiles;
-  if (threadIdx.x == 0) {
-    seed_partials[tile] = cta;
-    __threadfence();
-    const unsigned ticket = atomicAdd(&args.tickets[s], 1u);
-    is_last = ticket == static_cast<unsigned>(tiles - 1);
-  }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-
-  FwdStats acc = FwdStats::identity();
-  for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
-    acc.merge(load_partial(seed_partials + i));
-  }
-  acc = block_reduce(acc, red_scratch);  // its barriers order the reads before the clears
-  // params.hpp: the workspace is left zero-filled by every launch.
-  for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
-    seed_partials[i] = FwdStats{};
-  }
-  if (threadIdx.x == 0) {
-    write_telemetry(args, s, acc, sv.blends);
-    args.tickets[s] = 0u;  // every CTA of this seed has taken its ticket
-  }
+  with_mode(cs.mode, args.clamp.enabled, [&](auto m, auto clamp) {
+    forward_rows<T, V, U, decltype(m)::value, decltype(clamp)::value>(args, cs, col0, tile, lane,
+                                                                      group, st);
+  });
+  finish_seed(args, s, tile, cs.sv.blends, st);
 }
 
 template <typename T, int V, int U>
@@ -606,6 +209,22 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev) {
   const std::size_t table = static_cast<std::size_t>(r.C) * sizeof(float);
   plan.smem_bytes = table <= t.smem_budget_bytes ? table : 0;
   plan.tiles = plan.tiles_max;  // refined by finish_plan() for the kernel that runs
+  // The variant: TMA where selected and possible, with the generic kernel's
+  // plan for 1 row in flight (the same passes, so the same bits).
+  const VariantChoice vc = select_forward_variant(dev, p.dtype, p.rows, p.hidden);
+  plan.variant_source = vc.source;
+  if (vc.variant == CudaForwardVariant::tma) {
+    LaunchPlan one = plan;
+    one.rows_in_flight = 1;
+    one.rows_source = "TMA variant";
+    one.rows_per_pass = plan.threads / plan.group;
+    plan.tma_refusal = forward_tma_refusal(p, one, dev, r.C, r.vector);
+    if (plan.tma_refusal == nullptr) {
+      plan = one;
+      plan.tma = true;
+      plan.stages = vc.stages;
+    }
+  }
   return plan;
 }
 
@@ -632,6 +251,18 @@ template <typename T, int V, int U>
 LaunchPlan plan_and_launch(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev,
                            ForwardArgs* args) {
   plan = finish_plan<T, V, U>(plan, p, dev);
+  if constexpr (U == 1 && V > 1) {
+    if (plan.tma) {
+      const int resident = resident_ctas_per_sm(
+          reinterpret_cast<const void*>(&forward_kernel<T, V, 1>), plan.threads, plan.smem_bytes);
+      plan = forward_tma_finish(plan, p, dev, resident);
+      if (args != nullptr) {
+        args->tiles = plan.tiles;
+        forward_tma_launch(plan, p, *args);
+      }
+      return plan;
+    }
+  }
   if (args == nullptr) return plan;
   args->tiles = plan.tiles;
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
@@ -788,6 +419,7 @@ void forward_stream_cuda(const ForwardParams* ps, int count) {
                         vector ? "scalar" : "vector", " path and problem 0 the other (",
                         resolve(p).why, "); launch them apart");
     plans.push_back(plan_forward(p, dev));
+    plans.back().tma = false;  // the streaming kernel is the generic one
     if (plans.back().rows_in_flight < rows_in_flight) rows_in_flight = plans.back().rows_in_flight;
   }
   // One kernel instance for all: the smallest rows in flight of the plans.
@@ -805,11 +437,21 @@ std::string describe_forward_cuda(const ForwardParams& p) {
   const Resolved r = resolve(p);
   const LaunchPlan plan = dispatch(plan_forward(p, dev), p, dev, nullptr);
   std::ostringstream os;
-  os << "cuda.forward." << (r.vector ? "vec" : "scalar") << plan.vector << " "
+  os << "cuda.forward." << (plan.tma ? "tma" : r.vector ? "vec" : "scalar") << plan.vector << " "
      << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
      << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_in_flight
      << " rows in flight per thread (" << plan.rows_source << "), " << plan.rows_per_pass
-     << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
+     << " rows per pass, ";
+  if (plan.tma) {
+    os << "variant tma (" << plan.variant_source << "): each pass one tensor-map copy of "
+       << plan.rows_per_pass << " x " << r.C << " into a " << plan.stages
+       << "-stage shared-memory ring (mbarrier pipeline), ";
+  } else if (plan.tma_refusal != nullptr) {
+    os << "variant generic (" << plan.tma_refusal << "; TMA was " << plan.variant_source << "), ";
+  } else {
+    os << "variant generic (" << plan.variant_source << "), ";
+  }
+  os << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
      << " threads, one launch"
      << (plan.tiles == 1 ? " (one CTA per seed: no partials)" : "") << ", "

@@ -37,16 +37,33 @@ struct Tuning {
   int forward_rows_in_flight_4byte;
   int forward_rows_in_flight_2byte;
   int backward_rows_in_flight;
+  // The forward variant per shape class (small, medium, large: ops.hpp
+  // ShapeClass) where nothing is set or tuned, for 4-byte and for 2-byte
+  // types: 1 generic, 2 TMA (sm_90 only).
+  int forward_variant_4byte[3];
+  int forward_variant_2byte[3];
+  // Shared memory the TMA variant's stages may take per CTA by default
+  // (stages = this / stage bytes, 2 to 8); the occupancy of the generic
+  // kernel is kept (forward_tma_sm90.cu), so fewer stages may run.
+  int tma_stage_budget_bytes;
 };
 
 // sm_80 (A100) and sm_90 (H100) share one memory-bound design: 16-byte
 // vector loads, 256 threads, 3 CTAs per SM (the kernels use 60-80 registers
 // a thread, so 3 CTAs of 256 fit and the grid is one even wave; the row
 // passes are split evenly over the tiles, so a partial second wave would
-// double the time of its CTAs). A Hopper-specific variant (TMA bulk copies)
-// would get its own entry here.
-inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2};
-inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2};
+// double the time of its CTAs). Hopper adds the TMA forward variant; its
+// default per shape class is set from a same-run comparison with the
+// generic kernel (docs/PERFORMANCE.md).
+// sm_90's TMA defaults (docs/PERFORMANCE.md, "TMA forward", H100, same
+// run): float32 16384x4096/64 ran 87.9 % of the copy floor with 2 stages of
+// 8 KiB (83.3 % with 4 or 8, 82.2 % generic), so large float32 inputs take
+// TMA with a 16 KiB stage budget; at 8192x768/16 (61 % vs 65 %), for
+// bfloat16 (55 % vs 66 %) and on the small batch TMA lost or tied.
+inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
+                                    {1, 1, 1}, {1, 1, 1}, 0};
+inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
+                                    {1, 1, 2}, {1, 1, 1}, 16 * 1024};
 
 inline constexpr const Tuning& tuning_for(int cc_major) {
   return cc_major >= 9 ? kTuningSm90 : kTuningSm80;
@@ -60,6 +77,8 @@ inline constexpr int kMaxBlockThreads = 256;
 // Lanes per row in the forward: 8 lanes x 16 bytes = one 128-byte line per
 // row and access, while per-row reductions are shared by 4 rows a warp.
 inline constexpr int kForwardGroupThreads = 8;
+// The TMA forward's pipeline depth bound (its barrier array).
+inline constexpr int kMaxTmaStages = 8;
 // Minimum resident CTAs of kMaxBlockThreads the forward kernel is compiled
 // for (__launch_bounds__), per element size and rows in flight U: float32
 // with U = 1 takes 3 (up to 80 registers a thread; 4 would cap it at 64,

@@ -368,8 +368,19 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
   expect_error([] { set_cuda_launch_config({1, 4}); },
                {ErrorKind::value, {"backward_rows_in_flight", "0 (default), 1 or 2", "got 4"}},
                "backward rows 4");
+  expect_error([] { set_cuda_launch_config({1, 1, static_cast<CudaForwardVariant>(3), 0}); },
+               {ErrorKind::value, {"forward_variant", "2 (tma)", "got 3"}}, "variant 3");
+  expect_error([] { set_cuda_launch_config({1, 1, CudaForwardVariant::tma, 1}); },
+               {ErrorKind::value, {"forward_stages", "2 to 8", "got 1"}}, "stages 1");
+  expect_error([] { set_cuda_launch_config({1, 1, CudaForwardVariant::tma, 9}); },
+               {ErrorKind::value, {"forward_stages", "got 9"}}, "stages 9");
   EXPECT_EQ(cuda_launch_config().forward_rows_in_flight, 2);
   EXPECT_EQ(cuda_launch_config().backward_rows_in_flight, 1);
+  EXPECT_EQ(cuda_launch_config().forward_variant, CudaForwardVariant::automatic);
+  set_cuda_launch_config({1, 2, CudaForwardVariant::tma, 4});
+  EXPECT_EQ(cuda_launch_config().forward_variant, CudaForwardVariant::tma);
+  EXPECT_EQ(cuda_launch_config().forward_stages, 4);
+  EXPECT_EQ(cuda_forward_variant_name(CudaForwardVariant::tma), "tma");
   set_cuda_launch_config(saved);
 }
 
@@ -437,6 +448,14 @@ TEST(Dispatch, TunedTableValidatesAndLooksUp) {
   bad.elem_bytes = 8;
   expect_error([&] { set_cuda_tuned_table({bad}); }, {ErrorKind::value, {"elem_bytes", "got 8"}},
                "elem 8");
+  bad = e;
+  bad.forward_stages = 1;
+  expect_error([&] { set_cuda_tuned_table({bad}); },
+               {ErrorKind::value, {"forward_stages", "got 1"}}, "tuned stages 1");
+  bad = e;
+  bad.forward_variant = static_cast<CudaForwardVariant>(-1);
+  expect_error([&] { set_cuda_tuned_table({bad}); },
+               {ErrorKind::value, {"forward_variant", "got -1"}}, "tuned variant -1");
   ASSERT_EQ(cuda_tuned_table().size(), 1u);  // the refused tables changed nothing
   EXPECT_EQ(cuda_tuned_table()[0].device, "GPU A");
   set_cuda_tuned_table(saved);

@@ -306,19 +306,75 @@ class ProfilingGuard {
 
 struct ConfigCase {
   int forward_rows, backward_rows;
+  CudaForwardVariant variant = CudaForwardVariant::generic;
 };
-constexpr ConfigCase kConfigs[] = {{1, 1}, {2, 2}, {4, 1}, {4, 2}};
+// The TMA case runs the TMA forward where the device and shape allow it and
+// the generic one elsewhere (both checked against the reference).
+constexpr ConfigCase kConfigs[] = {
+    {1, 1}, {2, 2}, {4, 1}, {4, 2}, {1, 2, CudaForwardVariant::tma}};
 
 std::string config_name(const ConfigCase& c) {
   return "rows in flight fwd " + std::to_string(c.forward_rows) + " bwd " +
-         std::to_string(c.backward_rows);
+         std::to_string(c.backward_rows) + " variant " +
+         std::string(cuda_forward_variant_name(c.variant));
+}
+
+CudaLaunchConfig config_of(const ConfigCase& c) {
+  CudaLaunchConfig l;
+  l.forward_rows_in_flight = c.forward_rows;
+  l.backward_rows_in_flight = c.backward_rows;
+  l.forward_variant = c.variant;
+  return l;
+}
+
+bool device_is_sm90() {
+  int device = 0;
+  CUDA_OK(cudaGetDevice(&device));
+  int major = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
+}
+
+// The TMA forward (sm_90) against the generic one with 1 row in flight:
+// the same bits (same passes, same reduction trees), and the reference. The
+// description must name the TMA kernel, so the comparison cannot be two
+// runs of the generic one.
+void check_tma_matches_generic(const ProblemOptions& o, int stages, bool misalign = false) {
+  Problem generic = make_problem(o);
+  Problem tma = generic;
+  const std::string ctx = "tma vs generic, " + std::to_string(stages) + " stages, " + describe(o);
+  SCOPED_TRACE(ctx);
+  const DeviceProblem d(generic, misalign);
+  CudaLaunchConfig c;
+  c.forward_rows_in_flight = 1;
+  c.forward_variant = CudaForwardVariant::generic;
+  {
+    const LaunchConfigGuard guard(c);
+    run_cuda(generic, d, false);
+  }
+  c.forward_variant = CudaForwardVariant::tma;
+  c.forward_stages = stages;
+  {
+    const LaunchConfigGuard guard(c);
+    const std::string desc = describe_forward(d.forward_params(tma), Backend::cuda);
+    ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+    if (stages != 0) {
+      EXPECT_NE(desc.find(std::to_string(stages) + "-stage"), std::string::npos) << desc;
+    }
+    run_cuda(tma, d, false);
+    Problem again = tma;
+    run_cuda(again, d, false);
+    expect_forward_bits_equal(tma, again, ctx + " (second run)");
+  }
+  expect_forward_matches(tma, reference::forward(tma.forward_params()), ctx);
+  expect_forward_bits_equal(generic, tma, ctx);
 }
 
 TEST_F(SmallCuda, EveryLaunchConfig) {
   uint64_t rng = 150;
   for (const ConfigCase& cc : kConfigs) {
     SCOPED_TRACE(config_name(cc));
-    const LaunchConfigGuard guard({cc.forward_rows, cc.backward_rows});
+    const LaunchConfigGuard guard(config_of(cc));
     // 100 rows: above the small-batch cap, so 4 rows in flight really run.
     for (int64_t rows : {1, 37, 100}) {
       ProblemOptions o = shape(rows, 48, 3, cc.forward_rows == 2 ? DType::bf16 : DType::f32, ++rng);
@@ -329,6 +385,43 @@ TEST_F(SmallCuda, EveryLaunchConfig) {
       check_problem(o);
     }
   }
+}
+
+// The TMA forward on small problems (also under the sanitizers): tails
+// inside a pass, several passes per CTA so the stage ring wraps (64 seeds
+// give few tiles), every dtype, clamp, and both pipeline depths' ends.
+TEST_F(SmallCuda, TmaForwardMatchesGeneric) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  uint64_t rng = 700;
+  check_tma_matches_generic(shape(1, 64, 3, DType::f32, ++rng), 0);
+  check_tma_matches_generic(shape(37, 48, 3, DType::bf16, ++rng), 0);
+  ProblemOptions o = shape(100, 64, 5, DType::f16, ++rng);
+  o.clamp = true;
+  check_tma_matches_generic(o, 0);
+  check_tma_matches_generic(shape(3000, 8, 64, DType::f32, ++rng), 2);  // 24 passes over 6 tiles
+  check_tma_matches_generic(shape(1500, 16, 64, DType::bf16, ++rng), 8);
+  o = shape(77, 64, 2, DType::f32, ++rng);
+  o.row_pad = 4;  // a row stride that is not hidden (16-byte multiple)
+  check_tma_matches_generic(o, 3);
+  // 16 KiB stages: 3 would pass the shared-memory budget, so 2 run.
+  check_tma_matches_generic(shape(200, 128, 2, DType::f32, ++rng), 2);
+}
+
+// Where the TMA forward cannot run, the generic one does and says why.
+TEST_F(SmallCuda, TmaForwardRefusalIsNamed) {
+  CudaLaunchConfig c;
+  c.forward_variant = CudaForwardVariant::tma;
+  const LaunchConfigGuard guard(c);
+  const ProblemOptions o = shape(7, 65, 3, DType::f32, 720);  // C = 65: no 16-byte vector path
+  Problem p = make_problem(o);
+  const DeviceProblem d(p, false);
+  const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
+  EXPECT_EQ(desc.rfind("cuda.forward.scalar", 0), 0u) << desc;
+  EXPECT_NE(desc.find(device_is_sm90() ? "TMA variant needs the 16-byte vector path"
+                                       : "TMA variant needs compute capability 9.x"),
+            std::string::npos)
+      << desc;
+  check_problem(o);
 }
 
 // The selection order of rows in flight: an explicit launch config, else the
@@ -416,6 +509,15 @@ TEST_F(CudaBackend, Sweep) {
       }
     }
   }
+}
+
+// The TMA forward at a size where each CTA's ring wraps several times (64
+// seeds: 6 tiles on 132 SMs, ~10 passes each), default depth.
+TEST_F(CudaBackend, TmaForwardLarge) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  uint64_t rng = 7500;
+  for (DType dt : kDTypes) check_tma_matches_generic(shape(2000, 64, 64, dt, ++rng), 0);
+  check_tma_matches_generic(shape(2000, 256, 8, DType::bf16, ++rng), 0);
 }
 
 TEST_F(CudaBackend, EveryKindAlone) {
@@ -528,7 +630,7 @@ TEST_F(CudaBackend, EveryLaunchConfig) {
   uint64_t rng = 6500;
   for (const ConfigCase& cc : kConfigs) {
     SCOPED_TRACE(config_name(cc));
-    const LaunchConfigGuard guard({cc.forward_rows, cc.backward_rows});
+    const LaunchConfigGuard guard(config_of(cc));
     for (DType dt : kDTypes) {
       for (int64_t chunk : {4, 48, 64, 65, 1000}) {
         // Rows that end inside a pass, in every rows-in-flight slot. At most

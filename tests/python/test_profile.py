@@ -55,7 +55,8 @@ def test_off_records_nothing_and_info_says_so():
         info = kasmina.info(hidden=32, num_seeds=4, rows=8)
         assert info["profiling"] is False
         assert set(info["cuda_launch_config"]) == {"forward_rows_in_flight",
-                                                    "backward_rows_in_flight"}
+                                                    "backward_rows_in_flight",
+                                                    "forward_variant", "forward_stages"}
     finally:
         if was:
             kp.enable()
@@ -65,4 +66,8 @@ def test_launch_config_refuses_unknown_values():
     before = kasmina._C.cuda_launch_config()
     with pytest.raises(ValueError, match="forward_rows_in_flight"):
         kasmina._C.set_cuda_launch_config(3, 0)
+    with pytest.raises(ValueError, match="forward_variant"):
+        kasmina._C.set_cuda_launch_config(1, 1, 3, 0)
+    with pytest.raises(ValueError, match="forward_stages"):
+        kasmina._C.set_cuda_launch_config(1, 1, 2, 1)
     assert kasmina._C.cuda_launch_config() == before

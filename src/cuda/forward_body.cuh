@@ -1,0 +1,468 @@
+// The forward's per-CTA body, shared by its kernels (STYLE.md rule 3: one
+// file per op and architecture, one copy of the math): the generic kernel
+// and the streaming entry point (forward_cuda.cu), the Hopper TMA kernel
+// (forward_tma_sm90.cu). Each kernel owns only how a row pass's input
+// reaches the threads (global loads, or a shared-memory stage a TMA copy
+// filled); the per-element math, the telemetry and the deterministic
+// finish are here, so every variant with the same launch plan computes the
+// same bits. Included by those .cu files only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "cuda/common.cuh"
+
+namespace kasmina::cuda {
+
+// One CTA's (and, merged, one seed's) telemetry over the input chunk.
+struct FwdStats {
+  Moments mom;
+  float lo;
+  float hi;
+  unsigned long long dead;
+  unsigned long long nonfinite;
+  double drift_sum;  // sum over rows of 1 - cos(X[n,:], Y[n,:]) (blending seeds only)
+
+  __device__ __forceinline__ static FwdStats identity() {
+    return {Moments::identity(), INFINITY, -INFINITY, 0ull, 0ull, 0.0};
+  }
+  __device__ __forceinline__ void merge(const FwdStats& b) {
+    mom.merge(b.mom);
+    lo = fminf(lo, b.lo);
+    hi = fmaxf(hi, b.hi);
+    dead += b.dead;
+    nonfinite += b.nonfinite;
+    drift_sum += b.drift_sum;
+  }
+  __device__ __forceinline__ FwdStats shfl_down(int off) const {
+    return {mom.shfl_down(off),
+            __shfl_down_sync(0xffffffffu, lo, off),
+            __shfl_down_sync(0xffffffffu, hi, off),
+            __shfl_down_sync(0xffffffffu, dead, off),
+            __shfl_down_sync(0xffffffffu, nonfinite, off),
+            __shfl_down_sync(0xffffffffu, drift_sum, off)};
+  }
+};
+
+__device__ __forceinline__ FwdStats load_partial(const FwdStats* p) {
+  FwdStats s;
+  s.mom.n = load_cg(&p->mom.n);
+  s.mom.mean = load_cg(&p->mom.mean);
+  s.mom.m2 = load_cg(&p->mom.m2);
+  s.lo = load_cg(&p->lo);
+  s.hi = load_cg(&p->hi);
+  s.dead = load_cg(&p->dead);
+  s.nonfinite = load_cg(&p->nonfinite);
+  s.drift_sum = load_cg(&p->drift_sum);
+  return s;
+}
+
+// One thread's telemetry on the hot path: 32-bit counts (a thread never
+// sees 2^32 values) keep the register budget small. The finite values are
+// summed as shifted data (DESIGN 30): count, sum of (x - K) and of (x - K)^2
+// in float32, K the first value of the pending batch (0 when it is not
+// finite; the thread's own, so no CTA-wide pass picks it), folded into the
+// Chan-merged moments by flush() every row pass once kFlushCount values are
+// pending (and at the end), so no float32 sum grows long. Widened to
+// FwdStats for the block reduction.
+constexpr unsigned kFlushCount = 4096;
+
+struct ThreadStats {
+  ThreadMoments mom;  // flushed batches
+  unsigned cnt;       // pending finite values since the last flush
+  float shift;        // K of the pending batch
+  float sum;          // their sum of (x - K)
+  float sq;           // their sum of (x - K)^2
+  float lo;
+  float hi;
+  float dead_pending;  // dead values since the last flush (exact: < 2^24)
+  unsigned dead;
+  unsigned nonfinite;
+  double drift_sum;
+
+  __device__ __forceinline__ static ThreadStats identity() {
+    return {{0u, 0.0f, 0.0f}, 0u, 0.0f, 0.0f, 0.0f, INFINITY, -INFINITY, 0.0f, 0u, 0u, 0.0};
+  }
+  // The pending batch as (count, mean, M2) into the moments (Chan): one exact
+  // division per flush. sum/cnt is the batch mean of x - K, and
+  // sq - sum * (sum/cnt) its M2 without cancellation while K lies near the
+  // data (the shifted-data algorithm); rounding below 0 is clamped.
+  __device__ __forceinline__ void flush() {
+    dead += static_cast<unsigned>(dead_pending);
+    dead_pending = 0.0f;
+    if (cnt == 0) return;
+    const float dm = sum / static_cast<float>(cnt);
+    float m2 = sq - sum * dm;
+    if (m2 < 0.0f) m2 = 0.0f;  // a NaN (overflowed sums) stays NaN
+    mom.add_batch(cnt, shift + dm, m2);
+    cnt = 0u;
+    sum = 0.0f;
+    sq = 0.0f;
+  }
+  // Call after the last flush().
+  __device__ __forceinline__ FwdStats widen() const {
+    return {mom.to_moments(), lo, hi, dead, nonfinite, drift_sum};
+  }
+};
+
+// Telemetry of V input values. One finiteness test per vector: the sum of
+// the shifted values is non-finite when any value is NaN or Inf (or, rarely,
+// when it overflows); then the exact per-value path runs, else the values
+// go into the shifted sums, min/max and the dead count without a test.
+template <int V>
+__device__ __forceinline__ void add_values(ThreadStats& st, const float (&xv)[V],
+                                           float dead_threshold) {
+  if (st.cnt == 0) st.shift = isfinite(xv[0]) ? xv[0] : 0.0f;  // nothing pending: any K is exact
+  const float shift = st.shift;
+  float d[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) d[i] = xv[i] - shift;
+  // Pairwise, in a fixed order.
+  float part[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) part[i] = d[i];
+#pragma unroll
+  for (int w = 1; w < V; w *= 2) {
+#pragma unroll
+    for (int i = 0; i + w < V; i += 2 * w) part[i] += part[i + w];
+  }
+  if (isfinite(part[0])) {
+    st.cnt += static_cast<unsigned>(V);
+    st.sum += part[0];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      st.sq = fmaf(d[i], d[i], st.sq);
+      st.lo = fminf(st.lo, xv[i]);
+      st.hi = fmaxf(st.hi, xv[i]);
+      st.dead_pending += fabsf(xv[i]) <= dead_threshold ? 1.0f : 0.0f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (isfinite(xv[i])) {
+        ++st.cnt;
+        st.sum += d[i];
+        st.sq = fmaf(d[i], d[i], st.sq);
+        st.lo = fminf(st.lo, xv[i]);
+        st.hi = fmaxf(st.hi, xv[i]);
+        if (fabsf(xv[i]) <= dead_threshold) ++st.dead;
+      } else {
+        ++st.nonfinite;
+      }
+    }
+  }
+}
+
+struct ForwardArgs {
+  const void* x;
+  void* y;
+  int64_t rows;
+  int64_t x_stride;
+  int64_t y_stride;
+  int C;
+  int group;
+  int row_groups;     // threads / group
+  int rows_per_pass;  // row_groups x rows in flight
+  int tiles;
+  bool coef_table;  // the dynamic shared memory holds C floats of coefficients
+  SeedTable seeds;
+  RegistryView registry;
+  OutputClamp clamp;
+  float dead_threshold;
+  float* telemetry;
+  int64_t* nonfinite_count;
+  unsigned* tickets;    // [S], zero between launches
+  FwdStats* partials;   // [S, tiles]
+};
+
+// group_sum of the three drift sums over a row group of G <= 8 lanes
+// (kForwardGroupThreads): unrolled with immediate offsets, the three
+// butterflies interleaved; the same additions in the same order as
+// group_sum, so the same bits in every lane of the group.
+__device__ __forceinline__ void group_sum3(double& a, double& b, double& c, int G) {
+  static_assert(kForwardGroupThreads <= 8, "group_sum3 unrolls three butterfly steps");
+#pragma unroll
+  for (int off = 4; off >= 1; off /= 2) {
+    if (off < G) {  // uniform; lane ^ off stays in the lane's aligned group
+      const double a2 = __shfl_xor_sync(0xffffffffu, a, off);
+      const double b2 = __shfl_xor_sync(0xffffffffu, b, off);
+      const double c2 = __shfl_xor_sync(0xffffffffu, c, off);
+      a += a2;
+      b += b2;
+      c += c2;
+    }
+  }
+}
+
+// The inner loop's variants, one per seed kind (and copy), chosen once per
+// CTA by a uniform switch: the per-element code has no test of the kind, of
+// the stage or of the clamp. `wide` runs RESIDUAL, ATTENTION and MLP
+// without the coefficient table (C too wide for it).
+enum class Mode { copy, residual, attention, mlp, conv, wide };
+
+// The U input rows of one pass as the threads read them: pointers into
+// global memory (generic kernel) or into a shared-memory stage (TMA kernel);
+// rows past N point at a valid row and are skipped (active[u] false).
+template <typename T, int U>
+struct PassRows {
+  const T* x[U];
+  T* y[U];
+  bool active[U];
+};
+
+// One row pass of one mode: y, the per-thread telemetry and the drift of
+// the thread's U rows. Every lane loads its vector of all U rows before it
+// computes on the first (U accesses in flight per thread).
+template <typename T, int V, int U, Mode M, bool Clamp>
+__device__ __forceinline__ void forward_pass(const ForwardArgs& args, const SeedView& sv,
+                                             const float* table, const PassRows<T, U>& r,
+                                             int lane, ThreadStats& st) {
+  constexpr bool kBlend = M != Mode::copy;
+  const int C = args.C;
+  const float a = sv.a;
+  const float b = 1.0f - sv.a;
+  const float sigma = sv.sigma;
+  const float w0 = sv.w0, w1 = sv.w1, w2 = sv.w2;
+  const float clo = args.clamp.lo;
+  const float chi = args.clamp.hi;
+  const float thr = args.dead_threshold;
+  const int step = args.group * V;
+  // Drift is 1 - cos, small next to 1: the row sums are kept in float64
+  // (a product of two floats is exact there), so the cancellation in
+  // 1 - cos costs nothing visible at float32 output precision (DESIGN 28).
+  double dot[U], xx[U], yy[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) dot[u] = xx[u] = yy[u] = 0.0;
+  for (int c = lane * V; c < C; c += step) {
+    RawVec<T, V> raw[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (r.active[u]) raw[u] = load_raw<T, V>(r.x[u] + c);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!r.active[u]) continue;
+      float xv[V];
+      decode_vec<T, V>(raw[u], xv);
+      if constexpr (!kBlend && !Clamp) {
+        // A copy stores the loaded bytes unchanged.
+        store_raw<T, V>(r.y[u] + c, raw[u]);
+      } else {
+        float yv[V];
+        float coef[V];
+        if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) coef[i] = table[c + i];
+        }
+        // CONV's two left neighbours (0 at the chunk start; cache hits, the
+        // neighbour lane loaded them), then rolled along the vector.
+        float xm2 = 0.0f, xm1 = 0.0f;
+        if constexpr (M == Mode::conv) {
+          xm2 = c >= 2 ? load_one(r.x[u] + c - 2) : 0.0f;
+          xm1 = c >= 1 ? load_one(r.x[u] + c - 1) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float xi = xv[i];
+          float yi = xi;
+          if constexpr (kBlend) {
+            // seed_transform per kind, and the blend as the backward
+            // recomputes it for the clamp mask (the same bits: DESIGN 4).
+            float t;
+            if constexpr (M == Mode::residual) {
+              t = xi + sigma * coef[i];
+            } else if constexpr (M == Mode::attention) {
+              t = xi * coef[i];
+            } else if constexpr (M == Mode::mlp) {
+              t = sigma * relu(xi * coef[i]);
+            } else if constexpr (M == Mode::conv) {
+              t = sigma * (w0 * xi + w1 * xm1 + w2 * xm2);
+              xm2 = xm1;
+              xm1 = xi;
+            } else {
+              t = seed_transform(sv, coef_at(sv, nullptr, c + i), xi, 0.0f, 0.0f);
+            }
+            yi = a * t + b * xi;
+            const double xd = xi, yd = yi;
+            dot[u] += xd * yd;
+            xx[u] += xd * xd;
+            yy[u] += yd * yd;
+          }
+          yv[i] = Clamp ? clamp_output(true, clo, chi, yi) : yi;
+        }
+        store_vec<T, V>(r.y[u] + c, yv);
+      }
+      add_values<V>(st, xv, thr);
+    }
+  }
+  if constexpr (kBlend) {
+    // Every lane of the CTA reaches this point the same number of times.
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      group_sum3(dot[u], xx[u], yy[u], args.group);
+      if (r.active[u] && lane == 0) {
+        // cos = 1 for a zero or non-finite row (SPEC section 4), and for a
+        // row with Y == X (dot == |X|^2 == |Y|^2), where the formula would
+        // leave rounding noise instead of the exact 0. A non-finite X or Y
+        // makes |X|^2 or |Y|^2 non-finite (squares of finite floats cannot
+        // overflow a double), so no per-value test.
+        const bool unit = !isfinite(xx[u]) || !isfinite(yy[u]) || xx[u] == 0.0 ||
+                          yy[u] == 0.0 || (dot[u] == xx[u] && xx[u] == yy[u]);
+        if (!unit) st.drift_sum += 1.0 - dot[u] * rsqrt(xx[u] * yy[u]);
+      }
+    }
+  }
+  if (st.cnt >= kFlushCount) st.flush();
+}
+
+// Calls f(mode, clamp) with both as compile-time constants
+// (std::integral_constant): the row loop is specialised per seed kind and
+// clamp, picked once per CTA by this uniform switch, so the per-element
+// code has no test of the kind, of the stage or of the clamp.
+template <bool Clamp, typename F>
+__device__ __forceinline__ void with_mode_clamped(Mode mode, F& f) {
+  using K = std::integral_constant<bool, Clamp>;
+  switch (mode) {
+    case Mode::copy: f(std::integral_constant<Mode, Mode::copy>{}, K{}); break;
+    case Mode::residual: f(std::integral_constant<Mode, Mode::residual>{}, K{}); break;
+    case Mode::attention: f(std::integral_constant<Mode, Mode::attention>{}, K{}); break;
+    case Mode::mlp: f(std::integral_constant<Mode, Mode::mlp>{}, K{}); break;
+    case Mode::conv: f(std::integral_constant<Mode, Mode::conv>{}, K{}); break;
+    case Mode::wide: f(std::integral_constant<Mode, Mode::wide>{}, K{}); break;
+  }
+}
+template <typename F>
+__device__ __forceinline__ void with_mode(Mode mode, bool clamp, F&& f) {
+  if (clamp) {
+    with_mode_clamped<true>(mode, f);
+  } else {
+    with_mode_clamped<false>(mode, f);
+  }
+}
+
+// Seed s's telemetry row from its merged statistics (SPEC section 4).
+__device__ __forceinline__ void write_telemetry(const ForwardArgs& args, int s, const FwdStats& acc,
+                                                bool blends) {
+  const int64_t N = args.rows;
+  const unsigned long long n = acc.mom.n;
+  const float mean = n > 0 ? acc.mom.mean : 0.0f;
+  const float variance = n > 0 ? acc.mom.m2 / static_cast<float>(n) : 0.0f;
+  float* tel = args.telemetry + static_cast<int64_t>(s) * kTelemetryWidth;
+  tel[kTelVariance] = variance;
+  tel[kTelMean] = mean;
+  tel[kTelMin] = acc.lo;
+  tel[kTelMax] = acc.hi;
+  tel[kTelDeadRatio] = n > 0 ? static_cast<float>(acc.dead) / static_cast<float>(n) : 0.0f;
+  tel[kTelSignalToNoise] = n > 0 ? fabsf(mean) / sqrtf(variance + 1e-8f) : 0.0f;
+  tel[kTelNonfinite] = static_cast<float>(acc.nonfinite);
+  // Exactly 0 for a copy and for N = 0 (SPEC section 4).
+  tel[kTelDrift] =
+      (blends && N > 0) ? static_cast<float>(acc.drift_sum / static_cast<double>(N)) : 0.0f;
+  if (args.nonfinite_count != nullptr) {
+    args.nonfinite_count[s] = static_cast<int64_t>(acc.nonfinite);
+  }
+}
+
+// What a CTA knows about its seed before the row loop: the seed's view, the
+// loop mode, and the coefficient table (built in `table_mem` when the plan
+// gave it room; else the `wide` mode computes coefficients per element).
+// Every thread of the CTA calls it (barriers inside).
+struct CtaSeed {
+  SeedView sv;
+  Mode mode;
+  const float* table;
+};
+__device__ __forceinline__ CtaSeed setup_seed(const ForwardArgs& args, int s, float* table_mem) {
+  __shared__ SumF sum_scratch[8];
+  __shared__ MaxF max_scratch[8];
+  __shared__ float bcast;
+  const int C = args.C;
+  CtaSeed cs{load_seed_view(args.seeds, args.registry, s, C), Mode::copy, nullptr};
+  if (cs.sv.blends && cs.sv.kind == static_cast<int>(Kind::attention)) {
+    compute_softmax(cs.sv, C, sum_scratch, max_scratch, &bcast);
+  }
+  if (cs.sv.blends) {
+    switch (cs.sv.kind) {
+      case static_cast<int>(Kind::residual): cs.mode = Mode::residual; break;
+      case static_cast<int>(Kind::attention): cs.mode = Mode::attention; break;
+      case static_cast<int>(Kind::mlp): cs.mode = Mode::mlp; break;
+      default: cs.mode = Mode::conv; break;
+    }
+  }
+  const bool needs_coef =
+      cs.mode == Mode::residual || cs.mode == Mode::attention || cs.mode == Mode::mlp;
+  if (needs_coef) {
+    if (args.coef_table) {
+      fill_coef_table(cs.sv, C, table_mem);
+      cs.table = table_mem;
+      __syncthreads();
+    } else {
+      cs.mode = Mode::wide;
+    }
+  }
+  return cs;
+}
+
+// The end of a CTA: its threads' statistics reduced in a fixed order; the
+// last CTA of the seed (integer ticket after a __threadfence) merges the
+// seed's partials in index order, writes the telemetry row and leaves the
+// partials and the ticket zero. Every thread of the CTA calls it.
+__device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int tile, bool blends,
+                                            ThreadStats& st) {
+  __shared__ FwdStats red_scratch[8];
+  __shared__ int is_last;
+  const int tiles = args.tiles;
+  st.flush();
+  const FwdStats cta = block_reduce(st.widen(), red_scratch);
+  if (tiles == 1) {
+    // The seed's only CTA: its statistics are the seed's (no partials, no
+    // ticket: a small batch pays no second round trip through L2).
+    if (threadIdx.x == 0) write_telemetry(args, s, cta, blends);
+    return;
+  }
+  FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * tiles;
+  if (threadIdx.x == 0) {
+    seed_partials[tile] = cta;
+    __threadfence();
+    const unsigned ticket = atomicAdd(&args.tickets[s], 1u);
+    is_last = ticket == static_cast<unsigned>(tiles - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  FwdStats acc = FwdStats::identity();
+  for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
+    acc.merge(load_partial(seed_partials + i));
+  }
+  acc = block_reduce(acc, red_scratch);  // its barriers order the reads before the clears
+  // params.hpp: the workspace is left zero-filled by every launch.
+  for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
+    seed_partials[i] = FwdStats{};
+  }
+  if (threadIdx.x == 0) {
+    write_telemetry(args, s, acc, blends);
+    args.tickets[s] = 0u;  // every CTA of this seed has taken its ticket
+  }
+}
+
+// ------------------------------------------------- the TMA variant (host)
+// forward_tma_sm90.cu. `plan` comes from plan_forward with tiles already
+// set from the generic kernel's occupancy (1 row in flight), so the TMA
+// kernel runs the same passes and reduction trees, hence the same bits.
+
+// nullptr when the TMA variant can run these params on this device, else
+// why not (the generic kernel then runs; describe says so).
+const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
+                                const DeviceInfo& dev, int64_t C, bool vector_path);
+// Picks the pipeline depth (plan.stages: requested, else the tuning's stage
+// budget, then fewer while the TMA kernel would hold fewer CTAs per SM than
+// the generic one: `resident_generic`) and the dynamic shared memory.
+LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev,
+                              int resident_generic);
+// Launches the TMA kernel on p.stream (a tensor map of x, cached).
+void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const ForwardArgs& args);
+
+}  // namespace kasmina::cuda

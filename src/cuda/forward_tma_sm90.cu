@@ -1,0 +1,333 @@
+// CUDA forward, Hopper variant (sm_90): the input reaches shared memory by
+// TMA, not by per-thread loads.
+//
+// Why: the generic kernel keeps as many bytes in flight as its threads have
+// registers for (one or a few 16-byte loads each); HBM wants more. Here one
+// thread issues a tensor-map copy of a whole row pass (R rows x C columns of
+// the seed's chunk) into one stage of a shared-memory ring, `stages` deep,
+// each stage with an mbarrier that completes when its bytes have landed. The
+// CTA computes on stage i while stages i+1 .. i+stages-1 are in flight; after
+// a barrier (every thread done with the stage) the same thread refills it
+// with pass i + stages. Rows past N come zero-filled and are skipped.
+//
+// The math is forward_body.cuh's forward_pass, the pass and row assignment
+// those of the generic kernel with one row in flight, and the tiles are the
+// generic kernel's (forward_cuda.cu): the same additions in the same order,
+// so the same bits. The kernel's body compiles for sm_90 only; the host runs
+// it only on compute capability 9.x (forward_tma_refusal), where the sm_90a
+// cubin is what loads.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.hpp"
+#include "cuda/forward_body.cuh"
+#include "kasmina/error.hpp"
+
+namespace kasmina::cuda {
+namespace {
+
+struct TmaForwardArgs {
+  CUtensorMap map;  // x as a 2-D tensor [rows, hidden], box [R, C] (64-byte aligned)
+  ForwardArgs fwd;
+  int stages;
+  int stage_bytes;  // R * C * element size
+};
+
+// ------------------------------------------------------------ PTX wrappers
+// Compiled for the host pass and sm_90 only (the sm_80 pass has no use for
+// them: the kernel's body is empty there).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+#endif
+}
+
+// The barriers' initialisation visible to the async proxy (the TMA unit).
+__device__ __forceinline__ void fence_mbar_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// This thread's arrival, announcing `bytes` the TMA will deliver this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+
+// Until the barrier's phase `parity` has completed. A phase that never
+// completes (a copy that cannot land) traps after ~2^34 cycles (seconds)
+// instead of hanging: the launch then fails with an error the host raises.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned done = 0;
+  const long long start = clock64();
+  do {
+    if (clock64() - start > (1ll << 34)) __trap();
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (done == 0);
+#endif
+}
+
+// The box at (column c0, row r0) of the tensor map into shared memory at
+// dst; completion (all of the box's bytes, zero-filled past the tensor's
+// edge) is signalled on bar.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int r0,
+                                            uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(smem_u32(bar))
+      : "memory");
+#endif
+}
+
+#endif
+
+// ------------------------------------------------------------------ kernel
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T), 1))
+    forward_tma_kernel(const __grid_constant__ TmaForwardArgs targs) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  extern __shared__ unsigned char tma_smem[];  // 128 bytes of slack, stages, coefficient table
+  __shared__ uint64_t full[kMaxTmaStages];
+  const ForwardArgs& args = targs.fwd;
+  const int stages = targs.stages;
+  const int stage_bytes = targs.stage_bytes;
+  // TMA destinations 128-byte aligned whatever the dynamic base.
+  unsigned char* ring = tma_smem + ((128u - (smem_u32(tma_smem) & 127u)) & 127u);
+  float* table_mem = reinterpret_cast<float*>(ring + static_cast<std::size_t>(stages) * stage_bytes);
+
+  const int tiles = args.tiles;
+  const int s = static_cast<int>(blockIdx.x) / tiles;
+  const int tile = static_cast<int>(blockIdx.x) - s * tiles;
+  const int C = args.C;
+  const int G = args.group;
+  const int lane = static_cast<int>(threadIdx.x) & (G - 1);
+  const int group = static_cast<int>(threadIdx.x) / G;
+  const int64_t N = args.rows;
+  const int64_t R = args.rows_per_pass;
+  const int64_t passes = (N + R - 1) / R;
+  const int count = tile < passes ? static_cast<int>((passes - 1 - tile) / tiles + 1) : 0;
+
+  const auto issue = [&](int i) {  // thread 0: pass i of this CTA into stage i % stages
+    const int buf = i % stages;
+    mbar_arrive_expect_tx(&full[buf], static_cast<unsigned>(stage_bytes));
+    tma_load_2d(ring + static_cast<std::size_t>(buf) * stage_bytes, &targs.map, s * C,
+                static_cast<int>((tile + static_cast<int64_t>(i) * tiles) * R), &full[buf]);
+  };
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < stages; ++k) mbar_init(&full[k], 1u);
+    fence_mbar_init();
+    // The first stages are in flight before the seed's view loads.
+    for (int i = 0; i < stages && i < count; ++i) issue(i);
+  }
+  __syncthreads();
+
+  const CtaSeed cs = setup_seed(args, s, table_mem);
+  ThreadStats st = ThreadStats::identity();
+  const int64_t col0 = static_cast<int64_t>(s) * C;
+  T* y = static_cast<T*>(args.y);
+  with_mode(cs.mode, args.clamp.enabled, [&](auto m, auto clamp) {
+    for (int i = 0; i < count; ++i) {
+      const int buf = i % stages;
+      mbar_wait(&full[buf], static_cast<unsigned>(i / stages) & 1u);
+      const int64_t n = (tile + static_cast<int64_t>(i) * tiles) * R + group;
+      PassRows<T, 1> r;
+      r.active[0] = n < N;
+      r.x[0] = reinterpret_cast<const T*>(ring + static_cast<std::size_t>(buf) * stage_bytes) +
+               static_cast<int64_t>(group) * C;
+      r.y[0] = y + (r.active[0] ? n : 0) * args.y_stride + col0;
+      forward_pass<T, V, 1, decltype(m)::value, decltype(clamp)::value>(args, cs.sv, cs.table, r,
+                                                                       lane, st);
+      __syncthreads();  // every thread is done with the stage: refill it
+      if (threadIdx.x == 0 && i + stages < count) issue(i + stages);
+    }
+  });
+  finish_seed(args, s, tile, cs.sv.blends, st);
+#else
+  (void)targs;
+#endif
+}
+
+// ------------------------------------------------------------- tensor maps
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    KASMINA_CUDA_CHECK(
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
+    KASMINA_CHECK_RUNTIME(q == cudaDriverEntryPointSuccess && f != nullptr,
+                          "the CUDA driver has no cuTensorMapEncodeTiled (the TMA forward needs "
+                          "CUDA 12 or newer)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// Tensor maps of the last inputs, keyed by everything the map encodes: a
+// layer called again on the same buffer (the caching allocator's usual
+// case) pays a lookup, not an encode.
+struct MapKey {
+  const void* x;
+  int64_t rows, hidden, stride_bytes;
+  int dtype, C, R, device;
+  bool operator==(const MapKey& o) const {
+    return x == o.x && rows == o.rows && hidden == o.hidden && stride_bytes == o.stride_bytes &&
+           dtype == o.dtype && C == o.C && R == o.R && device == o.device;
+  }
+};
+constexpr std::size_t kMapCacheSize = 32;
+
+CUtensorMap tensor_map(const ForwardParams& p, const ForwardArgs& args, int device) {
+  const auto esize = static_cast<int64_t>(dtype_size(p.dtype));
+  const MapKey key{p.x, p.rows, p.hidden, args.x_stride * esize, static_cast<int>(p.dtype),
+                   args.C, args.rows_per_pass, device};
+  static std::mutex mutex;
+  static std::vector<std::pair<MapKey, CUtensorMap>> cache;
+  static std::size_t next = 0;  // round-robin replacement
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (const auto& [k, m] : cache) {
+      if (k == key) return m;
+    }
+  }
+  CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+  if (p.dtype == DType::bf16) type = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  if (p.dtype == DType::f16) type = CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.hidden), static_cast<cuuint64_t>(p.rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(args.x_stride * esize)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(args.C),
+                             static_cast<cuuint32_t>(args.rows_per_pass)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  CUtensorMap map;
+  std::memset(&map, 0, sizeof(map));
+  const CUresult rc = encode_fn()(&map, type, 2, const_cast<void*>(p.x), dims, strides, box,
+                                  elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                  CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  KASMINA_CHECK_RUNTIME(rc == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (CUresult ",
+                        static_cast<int>(rc), ") for x ", p.x, " [", p.rows, " x ", p.hidden,
+                        "], box ", args.rows_per_pass, " x ", args.C);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() < kMapCacheSize) {
+    cache.emplace_back(key, map);
+  } else {
+    cache[next] = {key, map};
+    next = (next + 1) % kMapCacheSize;
+  }
+  return map;
+}
+
+template <typename T>
+const void* kernel_for() {
+  return reinterpret_cast<const void*>(&forward_tma_kernel<T, kVectorBytes / sizeof(T)>);
+}
+
+const void* kernel_for(DType dtype) {
+  switch (dtype) {
+    case DType::bf16: return kernel_for<__nv_bfloat16>();
+    case DType::f16: return kernel_for<__half>();
+    default: return kernel_for<float>();
+  }
+}
+
+std::size_t smem_for(const LaunchPlan& plan, int stages, int stage_bytes) {
+  return 128 + static_cast<std::size_t>(stages) * static_cast<std::size_t>(stage_bytes) +
+         plan.smem_bytes;  // plan.smem_bytes: the coefficient table (0 without it)
+}
+
+int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
+  return static_cast<int>(static_cast<int64_t>(plan.rows_per_pass) * C *
+                          static_cast<int64_t>(dtype_size(p.dtype)));
+}
+
+}  // namespace
+
+const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
+                                const DeviceInfo& dev, int64_t C, bool vector_path) {
+  if (dev.cc_major != 9) return "TMA variant needs compute capability 9.x (sm_90a)";
+  if (!vector_path) return "TMA variant needs the 16-byte vector path";
+  if (C > 256) return "TMA variant needs C <= 256 (one tensor-map box per row)";
+  if (p.rows < 1) return "TMA variant needs N >= 1";
+  if (plan.rows_per_pass > 256) return "TMA variant needs <= 256 rows per pass (box height)";
+  const Tuning& t = tuning_for(dev.cc_major);
+  if (smem_for(plan, 2, stage_bytes_of(plan, p, C)) > t.smem_budget_bytes) {
+    return "TMA variant needs two stages within the shared-memory budget";
+  }
+  return nullptr;
+}
+
+LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev,
+                              int resident_generic) {
+  const Tuning& t = tuning_for(dev.cc_major);
+  const int64_t C = p.hidden / p.num_seeds;
+  const int sb = stage_bytes_of(plan, p, C);
+  int stages = plan.stages;
+  if (stages == 0) stages = t.tma_stage_budget_bytes / sb;
+  if (stages > kMaxTmaStages) stages = kMaxTmaStages;
+  // Within the budget every architecture gives without an opt-in.
+  while (stages > 2 && smem_for(plan, stages, sb) > t.smem_budget_bytes) --stages;
+  // No fewer CTAs per SM than the generic kernel: its tiles are one wave.
+  const void* kernel = kernel_for(p.dtype);
+  while (stages > 2 &&
+         resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, stages, sb)) < resident_generic) {
+    --stages;
+  }
+  if (stages < 2) stages = 2;
+  plan.stages = stages;
+  return plan;
+}
+
+void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const ForwardArgs& args) {
+  int device = 0;
+  KASMINA_CUDA_CHECK(cudaGetDevice(&device));
+  TmaForwardArgs targs{};
+  targs.map = tensor_map(p, args, device);
+  targs.fwd = args;
+  targs.stages = plan.stages;
+  targs.stage_bytes = stage_bytes_of(plan, p, args.C);
+  const std::size_t smem = smem_for(plan, plan.stages, targs.stage_bytes);
+  const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  switch (p.dtype) {
+    case DType::bf16:
+      forward_tma_kernel<__nv_bfloat16, 8><<<grid, static_cast<unsigned>(plan.threads), smem, stream>>>(targs);
+      break;
+    case DType::f16:
+      forward_tma_kernel<__half, 8><<<grid, static_cast<unsigned>(plan.threads), smem, stream>>>(targs);
+      break;
+    default:
+      forward_tma_kernel<float, 4><<<grid, static_cast<unsigned>(plan.threads), smem, stream>>>(targs);
+      break;
+  }
+  KASMINA_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace kasmina::cuda
