@@ -476,14 +476,21 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
   const float chi = args.clamp.hi;
   for (int64_t pass = tile; pass * R < N; pass += tiles) {
     const PassRows<T, U> rows(args, pass * R + group, col0);
+    // The clip's factor in float64 for the scalar sums (DESIGN 45) and
+    // rounded to float32 for dX.
     float scale[U];
+    double scale_d[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) scale[u] = 1.0f;
+    for (int u = 0; u < U; ++u) {
+      scale[u] = 1.0f;
+      scale_d[u] = 1.0;
+    }
     if constexpr (Clip) {
-      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G.
-      float ss[U];
+      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G
+      // (squares of floats are exact in float64).
+      double ss[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) ss[u] = 0.0f;
+      for (int u = 0; u < U; ++u) ss[u] = 0.0;
       for (int c = lane * V; c < C; c += span) {
         RawVec<T, V> rx[U], rg[U];
         rows.template load<V>(c, true, rx, rg);
@@ -494,13 +501,14 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
           prepare_step<T, V, M, Clamp>(rx[u], rg[u], rows.xr(u), rows.gr(u), c, C, sv, table,
                                        false, clo, chi, xs, g);
 #pragma unroll
-          for (int i = 0; i < V; ++i) ss[u] += g[i] * g[i];
+          for (int i = 0; i < V; ++i) ss[u] = fma(static_cast<double>(g[i]), g[i], ss[u]);
         }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         ss[u] = group_sum(ss[u], G);
-        scale[u] = fminf(1.0f, args.clip_norm / (sqrtf(ss[u]) + 1e-6f));
+        scale_d[u] = fmin(1.0, static_cast<double>(args.clip_norm) / (sqrt(ss[u]) + 1e-6));
+        scale[u] = static_cast<float>(scale_d[u]);
       }
     }
     float* accp = acc;
@@ -513,25 +521,26 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
         float xs[V + 4], g[V + 2];
         prepare_step<T, V, M, Clamp>(rx[u], rg[u], rows.xr(u), rows.gr(u), c, C, sv, table, halo,
                                      clo, chi, xs, g);
-        if constexpr (Clip) {
-#pragma unroll
-          for (int k = 0; k < V + 2; ++k) g[k] = g[k] * scale[u];
-        }
+        // g stays unscaled: the float64 terms take the exact factor; the
+        // float32 path scales each value where it is used.
+        const float sc = scale[u];
         float dv[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          const float gi = g[i];
+          const float gi = Clip ? g[i] * sc : g[i];
           const float xi = xs[i + 2];
           const float cf = mode_coef<M>(sv, table, c + i);
           // The scalar sums' terms in float64 (see BwdStats): products of
           // two floats are exact there, so T - X and dT/dsigma carry no
           // float32 rounding (which, per column, does not average out).
-          const double gd = gi;
+          const double gd = Clip ? static_cast<double>(g[i]) * scale_d[u] : static_cast<double>(g[i]);
           const double xd = xi;
           float through;  // dT/dX applied to G
           double t_minus_x;
           if constexpr (kConv) {
-            through = sigma * (w0 * gi + w1 * g[i + 1] + w2 * g[i + 2]);
+            const float g1 = Clip ? g[i + 1] * sc : g[i + 1];
+            const float g2 = Clip ? g[i + 2] * sc : g[i + 2];
+            through = sigma * (w0 * gi + w1 * g1 + w2 * g2);
             const double x1 = xs[i + 1], x2 = xs[i];
             st.cw0 = fma(gd, xd, st.cw0);
             st.cw1 = fma(gd, x1, st.cw1);
