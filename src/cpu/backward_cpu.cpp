@@ -82,14 +82,14 @@ void backward_all(const BackwardParams& p) {
           dalpha = sigma * total.dsigma;  // Σ G⊙(T - X) with T - X = σw
           break;
         case static_cast<int32_t>(Kind::attention): {
-          // q = a Σ_n G⊙X; dw = p ⊙ (q - <p,q>); Σ G⊙(T - X) = Σ_j (p_j - 1) Σ_n (G⊙X)_j.
+          // q = a Σ_n G⊙X; dw = p ⊙ (q - <p,q>).
           double pq = 0.0;
           for (int64_t j = 0; j < C; ++j) pq += plan.vec[j] * (ga * total_acc[static_cast<std::size_t>(j)]);
           for (int64_t j = 0; j < C; ++j) {
             const double q = ga * total_acc[static_cast<std::size_t>(j)];
             dw[j] += plan.vec[j] * (q - pq);
-            dalpha += (static_cast<double>(plan.vec[j]) - 1.0) * total_acc[static_cast<std::size_t>(j)];
           }
+          dalpha = total.dalpha;  // Σ G⊙X⊙(p - 1), term by term in float64
           break;
         }
         case static_cast<int32_t>(Kind::mlp):
@@ -98,7 +98,7 @@ void backward_all(const BackwardParams& p) {
           dalpha = total.dalpha;
           break;
         default:
-          for (int64_t k = 0; k < 3; ++k) dw[k] += ga * sigma * total_acc[static_cast<std::size_t>(k)];
+          for (int64_t k = 0; k < 3; ++k) dw[k] += ga * sigma * total.taps[k];
           dsigma += ga * total.dsigma;
           dalpha = total.dalpha;
           break;

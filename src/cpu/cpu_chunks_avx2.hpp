@@ -653,15 +653,41 @@ class Avx2ForwardChunks {
 };
 
 // What one backward row chunk's sweep leaves for the row's end: Σ(dX-k),
-// Σ(dX-k)^2, ||dX||^2, then the kind's blueprint sums.
+// Σ(dX-k)^2, ||dX||^2; the kind's scalar sums in float64 (DESIGN 45: dsigma,
+// dalpha, CONV's three taps) and the clip's factor they take.
 struct BackwardChunkRecord {
-  enum class Tail : int32_t { none, dsigma, dsigma_dalpha, conv };
-  alignas(32) float sums[8];
+  enum class Tail : int32_t { none, dsigma, dalpha, dsigma_dalpha, conv };
+  alignas(32) float sums[4];
+  double scalar[5];
+  double factor;
   const float* dx;
-  float* acc;
   float shift;
   Tail tail;
 };
+
+// 8 floats as two vectors of 4 doubles (exact).
+struct Wide {
+  __m256d lo, hi;
+};
+inline Wide widen(__m256 v) {
+  return {_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))};
+}
+inline Wide wmul(const Wide& a, const Wide& b) {
+  return {_mm256_mul_pd(a.lo, b.lo), _mm256_mul_pd(a.hi, b.hi)};
+}
+inline Wide wsub(const Wide& a, const Wide& b) {
+  return {_mm256_sub_pd(a.lo, b.lo), _mm256_sub_pd(a.hi, b.hi)};
+}
+inline Wide wadd(const Wide& a, const Wide& b) {
+  return {_mm256_add_pd(a.lo, b.lo), _mm256_add_pd(a.hi, b.hi)};
+}
+// The 8 partial sums added in a fixed order.
+inline double wtotal(const Wide& a) {
+  alignas(32) double t[8];
+  _mm256_store_pd(t, a.lo);
+  _mm256_store_pd(t + 4, a.hi);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
 static_assert(sizeof(BackwardSeedState) + sizeof(BackwardChunkRecord) <= kSeedStateFloats * sizeof(float));
 
 class Avx2BackwardChunks {
@@ -679,28 +705,29 @@ class Avx2BackwardChunks {
     }
   }
 
-  void chunk(int32_t seed, const SeedPlan& plan, const float* x, const float* g, float* dx, float* acc, int64_t n,
-             GradPartial& /*part: end_row*/) const {
+  void chunk(int32_t seed, const SeedPlan& plan, const float* x, const float* g, const float* graw, double factor,
+             float* dx, float* acc, int64_t n, GradPartial& /*part: end_row*/) const {
+    records_[seed].factor = factor;
     const bool blend = plan.blend, grads = plan.grads;
     switch (plan.kind) {
       case static_cast<int32_t>(Kind::residual):
-        if (grads) return kind_chunk<Kind::residual, false, true>(seed, plan, x, g, dx, acc, n);
-        return kind_chunk<Kind::residual, false, false>(seed, plan, x, g, dx, acc, n);
+        if (grads) return kind_chunk<Kind::residual, false, true>(seed, plan, x, g, graw, dx, acc, n);
+        return kind_chunk<Kind::residual, false, false>(seed, plan, x, g, graw, dx, acc, n);
       case static_cast<int32_t>(Kind::attention):
-        if (blend && grads) return kind_chunk<Kind::attention, true, true>(seed, plan, x, g, dx, acc, n);
-        if (blend) return kind_chunk<Kind::attention, true, false>(seed, plan, x, g, dx, acc, n);
-        if (grads) return kind_chunk<Kind::attention, false, true>(seed, plan, x, g, dx, acc, n);
-        return kind_chunk<Kind::attention, false, false>(seed, plan, x, g, dx, acc, n);
+        if (blend && grads) return kind_chunk<Kind::attention, true, true>(seed, plan, x, g, graw, dx, acc, n);
+        if (blend) return kind_chunk<Kind::attention, true, false>(seed, plan, x, g, graw, dx, acc, n);
+        if (grads) return kind_chunk<Kind::attention, false, true>(seed, plan, x, g, graw, dx, acc, n);
+        return kind_chunk<Kind::attention, false, false>(seed, plan, x, g, graw, dx, acc, n);
       case static_cast<int32_t>(Kind::mlp):
-        if (blend && grads) return kind_chunk<Kind::mlp, true, true>(seed, plan, x, g, dx, acc, n);
-        if (blend) return kind_chunk<Kind::mlp, true, false>(seed, plan, x, g, dx, acc, n);
-        if (grads) return kind_chunk<Kind::mlp, false, true>(seed, plan, x, g, dx, acc, n);
-        return kind_chunk<Kind::mlp, false, false>(seed, plan, x, g, dx, acc, n);
+        if (blend && grads) return kind_chunk<Kind::mlp, true, true>(seed, plan, x, g, graw, dx, acc, n);
+        if (blend) return kind_chunk<Kind::mlp, true, false>(seed, plan, x, g, graw, dx, acc, n);
+        if (grads) return kind_chunk<Kind::mlp, false, true>(seed, plan, x, g, graw, dx, acc, n);
+        return kind_chunk<Kind::mlp, false, false>(seed, plan, x, g, graw, dx, acc, n);
       default:
-        if (blend && grads) return kind_chunk<Kind::conv, true, true>(seed, plan, x, g, dx, acc, n);
-        if (blend) return kind_chunk<Kind::conv, true, false>(seed, plan, x, g, dx, acc, n);
-        if (grads) return kind_chunk<Kind::conv, false, true>(seed, plan, x, g, dx, acc, n);
-        return kind_chunk<Kind::conv, false, false>(seed, plan, x, g, dx, acc, n);
+        if (blend && grads) return kind_chunk<Kind::conv, true, true>(seed, plan, x, g, graw, dx, acc, n);
+        if (blend) return kind_chunk<Kind::conv, true, false>(seed, plan, x, g, graw, dx, acc, n);
+        if (grads) return kind_chunk<Kind::conv, false, true>(seed, plan, x, g, graw, dx, acc, n);
+        return kind_chunk<Kind::conv, false, false>(seed, plan, x, g, graw, dx, acc, n);
     }
   }
 
@@ -712,19 +739,22 @@ class Avx2BackwardChunks {
       BackwardSeedState& st = states_[s];
       GradPartial& part = parts[s];
       const float* sums = r.sums;
+      const double* sc = r.scalar;
+      const double f = r.factor;
       part.sumsq += sums[2];
       switch (r.tail) {
-        case BackwardChunkRecord::Tail::dsigma: part.dsigma += sums[3]; break;
+        case BackwardChunkRecord::Tail::dsigma: part.dsigma += f * sc[0]; break;
+        case BackwardChunkRecord::Tail::dalpha: part.dalpha += f * sc[1]; break;
         case BackwardChunkRecord::Tail::dsigma_dalpha:
-          part.dsigma += sums[3];
-          part.dalpha += sums[4];
+          part.dsigma += f * sc[0];
+          part.dalpha += f * sc[1];
           break;
         case BackwardChunkRecord::Tail::conv:
-          r.acc[0] += sums[3];
-          r.acc[1] += sums[4];
-          r.acc[2] += sums[5];
-          part.dsigma += sums[6];
-          part.dalpha += sums[7];
+          part.dsigma += f * sc[0];
+          part.dalpha += f * sc[1];
+          part.taps[0] += f * sc[2];
+          part.taps[1] += f * sc[3];
+          part.taps[2] += f * sc[4];
           break;
         case BackwardChunkRecord::Tail::none: break;
       }
@@ -744,23 +774,34 @@ class Avx2BackwardChunks {
   // shifted sums (add_chunk_moments), sum of squares and max |dX|, and the
   // blueprint sums, in one sweep.
   template <Kind K, bool Blend, bool Grads>
-  void kind_chunk(int32_t seed, const SeedPlan& p, const float* x, const float* g, float* dx, float* acc,
-                  int64_t n) const {
+  void kind_chunk(int32_t seed, const SeedPlan& p, const float* x, const float* g, const float* graw, float* dx,
+                  float* acc, int64_t n) const {
     const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
     const __m256 om = _mm256_set1_ps(p.one_minus_a), a = _mm256_set1_ps(p.a);
-    const __m256 a_sigma = _mm256_set1_ps(p.a * p.sigma), sigma = _mm256_set1_ps(p.sigma);
+    const __m256 a_sigma = _mm256_set1_ps(p.a * p.sigma);
     __m256 w0 = zero, w1 = zero, w2 = zero;
+    Wide wd0{}, wd1{}, wd2{};
     if constexpr (K == Kind::conv && (Blend || Grads)) {
       w0 = _mm256_set1_ps(p.w[0]);
       w1 = _mm256_set1_ps(p.w[1]);
       w2 = _mm256_set1_ps(p.w[2]);
+      wd0 = widen(w0);
+      wd1 = widen(w1);
+      wd2 = widen(w2);
     }
     BackwardSeedState& st = states_[seed];
     // The shift is the previous chunk's mean of dX; at the block start, 0
     // (gradients are mostly centred; the fallback covers the rest).
     const float k = finite(st.shift) ? st.shift : 0.0f;
     const __m256 kv = _mm256_set1_ps(k);
-    __m256 sd = zero, dd = zero, sq = zero, k0 = zero, k1 = zero, k2 = zero, k3 = zero, k4 = zero;
+    __m256 sd = zero, dd = zero, sq = zero;
+    // The scalar sums in float64 from G before the clip (graw): dsigma,
+    // dalpha, CONV's taps 0..2.
+    const __m256d dz = _mm256_setzero_pd();
+    Wide q0{dz, dz}, q1{dz, dz}, q2{dz, dz}, q3{dz, dz}, q4{dz, dz};
+    const __m256d sig_d = _mm256_set1_pd(static_cast<double>(p.sigma));
+    const Wide sig{sig_d, sig_d};
+    const __m256d one_d = _mm256_set1_pd(1.0);
     __m256 max_abs = st.max_abs;
     sweep(n, [&](int64_t j, const auto& lanes) {
       const __m256 gv = lanes.load(g + j);
@@ -768,13 +809,20 @@ class Avx2BackwardChunks {
       if constexpr (K == Kind::residual) {
         if constexpr (Grads) {
           lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), gv));
-          k0 = _mm256_add_ps(k0, _mm256_mul_ps(gv, lanes.load(p.w + j)));
+          q0 = wadd(q0, wmul(widen(lanes.load(graw + j)), widen(lanes.load(p.w + j))));
         }
       } else if constexpr (K == Kind::attention) {
         if constexpr (Blend) {
           d = _mm256_add_ps(_mm256_mul_ps(om, gv), _mm256_mul_ps(a, _mm256_mul_ps(lanes.load(p.vec + j), gv)));
         }
-        if constexpr (Grads) lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), _mm256_mul_ps(gv, lanes.load(x + j))));
+        if constexpr (Grads) {
+          const __m256 xv = lanes.load(x + j);
+          lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), _mm256_mul_ps(gv, xv)));
+          // G X (p - 1): x (p - 1) is exact in float64.
+          const Wide pm = widen(lanes.load(p.vec + j));
+          const Wide pm1{_mm256_sub_pd(pm.lo, one_d), _mm256_sub_pd(pm.hi, one_d)};
+          q1 = wadd(q1, wmul(widen(lanes.load(graw + j)), wmul(widen(xv), pm1)));
+        }
       } else if constexpr (K == Kind::mlp) {
         if constexpr (Blend || Grads) {
           const __m256 xv = lanes.load(x + j), wv = lanes.load(p.w + j);
@@ -784,10 +832,14 @@ class Avx2BackwardChunks {
             d = _mm256_add_ps(_mm256_mul_ps(om, gv), _mm256_mul_ps(a_sigma, _mm256_mul_ps(wv, _mm256_and_ps(gv, m))));
           }
           if constexpr (Grads) {
-            const __m256 r = _mm256_and_ps(h, m);
             lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), _mm256_and_ps(_mm256_mul_ps(gv, xv), m)));
-            k0 = _mm256_add_ps(k0, _mm256_mul_ps(gv, r));
-            k1 = _mm256_add_ps(k1, _mm256_mul_ps(gv, _mm256_sub_ps(_mm256_mul_ps(sigma, r), xv)));
+            // relu(x w) with x w exact in float64.
+            const Wide xd = widen(xv);
+            const Wide hd = wmul(xd, widen(wv));
+            const Wide r{_mm256_max_pd(hd.lo, dz), _mm256_max_pd(hd.hi, dz)};
+            const Wide gd = widen(lanes.load(graw + j));
+            q0 = wadd(q0, wmul(gd, r));
+            q1 = wadd(q1, wmul(gd, wsub(wmul(sig, r), xd)));
           }
         }
       } else {
@@ -798,14 +850,15 @@ class Avx2BackwardChunks {
           d = _mm256_add_ps(_mm256_mul_ps(om, gv), _mm256_mul_ps(a_sigma, conv));
         }
         if constexpr (Grads) {
-          const __m256 x0 = lanes.load(x + j), x1 = lanes.load(x + j - 1), x2 = lanes.load(x + j - 2);
-          const __m256 c =
-              _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(w0, x0), _mm256_mul_ps(w1, x1)), _mm256_mul_ps(w2, x2));
-          k0 = _mm256_add_ps(k0, _mm256_mul_ps(gv, x0));
-          k1 = _mm256_add_ps(k1, _mm256_mul_ps(gv, x1));
-          k2 = _mm256_add_ps(k2, _mm256_mul_ps(gv, x2));
-          k3 = _mm256_add_ps(k3, _mm256_mul_ps(gv, c));
-          k4 = _mm256_add_ps(k4, _mm256_mul_ps(gv, _mm256_sub_ps(_mm256_mul_ps(sigma, c), x0)));
+          const Wide x0 = widen(lanes.load(x + j)), x1 = widen(lanes.load(x + j - 1)),
+                     x2 = widen(lanes.load(x + j - 2));
+          const Wide c = wadd(wadd(wmul(wd0, x0), wmul(wd1, x1)), wmul(wd2, x2));
+          const Wide gd = widen(lanes.load(graw + j));
+          q0 = wadd(q0, wmul(gd, c));
+          q1 = wadd(q1, wmul(gd, wsub(wmul(sig, c), x0)));
+          q2 = wadd(q2, wmul(gd, x0));
+          q3 = wadd(q3, wmul(gd, x1));
+          q4 = wadd(q4, wmul(gd, x2));
         }
       }
       lanes.store(dx + j, d);
@@ -818,16 +871,24 @@ class Avx2BackwardChunks {
     });
     st.max_abs = max_abs;
     BackwardChunkRecord& r = records_[seed];
-    _mm256_store_ps(r.sums, hsum8(sd, dd, sq, k0, k1, k2, k3, k4));
+    _mm_store_ps(r.sums, hsum4(sd, dd, sq, zero));
+    if constexpr (Grads) {
+      r.scalar[0] = wtotal(q0);
+      r.scalar[1] = wtotal(q1);
+      if constexpr (K == Kind::conv) {
+        r.scalar[2] = wtotal(q2);
+        r.scalar[3] = wtotal(q3);
+        r.scalar[4] = wtotal(q4);
+      }
+    }
     r.dx = dx;
-    r.acc = acc;
     r.shift = k;
     using Tail = BackwardChunkRecord::Tail;
     r.tail = !Grads                  ? Tail::none
              : K == Kind::residual  ? Tail::dsigma
+             : K == Kind::attention ? Tail::dalpha
              : K == Kind::mlp       ? Tail::dsigma_dalpha
-             : K == Kind::conv      ? Tail::conv
-                                    : Tail::none;
+                                    : Tail::conv;
   }
 
   int64_t chunk_;

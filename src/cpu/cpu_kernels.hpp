@@ -126,9 +126,13 @@ struct TelemetryPartial {
 
 // One seed's sums over the rows of a block (the vector part lives in the
 // block's float buffer, C entries per seed).
+// The scalar sums (dsigma, dalpha, CONV's taps) are formed and added in
+// float64, term by term (DESIGN 45): they add N*C terms of both signs whose
+// total can be far below their magnitudes.
 struct GradPartial {
   double dsigma = 0.0;  // RESIDUAL: Σ G⊙w; MLP: Σ G⊙relu(X⊙w); CONV: Σ G⊙conv(X)
-  double dalpha = 0.0;  // MLP, CONV: Σ G⊙(T - X)
+  double dalpha = 0.0;  // ATTENTION, MLP, CONV: Σ G⊙(T - X)
+  double taps[3] = {0.0, 0.0, 0.0};  // CONV: Σ G[j] X[j-k], k = 0, 1, 2
   double sumsq = 0.0;   // of dX
   Moments moments;      // of dX
   float max_abs = 0.0f;
@@ -136,6 +140,7 @@ struct GradPartial {
   void merge(const GradPartial& o) {
     dsigma += o.dsigma;
     dalpha += o.dalpha;
+    for (int k = 0; k < 3; ++k) taps[k] += o.taps[k];
     sumsq += o.sumsq;
     moments.merge(o.moments);
     max_abs = std::max(max_abs, o.max_abs);
@@ -167,7 +172,7 @@ inline int64_t forward_scratch_floats(int64_t hidden, int64_t chunk) {
   return 2 * hidden + 2 + chunk + seed_state_floats(hidden, chunk);
 }
 inline int64_t backward_scratch_floats(int64_t hidden, int64_t chunk) {
-  return 3 * hidden + 3 * chunk + 4 + seed_state_floats(hidden, chunk);
+  return 3 * hidden + 4 * chunk + 6 + seed_state_floats(hidden, chunk);
 }
 
 // The row kernels exist once per instruction set (cpu_rows.hpp, compiled by

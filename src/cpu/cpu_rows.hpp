@@ -415,23 +415,24 @@ inline void add_grad_stats(const float* dx, int64_t n, const DxSums& s, GradPart
 // dX and the blueprint sums of one row chunk for each kind. x has two zeros
 // before x[0] and g two zeros after g[C-1] for CONV; acc is the block's
 // float32 vector for the seed.
-inline DxSums residual_chunk(const SeedPlan& p, const float* g, float* dx, float* acc, int64_t n,
-                      GradPartial& part) {
+// The scalar sums take `graw`, G before the clip's factor, and `factor`
+// (1 without a clip) in float64: products of two floats are exact there.
+inline DxSums residual_chunk(const SeedPlan& p, const float* g, const float* graw, double factor,
+                             float* dx, float* acc, int64_t n, GradPartial& part) {
   const DxSums s = write_dx(dx, n, [&](int64_t j) { return g[j]; });
   if (!p.grads) return s;
   const float* w = p.w;
-  float gw = 0.0f;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] += g[j];
+  double gw = 0.0;
 #pragma omp simd reduction(+ : gw)
-  for (int64_t j = 0; j < n; ++j) {
-    acc[j] += g[j];
-    gw += g[j] * w[j];
-  }
-  part.dsigma += gw;
+  for (int64_t j = 0; j < n; ++j) gw += static_cast<double>(graw[j]) * static_cast<double>(w[j]);
+  part.dsigma += factor * gw;
   return s;
 }
 
-inline DxSums attention_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, float* acc,
-                       int64_t n) {
+inline DxSums attention_chunk(const SeedPlan& p, const float* x, const float* g, const float* graw,
+                              double factor, float* dx, float* acc, int64_t n, GradPartial& part) {
   const float* prob = p.vec;
   const float a = p.a, om = p.one_minus_a;
   const DxSums s = p.blend ? write_dx(dx, n, [&](int64_t j) { return om * g[j] + a * (prob[j] * g[j]); })
@@ -439,11 +440,18 @@ inline DxSums attention_chunk(const SeedPlan& p, const float* x, const float* g,
   if (!p.grads) return s;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) acc[j] += g[j] * x[j];
+  // Σ G⊙X⊙(p - 1): x*(p - 1) is exact in float64 (24 + 25 bits).
+  double gd = 0.0;
+#pragma omp simd reduction(+ : gd)
+  for (int64_t j = 0; j < n; ++j) {
+    gd += static_cast<double>(graw[j]) * (static_cast<double>(x[j]) * (static_cast<double>(prob[j]) - 1.0));
+  }
+  part.dalpha += factor * gd;
   return s;
 }
 
-inline DxSums mlp_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, float* acc, int64_t n,
-                 GradPartial& part) {
+inline DxSums mlp_chunk(const SeedPlan& p, const float* x, const float* g, const float* graw, double factor,
+                        float* dx, float* acc, int64_t n, GradPartial& part) {
   const float* w = p.w;
   const float om = p.one_minus_a, a_sigma = p.a * p.sigma, sigma = p.sigma;
   const DxSums s = p.blend ? write_dx(dx, n,
@@ -453,23 +461,26 @@ inline DxSums mlp_chunk(const SeedPlan& p, const float* x, const float* g, float
                                       })
                            : write_dx(dx, n, [&](int64_t j) { return g[j]; });
   if (!p.grads) return s;
-  float g_relu = 0.0f, g_delta = 0.0f;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] += x[j] * w[j] > 0.0f ? g[j] * x[j] : 0.0f;
+  const double sig = sigma;
+  double g_relu = 0.0, g_delta = 0.0;
 #pragma omp simd reduction(+ : g_relu, g_delta)
   for (int64_t j = 0; j < n; ++j) {
-    const float h = x[j] * w[j];
-    const bool m = h > 0.0f;
-    const float r = m ? h : 0.0f;
-    acc[j] += m ? g[j] * x[j] : 0.0f;
-    g_relu += g[j] * r;
-    g_delta += g[j] * (sigma * r - x[j]);
+    const double xd = x[j];
+    const double h = xd * static_cast<double>(w[j]);  // exact
+    const double r = h > 0.0 ? h : 0.0;
+    const double gd = graw[j];
+    g_relu += gd * r;
+    g_delta += gd * (sig * r - xd);
   }
-  part.dsigma += g_relu;
-  part.dalpha += g_delta;
+  part.dsigma += factor * g_relu;
+  part.dalpha += factor * g_delta;
   return s;
 }
 
-inline DxSums conv_chunk(const SeedPlan& p, const float* x, const float* g, float* dx, float* acc, int64_t n,
-                  GradPartial& part) {
+inline DxSums conv_chunk(const SeedPlan& p, const float* x, const float* g, const float* graw, double factor,
+                         float* dx, int64_t n, GradPartial& part) {
   if (!p.blend && !p.grads) return write_dx(dx, n, [&](int64_t j) { return g[j]; });
   // Without a blueprint there is no w to read; with one, w0..w2 exist.
   const float w0 = p.w[0], w1 = p.w[1], w2 = p.w[2];
@@ -481,31 +492,40 @@ inline DxSums conv_chunk(const SeedPlan& p, const float* x, const float* g, floa
                          })
               : write_dx(dx, n, [&](int64_t j) { return g[j]; });
   if (!p.grads) return s;
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, g_conv = 0.0f, g_delta = 0.0f;
+  const double wd0 = w0, wd1 = w1, wd2 = w2, sig = sigma;
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, g_conv = 0.0, g_delta = 0.0;
 #pragma omp simd reduction(+ : s0, s1, s2, g_conv, g_delta)
   for (int64_t j = 0; j < n; ++j) {
-    const float c = w0 * x[j] + w1 * x[j - 1] + w2 * x[j - 2];
-    s0 += g[j] * x[j];
-    s1 += g[j] * x[j - 1];
-    s2 += g[j] * x[j - 2];
-    g_conv += g[j] * c;
-    g_delta += g[j] * (sigma * c - x[j]);
+    const double x0 = x[j], x1 = x[j - 1], x2 = x[j - 2], gd = graw[j];
+    const double c = wd0 * x0 + wd1 * x1 + wd2 * x2;
+    s0 += gd * x0;
+    s1 += gd * x1;
+    s2 += gd * x2;
+    g_conv += gd * c;
+    g_delta += gd * (sig * c - x0);
   }
-  acc[0] += s0;
-  acc[1] += s1;
-  acc[2] += s2;
-  part.dsigma += g_conv;
-  part.dalpha += g_delta;
+  part.taps[0] += factor * s0;
+  part.taps[1] += factor * s1;
+  part.taps[2] += factor * s2;
+  part.dsigma += factor * g_conv;
+  part.dalpha += factor * g_delta;
   return s;
 }
 
 // G of one row chunk (SPEC section 5): dy with the clamp mask and the clip
 // applied, in gchunk (two zeros after it) when anything changes it or when
 // CONV needs its neighbours; otherwise dy itself.
+// Also sets graw (G before the clip's factor: gchunk itself, or a copy in
+// graw_buf when the factor scales) and factor (the clip's factor in
+// float64, 1 without one) for the scalar sums.
 inline const float* form_g(const BackwardParams& p, const SeedPlan& plan, const float* x, const float* dy,
-                           bool neighbours, float* ychunk, float* gchunk, int64_t C) {
+                           bool neighbours, float* ychunk, float* gchunk, float* graw_buf, int64_t C,
+                           const float*& graw, double& factor) {
   const OutputClamp clamp = p.clamp;
+  factor = 1.0;
+  graw = dy;
   if (!(clamp.enabled || p.clip_enabled || neighbours)) return dy;
+  graw = gchunk;
   if (clamp.enabled) {
     // The forward's Y before its clamp, recomputed bit for bit.
     const float* y = x;
@@ -521,13 +541,18 @@ inline const float* form_g(const BackwardParams& p, const SeedPlan& plan, const 
     std::memcpy(gchunk, dy, static_cast<std::size_t>(C) * sizeof(float));
   }
   if (p.clip_enabled) {
-    float ss = 0.0f;
+    // The row chunk's norm in float64 (squares of floats are exact there).
+    double ss = 0.0;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t j = 0; j < C; ++j) ss += gchunk[j] * gchunk[j];
-    const float factor = p.clip_norm / (std::sqrt(ss) + 1e-6f);
-    if (factor < 1.0f) {
+    for (int64_t j = 0; j < C; ++j) ss += static_cast<double>(gchunk[j]) * static_cast<double>(gchunk[j]);
+    const double f = static_cast<double>(p.clip_norm) / (std::sqrt(ss) + 1e-6);
+    if (f < 1.0) {
+      std::memcpy(graw_buf, gchunk, static_cast<std::size_t>(C) * sizeof(float));
+      graw = graw_buf;
+      factor = f;
+      const float ff = static_cast<float>(f);
 #pragma omp simd
-      for (int64_t j = 0; j < C; ++j) gchunk[j] *= factor;
+      for (int64_t j = 0; j < C; ++j) gchunk[j] *= ff;
     }
   }
   return gchunk;
@@ -539,14 +564,14 @@ struct GenericBackwardChunks {
 
   // dX of one row chunk, its statistics and the blueprint sums. x has two
   // zeros before x[0] and g two zeros after g[n-1] for CONV.
-  void chunk(int32_t /*seed*/, const SeedPlan& plan, const float* x, const float* g, float* dx, float* acc,
-             int64_t n, GradPartial& part) const {
+  void chunk(int32_t /*seed*/, const SeedPlan& plan, const float* x, const float* g, const float* graw,
+             double factor, float* dx, float* acc, int64_t n, GradPartial& part) const {
     DxSums sums;
     switch (plan.kind) {
-      case static_cast<int32_t>(Kind::residual): sums = residual_chunk(plan, g, dx, acc, n, part); break;
-      case static_cast<int32_t>(Kind::attention): sums = attention_chunk(plan, x, g, dx, acc, n); break;
-      case static_cast<int32_t>(Kind::mlp): sums = mlp_chunk(plan, x, g, dx, acc, n, part); break;
-      default: sums = conv_chunk(plan, x, g, dx, acc, n, part); break;
+      case static_cast<int32_t>(Kind::residual): sums = residual_chunk(plan, g, graw, factor, dx, acc, n, part); break;
+      case static_cast<int32_t>(Kind::attention): sums = attention_chunk(plan, x, g, graw, factor, dx, acc, n, part); break;
+      case static_cast<int32_t>(Kind::mlp): sums = mlp_chunk(plan, x, g, graw, factor, dx, acc, n, part); break;
+      default: sums = conv_chunk(plan, x, g, graw, factor, dx, n, part); break;
     }
     add_grad_stats(dx, n, sums, part);
   }
@@ -561,7 +586,7 @@ void backward_rows(const BackwardJob& job, int64_t row_begin, int64_t row_end, G
   constexpr bool kFloat = S::dtype == DType::f32;
   const BackwardParams& p = job.params;
   const int64_t H = p.hidden, C = job.chunk;
-  // scratch: [x row | dy row | dx row | y chunk | 2 zeros | x chunk | g chunk | 2 zeros]
+  // scratch: [x row | dy row | dx row | y chunk | 2 zeros | x chunk | g chunk | 2 zeros | G unclipped | 2]
   // The zeros are CONV's padding: before the chunk start for X, past its end for G.
   float* xrow_buf = scratch;
   float* dyrow_buf = xrow_buf + H;
@@ -569,9 +594,10 @@ void backward_rows(const BackwardJob& job, int64_t row_begin, int64_t row_end, G
   float* ychunk = dxrow_buf + H;
   float* conv_x = ychunk + C + 2;
   float* gchunk = conv_x + C;
+  float* graw_buf = gchunk + C + 2;  // [C + 2]
   conv_x[-1] = conv_x[-2] = 0.0f;
   gchunk[C] = gchunk[C + 1] = 0.0f;
-  Chunks chunks(job, gchunk + C + 2);
+  Chunks chunks(job, graw_buf + C + 2);
 
   for (int64_t n = row_begin; n < row_end; ++n) {
     const raw* xin = static_cast<const raw*>(p.x) + n * job.x_stride;
@@ -603,9 +629,11 @@ void backward_rows(const BackwardJob& job, int64_t row_begin, int64_t row_end, G
         x = conv_x;
       }
 
-      const float* g = form_g(p, plan, x, dyrow + off, neighbours, ychunk, gchunk, C);
+      const float* graw = nullptr;
+      double factor = 1.0;
+      const float* g = form_g(p, plan, x, dyrow + off, neighbours, ychunk, gchunk, graw_buf, C, graw, factor);
 
-      chunks.chunk(s, plan, x, g, dx, acc_block + off, C, parts[s]);
+      chunks.chunk(s, plan, x, g, graw, factor, dx, acc_block + off, C, parts[s]);
     }
     chunks.end_row(parts);
     if constexpr (!kFloat) store_row<S>(dxrow_buf, dxout, H);
