@@ -299,7 +299,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
       }
       // The forward variants (sm_90: TMA at each pipeline depth; elsewhere
       // the generic kernel runs and the row says so).
-      for (int stages : {2, 4, 8}) {
+      for (int stages : {2, 3, 4, 8}) {
         kasmina::CudaLaunchConfig c;
         c.forward_variant = kasmina::CudaForwardVariant::tma;
         c.forward_stages = stages;
