@@ -835,19 +835,11 @@ Resolved resolve(const BackwardParams& p) {
   r.x_stride = p.x_row_stride != 0 ? p.x_row_stride : p.hidden;
   r.dy_stride = p.dy_row_stride != 0 ? p.dy_row_stride : p.hidden;
   r.dx_stride = p.dx_row_stride != 0 ? p.dx_row_stride : p.hidden;
-  const auto esize = static_cast<int64_t>(dtype_size(p.dtype));
-  const int64_t v = kVectorBytes / esize;
-  if (r.C % v != 0) {
-    r.why = "C is not a multiple of the 16-byte vector";
-  } else if (!aligned16(p.x) || !aligned16(p.dy) || !aligned16(p.dx)) {
-    r.why = "x, dy or dx is not 16-byte aligned";
-  } else if ((r.x_stride * esize) % kVectorBytes != 0 || (r.dy_stride * esize) % kVectorBytes != 0 ||
-             (r.dx_stride * esize) % kVectorBytes != 0) {
-    r.why = "a row stride is not a multiple of 16 bytes";
-  } else {
-    r.vector = true;
-    r.why = "C, base pointers and row strides allow 16-byte access";
-  }
+  const VectorAccess va =
+      vector_access(r.C, dtype_size(p.dtype), {p.x, p.dy, p.dx},
+                    {r.x_stride, r.dy_stride, r.dx_stride}, "x, dy or dx is not 16-byte aligned");
+  r.vector = va.vector;
+  r.why = va.why;
   return r;
 }
 
@@ -916,10 +908,8 @@ Layout layout(const BackwardParams& p, const DeviceInfo& dev) {
 
 template <typename T, int V, int U>
 LaunchPlan finish_plan(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev) {
-  const int resident = resident_ctas_per_sm(reinterpret_cast<const void*>(&backward_kernel<T, V, U>),
-                                            plan.threads, plan.smem_bytes);
-  plan.tiles = tiles_for_rows(p.rows, plan.rows_per_pass, plan.tiles_max, resident, dev.sm_count,
-                              p.num_seeds);
+  plan.tiles = tiles_for_kernel(reinterpret_cast<const void*>(&backward_kernel<T, V, U>), plan,
+                                p.rows, p.num_seeds, dev.sm_count);
   return plan;
 }
 
@@ -950,14 +940,9 @@ LaunchPlan dispatch_dtype(LaunchPlan plan, const BackwardParams& p, const Device
 
 LaunchPlan dispatch(const LaunchPlan& plan, const BackwardParams& p, const DeviceInfo& dev,
                     BackwardArgs* args) {
-  switch (p.dtype) {
-    case DType::f32: return dispatch_dtype<float>(plan, p, dev, args);
-    case DType::bf16: return dispatch_dtype<__nv_bfloat16>(plan, p, dev, args);
-    case DType::f16: return dispatch_dtype<__half>(plan, p, dev, args);
-    case DType::f64: break;
-  }
-  KASMINA_FAIL(ErrorKind::type, "the CUDA backend takes float32, bfloat16 or float16 (got ",
-               dtype_name(p.dtype), ")");
+  return with_storage_type(p.dtype, [&](auto t) {
+    return dispatch_dtype<decltype(t)>(plan, p, dev, args);
+  });
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "cuda/tuning.hpp"
+#include "kasmina/error.hpp"
 #include "kasmina/ops.hpp"
 #include "kasmina/params.hpp"
 #include "kasmina/types.hpp"
@@ -95,6 +96,43 @@ inline int next_pow2(int64_t v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether every tensor of an op allows the 16-byte vector path: C a multiple
+// of the vector, every base pointer 16-byte aligned, every row stride (in
+// elements) a multiple of 16 bytes. `what` names the pointers in the reason
+// ("x or y", "x, dy or dx").
+struct VectorAccess {
+  bool vector;
+  const char* why;
+};
+template <std::size_t K>
+VectorAccess vector_access(int64_t C, std::size_t elem_bytes, const void* const (&ptrs)[K],
+                           const int64_t (&strides)[K], const char* unaligned_why) {
+  const auto esize = static_cast<int64_t>(elem_bytes);
+  if (C % (kVectorBytes / esize) != 0) return {false, "C is not a multiple of the 16-byte vector"};
+  for (const void* ptr : ptrs) {
+    if (!aligned16(ptr)) return {false, unaligned_why};
+  }
+  for (int64_t stride : strides) {
+    if ((stride * esize) % kVectorBytes != 0) return {false, "a row stride is not a multiple of 16 bytes"};
+  }
+  return {true, "C, base pointers and row strides allow 16-byte access"};
+}
+
+// Calls f(T{}) with T the CUDA storage type of dtype (float, __nv_bfloat16,
+// __half); float64 and anything else is refused with the library's error.
+template <typename F>
+decltype(auto) with_storage_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: return f(float{});
+    case DType::bf16: return f(__nv_bfloat16{});
+    case DType::f16: return f(__half{});
+    case DType::f64: break;
+  }
+  KASMINA_FAIL(ErrorKind::type, "the CUDA backend takes float32, bfloat16 or float16 (got ",
+               dtype_name(dtype), ")");
+}
+
+
 inline std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
 
 // Row tiles per seed the workspace is sized for: the resident CTAs of the
@@ -122,6 +160,14 @@ inline int tiles_for_rows(int64_t rows, int rows_per_pass, int tiles_max, int re
   const int64_t passes = ceil_div(rows, rows_per_pass);
   if (passes < tiles) tiles = passes;
   return static_cast<int>(tiles < 1 ? 1 : tiles);
+}
+
+// The plan's tiles for a kernel instance: its resident CTAs per SM with the
+// plan's threads and shared memory (tiles_for_rows).
+inline int tiles_for_kernel(const void* kernel, const LaunchPlan& plan, int64_t rows,
+                            int32_t num_seeds, int sm_count) {
+  const int resident = resident_ctas_per_sm(kernel, plan.threads, plan.smem_bytes);
+  return tiles_for_rows(rows, plan.rows_per_pass, plan.tiles_max, resident, sm_count, num_seeds);
 }
 
 // -------------------------------------------------------------- device side
@@ -175,6 +221,22 @@ __device__ __forceinline__ unsigned float_to_half_bits<__half>(float v) {
   return __half_as_ushort(__float2half_rn(v));
 }
 
+// Two floats rounded to T (nearest even, as float_to_half_bits) and packed,
+// lo in the low 16 bits: one cvt.rn.{bf16x2,f16x2}.f32 instead of two
+// conversions and a merge.
+template <typename T>
+__device__ __forceinline__ unsigned pack2_rn(float lo, float hi);
+template <>
+__device__ __forceinline__ unsigned pack2_rn<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&v);
+}
+template <>
+__device__ __forceinline__ unsigned pack2_rn<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&v);
+}
+
 // The V values of a raw access as floats (element 0 in the lowest bits).
 template <typename T, int V>
 __device__ __forceinline__ void decode_vec(const RawVec<T, V>& raw, float (&out)[V]) {
@@ -209,9 +271,7 @@ __device__ __forceinline__ RawVec<T, V> encode_vec(const float (&in)[V]) {
       for (int k = 0; k < 4; ++k) w[k] = __float_as_uint(in[k]);
     } else {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        w[k] = float_to_half_bits<T>(in[2 * k]) | (float_to_half_bits<T>(in[2 * k + 1]) << 16);
-      }
+      for (int k = 0; k < 4; ++k) w[k] = pack2_rn<T>(in[2 * k], in[2 * k + 1]);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
   }

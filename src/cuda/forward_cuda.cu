@@ -158,18 +158,10 @@ Resolved resolve(const ForwardParams& p) {
   r.C = p.hidden / p.num_seeds;
   r.x_stride = p.x_row_stride != 0 ? p.x_row_stride : p.hidden;
   r.y_stride = p.y_row_stride != 0 ? p.y_row_stride : p.hidden;
-  const auto esize = static_cast<int64_t>(dtype_size(p.dtype));
-  const int64_t v = kVectorBytes / esize;
-  if (r.C % v != 0) {
-    r.why = "C is not a multiple of the 16-byte vector";
-  } else if (!aligned16(p.x) || !aligned16(p.y)) {
-    r.why = "x or y is not 16-byte aligned";
-  } else if ((r.x_stride * esize) % kVectorBytes != 0 || (r.y_stride * esize) % kVectorBytes != 0) {
-    r.why = "a row stride is not a multiple of 16 bytes";
-  } else {
-    r.vector = true;
-    r.why = "C, base pointers and row strides allow 16-byte access";
-  }
+  const VectorAccess va = vector_access(r.C, dtype_size(p.dtype), {p.x, p.y},
+                                        {r.x_stride, r.y_stride}, "x or y is not 16-byte aligned");
+  r.vector = va.vector;
+  r.why = va.why;
   return r;
 }
 
@@ -240,10 +232,8 @@ std::size_t workspace_bytes(const ForwardParams& p, const DeviceInfo& dev) {
 
 template <typename T, int V, int U>
 LaunchPlan finish_plan(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev) {
-  const int resident = resident_ctas_per_sm(reinterpret_cast<const void*>(&forward_kernel<T, V, U>),
-                                            plan.threads, plan.smem_bytes);
-  plan.tiles = tiles_for_rows(p.rows, plan.rows_per_pass, plan.tiles_max, resident, dev.sm_count,
-                              p.num_seeds);
+  plan.tiles = tiles_for_kernel(reinterpret_cast<const void*>(&forward_kernel<T, V, U>), plan,
+                                p.rows, p.num_seeds, dev.sm_count);
   return plan;
 }
 
@@ -288,14 +278,9 @@ LaunchPlan dispatch_dtype(LaunchPlan plan, const ForwardParams& p, const DeviceI
 
 LaunchPlan dispatch(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
                     ForwardArgs* args) {
-  switch (p.dtype) {
-    case DType::f32: return dispatch_dtype<float>(plan, p, dev, args);
-    case DType::bf16: return dispatch_dtype<__nv_bfloat16>(plan, p, dev, args);
-    case DType::f16: return dispatch_dtype<__half>(plan, p, dev, args);
-    case DType::f64: break;
-  }
-  KASMINA_FAIL(ErrorKind::type, "the CUDA backend takes float32, bfloat16 or float16 (got ",
-               dtype_name(p.dtype), ")");
+  return with_storage_type(p.dtype, [&](auto t) {
+    return dispatch_dtype<decltype(t)>(plan, p, dev, args);
+  });
 }
 
 // Every CUDA forward's checks before anything runs (SPEC section 8 errors
@@ -374,13 +359,9 @@ void stream_dispatch_dtype(const std::vector<LaunchPlan>& plans, const ForwardPa
 
 void stream_dispatch(const std::vector<LaunchPlan>& plans, const ForwardParams* ps, int count,
                      const DeviceInfo& dev) {
-  switch (ps[0].dtype) {
-    case DType::f32: return stream_dispatch_dtype<float>(plans, ps, count, dev);
-    case DType::bf16: return stream_dispatch_dtype<__nv_bfloat16>(plans, ps, count, dev);
-    case DType::f16: return stream_dispatch_dtype<__half>(plans, ps, count, dev);
-    case DType::f64: break;
-  }
-  KASMINA_FAIL(ErrorKind::type, "the CUDA backend takes float32, bfloat16 or float16");
+  with_storage_type(ps[0].dtype, [&](auto t) {
+    stream_dispatch_dtype<decltype(t)>(plans, ps, count, dev);
+  });
 }
 
 }  // namespace

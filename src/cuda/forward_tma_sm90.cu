@@ -246,16 +246,13 @@ CUtensorMap tensor_map(const ForwardParams& p, const ForwardArgs& args, int devi
 }
 
 template <typename T>
-const void* kernel_for() {
-  return reinterpret_cast<const void*>(&forward_tma_kernel<T, kVectorBytes / sizeof(T)>);
-}
+constexpr int kTmaVector = kVectorBytes / static_cast<int>(sizeof(T));
 
 const void* kernel_for(DType dtype) {
-  switch (dtype) {
-    case DType::bf16: return kernel_for<__nv_bfloat16>();
-    case DType::f16: return kernel_for<__half>();
-    default: return kernel_for<float>();
-  }
+  return with_storage_type(dtype, [](auto t) {
+    using T = decltype(t);
+    return reinterpret_cast<const void*>(&forward_tma_kernel<T, kTmaVector<T>>);
+  });
 }
 
 std::size_t smem_for(const LaunchPlan& plan, int stages, int stage_bytes) {
@@ -316,17 +313,10 @@ void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const Fo
   const std::size_t smem = smem_for(plan, plan.stages, targs.stage_bytes);
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
   const auto stream = static_cast<cudaStream_t>(p.stream);
-  switch (p.dtype) {
-    case DType::bf16:
-      forward_tma_kernel<__nv_bfloat16, 8><<<grid, static_cast<unsigned>(plan.threads), smem, stream>>>(targs);
-      break;
-    case DType::f16:
-      forward_tma_kernel<__half, 8><<<grid, static_cast<unsigned>(plan.threads), smem, stream>>>(targs);
-      break;
-    default:
-      forward_tma_kernel<float, 4><<<grid, static_cast<unsigned>(plan.threads), smem, stream>>>(targs);
-      break;
-  }
+  with_storage_type(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    forward_tma_kernel<T, kTmaVector<T>><<<grid, static_cast<unsigned>(plan.threads), smem, stream>>>(targs);
+  });
   KASMINA_CUDA_CHECK(cudaGetLastError());
 }
 
