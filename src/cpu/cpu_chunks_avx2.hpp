@@ -780,14 +780,10 @@ class Avx2BackwardChunks {
     const __m256 om = _mm256_set1_ps(p.one_minus_a), a = _mm256_set1_ps(p.a);
     const __m256 a_sigma = _mm256_set1_ps(p.a * p.sigma);
     __m256 w0 = zero, w1 = zero, w2 = zero;
-    Wide wd0{}, wd1{}, wd2{};
     if constexpr (K == Kind::conv && (Blend || Grads)) {
       w0 = _mm256_set1_ps(p.w[0]);
       w1 = _mm256_set1_ps(p.w[1]);
       w2 = _mm256_set1_ps(p.w[2]);
-      wd0 = widen(w0);
-      wd1 = widen(w1);
-      wd2 = widen(w2);
     }
     BackwardSeedState& st = states_[seed];
     // The shift is the previous chunk's mean of dX; at the block start, 0
@@ -799,8 +795,6 @@ class Avx2BackwardChunks {
     // dalpha, CONV's taps 0..2.
     const __m256d dz = _mm256_setzero_pd();
     Wide q0{dz, dz}, q1{dz, dz}, q2{dz, dz}, q3{dz, dz}, q4{dz, dz};
-    const __m256d sig_d = _mm256_set1_pd(static_cast<double>(p.sigma));
-    const Wide sig{sig_d, sig_d};
     const __m256d one_d = _mm256_set1_pd(1.0);
     __m256 max_abs = st.max_abs;
     sweep(n, [&](int64_t j, const auto& lanes) {
@@ -834,12 +828,13 @@ class Avx2BackwardChunks {
           if constexpr (Grads) {
             lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), _mm256_and_ps(_mm256_mul_ps(gv, xv), m)));
             // relu(x w) with x w exact in float64.
+            // Σ G relu(x w) and Σ G x; dalpha = sigma * the first - the second.
             const Wide xd = widen(xv);
             const Wide hd = wmul(xd, widen(wv));
             const Wide r{_mm256_max_pd(hd.lo, dz), _mm256_max_pd(hd.hi, dz)};
             const Wide gd = widen(lanes.load(graw + j));
             q0 = wadd(q0, wmul(gd, r));
-            q1 = wadd(q1, wmul(gd, wsub(wmul(sig, r), xd)));
+            q1 = wadd(q1, wmul(gd, xd));
           }
         }
       } else {
@@ -850,15 +845,12 @@ class Avx2BackwardChunks {
           d = _mm256_add_ps(_mm256_mul_ps(om, gv), _mm256_mul_ps(a_sigma, conv));
         }
         if constexpr (Grads) {
-          const Wide x0 = widen(lanes.load(x + j)), x1 = widen(lanes.load(x + j - 1)),
-                     x2 = widen(lanes.load(x + j - 2));
-          const Wide c = wadd(wadd(wmul(wd0, x0), wmul(wd1, x1)), wmul(wd2, x2));
+          // The taps Σ G[j] X[j-k]; dsigma and dalpha follow from them
+          // (linear in X) at the chunk's end.
           const Wide gd = widen(lanes.load(graw + j));
-          q0 = wadd(q0, wmul(gd, c));
-          q1 = wadd(q1, wmul(gd, wsub(wmul(sig, c), x0)));
-          q2 = wadd(q2, wmul(gd, x0));
-          q3 = wadd(q3, wmul(gd, x1));
-          q4 = wadd(q4, wmul(gd, x2));
+          q2 = wadd(q2, wmul(gd, widen(lanes.load(x + j))));
+          q3 = wadd(q3, wmul(gd, widen(lanes.load(x + j - 1))));
+          q4 = wadd(q4, wmul(gd, widen(lanes.load(x + j - 2))));
         }
       }
       lanes.store(dx + j, d);
@@ -873,12 +865,23 @@ class Avx2BackwardChunks {
     BackwardChunkRecord& r = records_[seed];
     _mm_store_ps(r.sums, hsum4(sd, dd, sq, zero));
     if constexpr (Grads) {
-      r.scalar[0] = wtotal(q0);
-      r.scalar[1] = wtotal(q1);
+      const double sg = p.sigma;
       if constexpr (K == Kind::conv) {
-        r.scalar[2] = wtotal(q2);
-        r.scalar[3] = wtotal(q3);
-        r.scalar[4] = wtotal(q4);
+        const double t0 = wtotal(q2), t1 = wtotal(q3), t2 = wtotal(q4);
+        const double gc = static_cast<double>(p.w[0]) * t0 + static_cast<double>(p.w[1]) * t1 +
+                          static_cast<double>(p.w[2]) * t2;  // Σ G conv(X)
+        r.scalar[0] = gc;
+        r.scalar[1] = sg * gc - t0;  // Σ G (sigma conv(X) - X)
+        r.scalar[2] = t0;
+        r.scalar[3] = t1;
+        r.scalar[4] = t2;
+      } else if constexpr (K == Kind::mlp) {
+        const double g_relu = wtotal(q0);
+        r.scalar[0] = g_relu;
+        r.scalar[1] = sg * g_relu - wtotal(q1);  // Σ G (sigma relu(X w) - X)
+      } else {
+        r.scalar[0] = wtotal(q0);
+        r.scalar[1] = wtotal(q1);
       }
     }
     r.dx = dx;

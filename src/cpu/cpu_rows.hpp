@@ -463,19 +463,19 @@ inline DxSums mlp_chunk(const SeedPlan& p, const float* x, const float* g, const
   if (!p.grads) return s;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) acc[j] += x[j] * w[j] > 0.0f ? g[j] * x[j] : 0.0f;
-  const double sig = sigma;
-  double g_relu = 0.0, g_delta = 0.0;
-#pragma omp simd reduction(+ : g_relu, g_delta)
+  // Σ G relu(X w) and Σ G X; Σ G (sigma relu(X w) - X) follows.
+  double g_relu = 0.0, g_x = 0.0;
+#pragma omp simd reduction(+ : g_relu, g_x)
   for (int64_t j = 0; j < n; ++j) {
     const double xd = x[j];
     const double h = xd * static_cast<double>(w[j]);  // exact
     const double r = h > 0.0 ? h : 0.0;
     const double gd = graw[j];
     g_relu += gd * r;
-    g_delta += gd * (sig * r - xd);
+    g_x += gd * xd;
   }
   part.dsigma += factor * g_relu;
-  part.dalpha += factor * g_delta;
+  part.dalpha += factor * (static_cast<double>(sigma) * g_relu - g_x);
   return s;
 }
 
@@ -492,23 +492,23 @@ inline DxSums conv_chunk(const SeedPlan& p, const float* x, const float* g, cons
                          })
               : write_dx(dx, n, [&](int64_t j) { return g[j]; });
   if (!p.grads) return s;
-  const double wd0 = w0, wd1 = w1, wd2 = w2, sig = sigma;
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, g_conv = 0.0, g_delta = 0.0;
-#pragma omp simd reduction(+ : s0, s1, s2, g_conv, g_delta)
+  // The taps Σ G[j] X[j-k]; Σ G conv(X) and Σ G (sigma conv(X) - X) are
+  // linear in them.
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2)
   for (int64_t j = 0; j < n; ++j) {
-    const double x0 = x[j], x1 = x[j - 1], x2 = x[j - 2], gd = graw[j];
-    const double c = wd0 * x0 + wd1 * x1 + wd2 * x2;
-    s0 += gd * x0;
-    s1 += gd * x1;
-    s2 += gd * x2;
-    g_conv += gd * c;
-    g_delta += gd * (sig * c - x0);
+    const double gd = graw[j];
+    s0 += gd * static_cast<double>(x[j]);
+    s1 += gd * static_cast<double>(x[j - 1]);
+    s2 += gd * static_cast<double>(x[j - 2]);
   }
+  const double g_conv = static_cast<double>(w0) * s0 + static_cast<double>(w1) * s1 +
+                        static_cast<double>(w2) * s2;
   part.taps[0] += factor * s0;
   part.taps[1] += factor * s1;
   part.taps[2] += factor * s2;
   part.dsigma += factor * g_conv;
-  part.dalpha += factor * g_delta;
+  part.dalpha += factor * (static_cast<double>(sigma) * g_conv - s0);
   return s;
 }
 
