@@ -205,6 +205,21 @@ struct DeviceLayer {
   kasmina::RegistryView registry() const { return {weights, scales, B}; }
 };
 
+// A forward of `layer` on x (outputs and workspace left to the caller).
+kasmina::ForwardParams forward_params_for(const DeviceLayer& layer, const Shape& shape,
+                                          kasmina::DType dtype, const void* x, cudaStream_t stream) {
+  kasmina::ForwardParams fp;
+  fp.x = x;
+  fp.dtype = dtype;
+  fp.rows = shape.rows;
+  fp.hidden = shape.hidden;
+  fp.num_seeds = shape.seeds;
+  fp.seeds = layer.table();
+  fp.registry = layer.registry();
+  fp.stream = stream;
+  return fp;
+}
+
 void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool candidates,
                std::vector<Row>& rows) {
   const std::size_t esize = kasmina::dtype_size(dtype);
@@ -231,18 +246,10 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
 
   for (bool blending : {true, false}) {
     DeviceLayer layer(shape, blending);
-    kasmina::ForwardParams fp;
-    fp.x = x;
+    kasmina::ForwardParams fp = forward_params_for(layer, shape, dtype, x, bench.stream());
     fp.y = y;
-    fp.dtype = dtype;
-    fp.rows = shape.rows;
-    fp.hidden = shape.hidden;
-    fp.num_seeds = shape.seeds;
-    fp.seeds = layer.table();
-    fp.registry = layer.registry();
     fp.telemetry = layer.telemetry;
     fp.nonfinite_count = layer.nonfinite;
-    fp.stream = bench.stream();
     kasmina::BackwardParams bp;
     bp.x = x;
     bp.dy = dy;
@@ -371,14 +378,7 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
   std::vector<void*> owned;
   for (int i = 0; i < kLayers; ++i) {
     kasmina::ForwardParams& fp = params[i];
-    fp.x = x;
-    fp.dtype = dtype;
-    fp.rows = shape.rows;
-    fp.hidden = shape.hidden;
-    fp.num_seeds = shape.seeds;
-    fp.seeds = layer.table();
-    fp.registry = layer.registry();
-    fp.stream = bench.stream();
+    fp = forward_params_for(layer, shape, dtype, x, bench.stream());
     void *y = nullptr, *tel = nullptr, *ws = nullptr;
     CHECK(cudaMalloc(&y, bytes));
     CHECK(cudaMalloc(&tel, sizeof(float) * shape.seeds * 8));
