@@ -31,6 +31,9 @@ std::size_t backward_workspace_bytes_cuda(const BackwardParams&);
 void forward_cuda(const ForwardParams&);
 // Up to 16 forwards of one dtype, stream and access path in one launch.
 void forward_stream_cuda(const ForwardParams* params, int count);
+// The kernel the streamed launch runs, described for problem 0 (its plan as
+// streamed: the generic kernel, the smallest rows in flight of the plans).
+std::string describe_forward_stream_cuda(const ForwardParams* params, int count);
 void backward_cuda(const BackwardParams&);
 std::string describe_forward_cuda(const ForwardParams&);
 std::string describe_backward_cuda(const BackwardParams&);

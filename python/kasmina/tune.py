@@ -74,8 +74,9 @@ def _check_entry(e: Any) -> tuple[str, int, int, int, int, int, int]:
     if variant not in VARIANTS:
         raise ValueError(f"entry with forward_variant {variant!r}, want one of {VARIANTS}")
     stages = e.get("forward_stages", 0)
-    if not isinstance(stages, int) or isinstance(stages, bool) or not 0 <= stages <= 8:
-        raise ValueError(f"entry with forward_stages {stages!r}, want 0 to 8: {e!r}")
+    if (not isinstance(stages, int) or isinstance(stages, bool)
+            or not (stages == 0 or 2 <= stages <= 8)):
+        raise ValueError(f"entry with forward_stages {stages!r}, want 0 or 2 to 8: {e!r}")
     return device, elem, SHAPE_CLASSES.index(shape), fwd, bwd, VARIANTS.index(variant), stages
 
 

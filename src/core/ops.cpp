@@ -423,9 +423,13 @@ void forward_many(const ForwardParams* params, int count, Backend backend) {
     return;
   }
   detail::OpScope scope("kasmina.forward_many", backend, params[0].stream, bytes, [&] {
-    return profile_kernel_name("forward_many", backend, params[0].dtype,
-                               describe_forward(params[0], backend)) +
-           " x" + std::to_string(count);
+#ifdef KASMINA_WITH_CUDA
+    const std::string what = detail::describe_forward_stream_cuda(params, count);
+#else
+    const std::string what = describe_forward(params[0], backend);
+#endif
+    return profile_kernel_name("forward_many", backend, params[0].dtype, what) + " x" +
+           std::to_string(count);
   });
 #ifdef KASMINA_WITH_CUDA
   detail::forward_stream_cuda(params, count);

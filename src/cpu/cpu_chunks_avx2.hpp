@@ -812,7 +812,7 @@ class Avx2BackwardChunks {
         if constexpr (Grads) {
           const __m256 xv = lanes.load(x + j);
           lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), _mm256_mul_ps(gv, xv)));
-          // G X (p - 1): x (p - 1) is exact in float64.
+          // G X (p - 1) in float64 (at most one rounding in x (p - 1)).
           const Wide pm = widen(lanes.load(p.vec + j));
           const Wide pm1{_mm256_sub_pd(pm.lo, one_d), _mm256_sub_pd(pm.hi, one_d)};
           q1 = wadd(q1, wmul(widen(lanes.load(graw + j)), wmul(widen(xv), pm1)));

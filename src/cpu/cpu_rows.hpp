@@ -440,7 +440,7 @@ inline DxSums attention_chunk(const SeedPlan& p, const float* x, const float* g,
   if (!p.grads) return s;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) acc[j] += g[j] * x[j];
-  // Σ G⊙X⊙(p - 1): x*(p - 1) is exact in float64 (24 + 25 bits).
+  // Σ G⊙X⊙(p - 1) in float64 (x*(p - 1) with at most one float64 rounding).
   double gd = 0.0;
 #pragma omp simd reduction(+ : gd)
   for (int64_t j = 0; j < n; ++j) {

@@ -315,10 +315,11 @@ __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int
 #pragma unroll
     for (int u = 0; u < U; ++u) scale[u] = 1.0f;
     if (args.clip_enabled) {
-      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G.
-      float ss[U];
+      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G, in
+      // float64 like the other seeds' (DESIGN 45), the factor rounded once.
+      double ss[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) ss[u] = 0.0f;
+      for (int u = 0; u < U; ++u) ss[u] = 0.0;
       for (int c = lane * V; c < C; c += G * V) {
         RawVec<T, V> rx[U], rg[U];
         rows.template load<V>(c, with_x, rx, rg);
@@ -328,13 +329,14 @@ __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int
           float gp[V];
           copy_step<T, V>(rx[u], rg[u], args.clamp, 1.0f, gp);
 #pragma unroll
-          for (int i = 0; i < V; ++i) ss[u] += gp[i] * gp[i];
+          for (int i = 0; i < V; ++i) ss[u] = fma(static_cast<double>(gp[i]), gp[i], ss[u]);
         }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         ss[u] = group_sum(ss[u], G);
-        scale[u] = fminf(1.0f, args.clip_norm / (sqrtf(ss[u]) + 1e-6f));
+        scale[u] = static_cast<float>(
+            fmin(1.0, static_cast<double>(args.clip_norm) / (sqrt(ss[u]) + 1e-6)));
       }
     }
     for (int c = lane * V; c < C; c += G * V) {
@@ -559,7 +561,7 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
             if (att) {
               through = cf * gi;
               contrib = gi * xi;
-              t_minus_x = xd * (cd - 1.0);  // exact: a float times (p - 1), 25 bits
+              t_minus_x = xd * (cd - 1.0);  // at most one float64 rounding
             } else if (mlp) {
               const float pre = xi * cf;
               through = pre > 0.0f ? sigma * cf * gi : 0.0f;

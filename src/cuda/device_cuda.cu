@@ -72,6 +72,11 @@ VariantChoice select_forward_variant(const DeviceInfo& dev, DType dtype, int64_t
     const Tuning& t = tuning_for(dev.cc_major);
     const int* by_class = esize == 4 ? t.forward_variant_4byte : t.forward_variant_2byte;
     c.variant = static_cast<CudaForwardVariant>(by_class[static_cast<int>(shape)]);
+    // The TMA kernel is sm_90a code: newer architectures share sm_90's
+    // tuning otherwise, but keep the generic kernel by default.
+    if (c.variant == CudaForwardVariant::tma && dev.cc_major != 9) {
+      c.variant = CudaForwardVariant::generic;
+    }
     c.source = "default";
   }
   c.stages = set.forward_stages != 0 ? set.forward_stages : tuned.forward_stages;

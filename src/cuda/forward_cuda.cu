@@ -169,7 +169,9 @@ int tiles_max_for(int32_t num_seeds, const DeviceInfo& dev) {
   return tiles_per_seed_bound(num_seeds, tuning_for(dev.cc_major), dev.sm_count);
 }
 
-LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev) {
+// allow_tma false: the generic kernel's plan whatever the selection says
+// (the streaming kernel is the generic one).
+LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allow_tma = true) {
   const Resolved r = resolve(p);
   const Tuning& t = tuning_for(dev.cc_major);
   LaunchPlan plan;
@@ -205,7 +207,7 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev) {
   // plan for 1 row in flight (the same passes, so the same bits).
   const VariantChoice vc = select_forward_variant(dev, p.dtype, p.rows, p.hidden);
   plan.variant_source = vc.source;
-  if (vc.variant == CudaForwardVariant::tma) {
+  if (vc.variant == CudaForwardVariant::tma && allow_tma) {
     LaunchPlan one = plan;
     one.rows_in_flight = 1;
     one.rows_source = "TMA variant";
@@ -382,11 +384,14 @@ void forward_cuda(const ForwardParams& p) {
   dispatch(plan, p, dev, &args);
 }
 
-void forward_stream_cuda(const ForwardParams* ps, int count) {
+namespace {
+// The plans of a streamed launch: each problem's generic plan, all with the
+// smallest rows in flight among them (one kernel instance for all).
+std::vector<cuda::LaunchPlan> stream_plans(const ForwardParams* ps, int count,
+                                           const cuda::DeviceInfo& dev) {
   using namespace kasmina::cuda;
   KASMINA_CHECK_VALUE(count >= 1 && count <= kMaxStreamed, "forward_many on CUDA runs 1 to ",
                       kMaxStreamed, " problems per launch (got ", count, ")");
-  const DeviceInfo& dev = current_device_info();
   const bool vector = resolve(ps[0]).vector;
   int rows_in_flight = 4;
   std::vector<LaunchPlan> plans;
@@ -399,24 +404,28 @@ void forward_stream_cuda(const ForwardParams* ps, int count) {
     KASMINA_CHECK_VALUE(resolve(p).vector == vector, "forward_many: problem ", i, " takes the ",
                         vector ? "scalar" : "vector", " path and problem 0 the other (",
                         resolve(p).why, "); launch them apart");
-    plans.push_back(plan_forward(p, dev));
-    plans.back().tma = false;  // the streaming kernel is the generic one
+    plans.push_back(plan_forward(p, dev, false));
     if (plans.back().rows_in_flight < rows_in_flight) rows_in_flight = plans.back().rows_in_flight;
   }
-  // One kernel instance for all: the smallest rows in flight of the plans.
   for (LaunchPlan& plan : plans) {
     plan.rows_in_flight = rows_in_flight;
     plan.rows_per_pass = plan.threads / plan.group * rows_in_flight;
   }
-  stream_dispatch(plans, ps, count, dev);
+  return plans;
+}
+}  // namespace
+
+void forward_stream_cuda(const ForwardParams* ps, int count) {
+  using namespace kasmina::cuda;
+  const DeviceInfo& dev = current_device_info();
+  stream_dispatch(stream_plans(ps, count, dev), ps, count, dev);
 }
 
-std::string describe_forward_cuda(const ForwardParams& p) {
+namespace {
+std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
+                           const cuda::DeviceInfo& dev, const char* launch) {
   using namespace kasmina::cuda;
-  if (!cuda_available()) return "cuda.forward: unavailable (" + cuda_unavailable_reason() + ")";
-  const DeviceInfo& dev = current_device_info();
   const Resolved r = resolve(p);
-  const LaunchPlan plan = dispatch(plan_forward(p, dev), p, dev, nullptr);
   std::ostringstream os;
   os << "cuda.forward." << (plan.tma ? "tma" : r.vector ? "vec" : "scalar") << plan.vector << " "
      << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
@@ -434,11 +443,28 @@ std::string describe_forward_cuda(const ForwardParams& p) {
   }
   os << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
-     << " threads, one launch"
+     << " threads, " << launch
      << (plan.tiles == 1 ? " (one CTA per seed: no partials)" : "") << ", "
      << (plan.smem_bytes > 0 ? "coefficients in a shared-memory table"
                              : "coefficients computed per element (C too wide for the table)");
   return os.str();
+}
+}  // namespace
+
+std::string describe_forward_cuda(const ForwardParams& p) {
+  using namespace kasmina::cuda;
+  if (!cuda_available()) return "cuda.forward: unavailable (" + cuda_unavailable_reason() + ")";
+  const DeviceInfo& dev = current_device_info();
+  return format_forward(p, dispatch(plan_forward(p, dev), p, dev, nullptr), dev, "one launch");
+}
+
+std::string describe_forward_stream_cuda(const ForwardParams* ps, int count) {
+  using namespace kasmina::cuda;
+  if (!cuda_available()) return "cuda.forward: unavailable (" + cuda_unavailable_reason() + ")";
+  const DeviceInfo& dev = current_device_info();
+  std::vector<LaunchPlan> plans = stream_plans(ps, count, dev);
+  const LaunchPlan plan = dispatch(plans[0], ps[0], dev, nullptr);
+  return format_forward(ps[0], plan, dev, "problem 0 of one streamed launch");
 }
 
 }  // namespace kasmina::detail

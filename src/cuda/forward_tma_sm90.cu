@@ -22,7 +22,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "cuda/common.cuh"
@@ -171,7 +174,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   });
   finish_seed(args, s, tile, cs.sv.blends, st);
 #else
+  // No sm_90 code in this build (e.g. only compute_80 PTX, JIT-compiled on a
+  // Hopper): the host refuses TMA then (forward_tma_refusal); never run empty.
   (void)targs;
+  __trap();
 #endif
 }
 
@@ -181,8 +187,12 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* f = nullptr;
     cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
     KASMINA_CUDA_CHECK(
         cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
+#else
+    KASMINA_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q));
+#endif
     KASMINA_CHECK_RUNTIME(q == cudaDriverEntryPointSuccess && f != nullptr,
                           "the CUDA driver has no cuTensorMapEncodeTiled (the TMA forward needs "
                           "CUDA 12 or newer)");
@@ -255,6 +265,24 @@ const void* kernel_for(DType dtype) {
   });
 }
 
+// Whether the kernel that loads on this device was compiled for sm_90 (not
+// JIT-compiled from compute_80 PTX, where its body is empty); per device.
+bool has_sm90_code(DType dtype) {
+  int device = 0;
+  KASMINA_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::pair<int, int>, bool> cache;
+  const std::pair<int, int> key{device, static_cast<int>(dtype)};
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    cudaFuncAttributes attr{};
+    KASMINA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel_for(dtype)));
+    it = cache.emplace(key, attr.ptxVersion >= 90).first;  // JIT from compute_80 reports 80
+  }
+  return it->second;
+}
+
 std::size_t smem_for(const LaunchPlan& plan, int stages, int stage_bytes) {
   return 128 + static_cast<std::size_t>(stages) * static_cast<std::size_t>(stage_bytes) +
          plan.smem_bytes;  // plan.smem_bytes: the coefficient table (0 without it)
@@ -270,9 +298,12 @@ int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
 const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
                                 const DeviceInfo& dev, int64_t C, bool vector_path) {
   if (dev.cc_major != 9) return "TMA variant needs compute capability 9.x (sm_90a)";
+  if (!has_sm90_code(p.dtype)) return "TMA variant needs a build with sm_90a code";
   if (!vector_path) return "TMA variant needs the 16-byte vector path";
   if (C > 256) return "TMA variant needs C <= 256 (one tensor-map box per row)";
   if (p.rows < 1) return "TMA variant needs N >= 1";
+  // The box's row coordinate is a signed 32-bit value.
+  if (p.rows > std::numeric_limits<int32_t>::max()) return "TMA variant needs N < 2^31";
   if (plan.rows_per_pass > 256) return "TMA variant needs <= 256 rows per pass (box height)";
   const Tuning& t = tuning_for(dev.cc_major);
   if (smem_for(plan, 2, stage_bytes_of(plan, p, C)) > t.smem_budget_bytes) {

@@ -422,6 +422,17 @@ TEST_F(SmallCuda, TmaForwardRefusalIsNamed) {
             std::string::npos)
       << desc;
   check_problem(o);
+  if (device_is_sm90()) {
+    // The box's row coordinate is 32-bit: 2^31 rows take the generic kernel
+    // (described only: a shape, no buffers).
+    ForwardParams big;
+    big.rows = int64_t{1} << 31;
+    big.hidden = 64;
+    big.num_seeds = 1;
+    big.dtype = DType::f32;
+    const std::string text = describe_forward(big, Backend::cuda);
+    EXPECT_NE(text.find("TMA variant needs N < 2^31"), std::string::npos) << text;
+  }
 }
 
 // The selection order of rows in flight: an explicit launch config, else the
