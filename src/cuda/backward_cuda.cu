@@ -122,6 +122,12 @@ __device__ __forceinline__ BwdStats block_reduce_split(const BwdStats& v, GradPa
   return {g.mom, g.sumsq, g.maxabs, p.dsig, p.dalpha, p.cw0, p.cw1, p.cw2};
 }
 
+// SPEC section 5's clip factor of a row chunk from its masked G's sum of
+// squares, in float64 (DESIGN 45): min(1, clip / (||G|| + 1e-6)).
+__device__ __forceinline__ double clip_factor(double sumsq, float clip_norm) {
+  return fmin(1.0, static_cast<double>(clip_norm) / (sqrt(sumsq) + 1e-6));
+}
+
 // threadIdx.x read anew (volatile: not merged with an earlier read).
 __device__ __forceinline__ int thread_index() {
   unsigned t;
@@ -335,8 +341,7 @@ __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         ss[u] = group_sum(ss[u], G);
-        scale[u] = static_cast<float>(
-            fmin(1.0, static_cast<double>(args.clip_norm) / (sqrt(ss[u]) + 1e-6)));
+        scale[u] = static_cast<float>(clip_factor(ss[u], args.clip_norm));
       }
     }
     for (int c = lane * V; c < C; c += G * V) {
@@ -509,7 +514,7 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         ss[u] = group_sum(ss[u], G);
-        scale_d[u] = fmin(1.0, static_cast<double>(args.clip_norm) / (sqrt(ss[u]) + 1e-6));
+        scale_d[u] = clip_factor(ss[u], args.clip_norm);
         scale[u] = static_cast<float>(scale_d[u]);
       }
     }

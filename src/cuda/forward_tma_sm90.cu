@@ -265,11 +265,9 @@ const void* kernel_for(DType dtype) {
   });
 }
 
-// Whether the kernel that loads on this device was compiled for sm_90 (not
-// JIT-compiled from compute_80 PTX, where its body is empty); per device.
-bool has_sm90_code(DType dtype) {
-  int device = 0;
-  KASMINA_CUDA_CHECK(cudaGetDevice(&device));
+// Whether the kernel that loads on `device` (the current one) was compiled
+// for sm_90 (not JIT-compiled from compute_80 PTX, where its body is empty).
+bool has_sm90_code(DType dtype, int device) {
   static std::mutex mutex;
   static std::map<std::pair<int, int>, bool> cache;
   const std::pair<int, int> key{device, static_cast<int>(dtype)};
@@ -298,7 +296,7 @@ int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
 const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
                                 const DeviceInfo& dev, int64_t C, bool vector_path) {
   if (dev.cc_major != 9) return "TMA variant needs compute capability 9.x (sm_90a)";
-  if (!has_sm90_code(p.dtype)) return "TMA variant needs a build with sm_90a code";
+  if (!has_sm90_code(p.dtype, dev.ordinal)) return "TMA variant needs a build with sm_90a code";
   if (!vector_path) return "TMA variant needs the 16-byte vector path";
   if (C > 256) return "TMA variant needs C <= 256 (one tensor-map box per row)";
   if (p.rows < 1) return "TMA variant needs N >= 1";
