@@ -304,6 +304,34 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
         rows.push_back({"forward", dname, mode, "fwd generic, rows in flight " + std::to_string(u), shape, t,
                         fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
       }
+      // Lanes per row (kasmina::CudaLaunchConfig::forward_group) with each
+      // rows in flight, generic kernel, and with the TMA kernel at 2 stages.
+      for (int g : {1, 2, 4, 8}) {
+        for (int u : {1, 2, 4}) {
+          if (u == 4 && esize == 2) continue;
+          kasmina::CudaLaunchConfig c;
+          c.forward_rows_in_flight = u;
+          c.forward_variant = kasmina::CudaForwardVariant::generic;
+          c.forward_group = g;
+          kasmina::set_cuda_launch_config(c);
+          const double t = time_forward();
+          rows.push_back({"forward", dname, mode,
+                          "fwd generic, " + std::to_string(g) + " lanes per row, rows in flight " +
+                              std::to_string(u),
+                          shape, t, fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+        }
+        kasmina::CudaLaunchConfig c;
+        c.forward_variant = kasmina::CudaForwardVariant::tma;
+        c.forward_stages = 2;
+        c.forward_group = g;
+        kasmina::set_cuda_launch_config(c);
+        if (kasmina::describe_forward(fp, kasmina::Backend::cuda).rfind("cuda.forward.tma", 0) == 0) {
+          const double t = time_forward();
+          rows.push_back({"forward", dname, mode,
+                          "fwd TMA 2 stages, " + std::to_string(g) + " lanes per row", shape, t,
+                          fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+        }
+      }
       // The forward variants (sm_90: TMA at each pipeline depth; elsewhere
       // the generic kernel runs and the row says so).
       for (int stages : {2, 3, 4, 8}) {

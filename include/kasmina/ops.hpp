@@ -74,6 +74,11 @@ struct CudaLaunchConfig {
   int backward_rows_in_flight = 0;  // the same for the backward: 1 or 2
   CudaForwardVariant forward_variant = CudaForwardVariant::automatic;
   int forward_stages = 0;  // the TMA variant's pipeline depth: 0 (default), 2 to 8
+  // Lanes that share one row of a seed's chunk in the forward: 0 (default),
+  // 1, 2, 4 or 8. Fewer lanes per row give each lane more of the row and
+  // share the per-row work (the drift's row sums) among fewer lanes; never
+  // more lanes than the row has vectors.
+  int forward_group = 0;
 };
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.

@@ -183,7 +183,8 @@ def _print_info(info: dict[str, Any]) -> None:
         print(f"CUDA launch     rows in flight: forward {rows(launch.get('forward_rows_in_flight'))}"
               f", backward {rows(launch.get('backward_rows_in_flight'))}; forward variant "
               f"{variants[v] if v in (0, 1, 2) else v}, TMA stages "
-              f"{rows(launch.get('forward_stages', 0))}; "
+              f"{rows(launch.get('forward_stages', 0))}, lanes per row "
+              f"{rows(launch.get('forward_group', 0))}; "
               f"{tuned if tuned is not None else '?'} tuned entries (kasmina tune)")
     if "profiling" in info:
         on = info.pop("profiling")

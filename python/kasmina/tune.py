@@ -178,7 +178,8 @@ def _measure_class(shape, dtype, elem, timer, progress) -> dict[str, Any]:
     finally:  # the caller's own setting, if any, comes back
         _C.set_cuda_launch_config(before["forward_rows_in_flight"],
                                   before["backward_rows_in_flight"],
-                                  before["forward_variant"], before["forward_stages"])
+                                  before["forward_variant"], before["forward_stages"],
+                                  before.get("forward_group", 0))
     out["forward_rows_in_flight"] = best_f[0]
     out["forward_variant"] = VARIANTS[best_f[1]]
     out["forward_stages"] = best_f[2]

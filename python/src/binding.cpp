@@ -763,15 +763,18 @@ NB_MODULE(_C, m) {
     return out;
   });
   m.def("format_profile", []() { return kasmina::format_profile(kasmina::profile_report()); });
-  m.def("set_cuda_launch_config", [](int forward_rows, int backward_rows, int variant, int stages) {
+  m.def("set_cuda_launch_config",
+        [](int forward_rows, int backward_rows, int variant, int stages, int group) {
     kasmina::CudaLaunchConfig c;
     c.forward_rows_in_flight = forward_rows;
     c.backward_rows_in_flight = backward_rows;
     c.forward_variant = static_cast<kasmina::CudaForwardVariant>(variant);
     c.forward_stages = stages;
+    c.forward_group = group;
     kasmina::set_cuda_launch_config(c);
   }, "forward_rows_in_flight"_a, "backward_rows_in_flight"_a, "forward_variant"_a = 0,
-     "forward_stages"_a = 0, "forward_variant: 0 automatic, 1 generic, 2 tma (sm_90).");
+     "forward_stages"_a = 0, "forward_group"_a = 0,
+     "forward_variant: 0 automatic, 1 generic, 2 tma (sm_90); forward_group: lanes per row.");
   m.def("cuda_launch_config", []() {
     const kasmina::CudaLaunchConfig c = kasmina::cuda_launch_config();
     nb::dict d;
@@ -779,6 +782,7 @@ NB_MODULE(_C, m) {
     d["backward_rows_in_flight"] = c.backward_rows_in_flight;
     d["forward_variant"] = static_cast<int>(c.forward_variant);
     d["forward_stages"] = c.forward_stages;
+    d["forward_group"] = c.forward_group;
     return d;
   });
   m.def("set_cuda_tuned_table",

@@ -15,6 +15,7 @@ std::atomic<int> g_forward_rows{0};
 std::atomic<int> g_backward_rows{0};
 std::atomic<int> g_forward_variant{0};
 std::atomic<int> g_forward_stages{0};
+std::atomic<int> g_forward_group{0};
 
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
@@ -25,6 +26,8 @@ bool valid_variant(CudaForwardVariant v) {
 }
 // The TMA pipeline's barriers are a fixed array of 8 (forward_tma_sm90.cu).
 bool valid_stages(int v) { return v == 0 || (v >= 2 && v <= 8); }
+// Row groups of the forward reduce with at most three butterfly steps.
+bool valid_group(int v) { return v == 0 || v == 1 || v == 2 || v == 4 || v == 8; }
 }  // namespace
 
 std::string_view cuda_forward_variant_name(CudaForwardVariant v) {
@@ -49,10 +52,14 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   KASMINA_CHECK_VALUE(valid_stages(config.forward_stages),
                       "forward_stages must be 0 (default) or 2 to 8 (got ", config.forward_stages,
                       ")");
+  KASMINA_CHECK_VALUE(valid_group(config.forward_group),
+                      "forward_group must be 0 (default), 1, 2, 4 or 8 (got ", config.forward_group,
+                      ")");
   g_forward_rows.store(config.forward_rows_in_flight, std::memory_order_relaxed);
   g_backward_rows.store(config.backward_rows_in_flight, std::memory_order_relaxed);
   g_forward_variant.store(static_cast<int>(config.forward_variant), std::memory_order_relaxed);
   g_forward_stages.store(config.forward_stages, std::memory_order_relaxed);
+  g_forward_group.store(config.forward_group, std::memory_order_relaxed);
 }
 
 namespace {
@@ -133,6 +140,7 @@ CudaLaunchConfig cuda_launch_config() {
   c.forward_variant =
       static_cast<CudaForwardVariant>(g_forward_variant.load(std::memory_order_relaxed));
   c.forward_stages = g_forward_stages.load(std::memory_order_relaxed);
+  c.forward_group = g_forward_group.load(std::memory_order_relaxed);
   return c;
 }
 

@@ -57,6 +57,17 @@ struct VariantChoice {
 VariantChoice select_forward_variant(const DeviceInfo& dev, DType dtype, int64_t rows,
                                      int64_t hidden);
 
+// The one selection point of the forward's lanes per row: a nonzero
+// CudaLaunchConfig field, else the architecture's default for the element
+// size and the row's vectors (tuning.hpp). The plan then caps it at the
+// row's vectors rounded up to a power of two.
+struct GroupChoice {
+  int group;
+  const char* source;  // "set" or "default"
+};
+GroupChoice select_forward_group(const DeviceInfo& dev, std::size_t elem_bytes,
+                                 int64_t vectors_per_row, bool vector_path);
+
 // CTAs of `func` (launched with `threads` and `smem_bytes` dynamic shared
 // memory) one SM of the current device holds at once; cached per (kernel,
 // shape, device), so the occupancy calculator runs once.
@@ -70,6 +81,7 @@ struct LaunchPlan {
   int group = 1;          // threads per row group (power of two, <= 32)
   int rows_in_flight = 1;  // rows a thread loads before it computes on the first
   const char* rows_source = "default";  // select_rows_in_flight's source
+  const char* group_source = "default";  // select_forward_group's source (forward)
   int rows_per_pass = 1;  // rows a CTA covers per pass (row groups x rows in flight)
   int threads = 0;        // group * rows_per_pass
   int tiles_max = 1;      // row tiles per seed the workspace is sized for

@@ -55,6 +55,17 @@ RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, DType dtyp
   return {esize == 4 ? t.forward_rows_in_flight_4byte : t.forward_rows_in_flight_2byte, "default"};
 }
 
+GroupChoice select_forward_group(const DeviceInfo& dev, std::size_t elem_bytes,
+                                 int64_t vectors_per_row, bool vector_path) {
+  const int set = cuda_launch_config().forward_group;
+  if (set != 0) return {set, "set"};
+  const Tuning& t = tuning_for(dev.cc_major);
+  // The scalar path (odd C or pointers) keeps the widest group: its "vectors"
+  // are single elements.
+  if (!vector_path) return {kForwardGroupThreads, "default"};
+  return {forward_group_default(t, elem_bytes, vectors_per_row), "default"};
+}
+
 VariantChoice select_forward_variant(const DeviceInfo& dev, DType dtype, int64_t rows,
                                      int64_t hidden) {
   const CudaLaunchConfig set = cuda_launch_config();

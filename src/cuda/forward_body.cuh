@@ -177,18 +177,19 @@ struct ForwardArgs {
   FwdStats* partials;   // [S, tiles]
 };
 
-// group_sum of the three drift sums over a row group of G <= 8 lanes
+// group_sum of three drift sums over a row group of G <= 8 lanes
 // (kForwardGroupThreads): unrolled with immediate offsets, the three
 // butterflies interleaved; the same additions in the same order as
 // group_sum, so the same bits in every lane of the group.
-__device__ __forceinline__ void group_sum3(double& a, double& b, double& c, int G) {
+template <typename A>
+__device__ __forceinline__ void group_sum3(A& a, A& b, A& c, int G) {
   static_assert(kForwardGroupThreads <= 8, "group_sum3 unrolls three butterfly steps");
 #pragma unroll
   for (int off = 4; off >= 1; off /= 2) {
     if (off < G) {  // uniform; lane ^ off stays in the lane's aligned group
-      const double a2 = __shfl_xor_sync(0xffffffffu, a, off);
-      const double b2 = __shfl_xor_sync(0xffffffffu, b, off);
-      const double c2 = __shfl_xor_sync(0xffffffffu, c, off);
+      const A a2 = __shfl_xor_sync(0xffffffffu, a, off);
+      const A b2 = __shfl_xor_sync(0xffffffffu, b, off);
+      const A c2 = __shfl_xor_sync(0xffffffffu, c, off);
       a += a2;
       b += b2;
       c += c2;
@@ -212,6 +213,104 @@ struct PassRows {
   bool active[U];
 };
 
+// T of one element for a blending mode (SPEC section 3), with its
+// coefficient (RESIDUAL, ATTENTION, MLP: the table) and, for CONV, the two
+// left neighbours; the same float operations wherever the forward needs it.
+template <Mode M>
+__device__ __forceinline__ float mode_transform(const SeedView& sv, float coef, float xi, float xm1,
+                                                float xm2, int j) {
+  if constexpr (M == Mode::residual) {
+    return xi + sv.sigma * coef;
+  } else if constexpr (M == Mode::attention) {
+    return xi * coef;
+  } else if constexpr (M == Mode::mlp) {
+    return sv.sigma * relu(xi * coef);
+  } else if constexpr (M == Mode::conv) {
+    return sv.sigma * (sv.w0 * xi + sv.w1 * xm1 + sv.w2 * xm2);
+  } else {
+    return seed_transform(sv, coef_at(sv, nullptr, j), xi, 0.0f, 0.0f);
+  }
+}
+
+// The drift's row sums (DESIGN 28). Float32 inputs: X.Y, |X|^2 and |Y|^2 in
+// float64 (products of floats are exact there) and 1 - cos from them. 16-bit
+// inputs (their tolerance is 1e-2 / 2e-3, and the float64 conversions and
+// sums were a quarter of the bfloat16 forward's time): with D = T - X, so
+// Y = X + a D, the float32 sums |X|^2, X.D and |D|^2, and
+//   1 - cos = a^2 (|X|^2 |D|^2 - (X.D)^2) / (r (r + X.Y)),  r = |X| |Y|
+// (Lagrange's identity: no cancellation in 1 - cos however small the drift;
+// for X.Y < 0 the plain 1 - X.Y / r, which has none either). A row whose
+// float32 sums cannot be trusted (a non-finite value, squares that overflow
+// or underflow float32, |Y| << |X|) is summed again in float64 the float32
+// way's predecessor does (drift_row_exact).
+template <typename T>
+inline constexpr bool kDriftFloat32 = sizeof(T) == 2;
+
+// 1 - cos of a row from the float64 sums X.Y, |X|^2, |Y|^2 (SPEC section 4:
+// cos = 1 for a zero or non-finite row, and for a row with Y == X, where the
+// formula would leave rounding noise instead of the exact 0). A non-finite X
+// or Y makes |X|^2 or |Y|^2 non-finite (squares of finite floats cannot
+// overflow a double), so no per-value test.
+__device__ __forceinline__ double one_minus_cos_exact(double dot, double xx, double yy) {
+  const bool unit = !isfinite(xx) || !isfinite(yy) || xx == 0.0 || yy == 0.0 ||
+                    (dot == xx && xx == yy);
+  return unit ? 0.0 : 1.0 - dot * rsqrt(xx * yy);
+}
+
+// 1 - cos from the float32 sums |X|^2, X.D, |D|^2 and a (kDriftFloat32);
+// false where the row must be summed again in float64.
+__device__ __forceinline__ bool one_minus_cos_lagrange(float xxf, float xdf, float ddf, float a,
+                                                       double& out) {
+  const double xx = xxf, xd = xdf, dd = ddf, ad = a;
+  // 2^-100: below it float32 squares may have underflowed (a denormal or
+  // zero row); non-finite: a NaN/Inf value or an overflowed square.
+  if (!(isfinite(xxf) && isfinite(xdf) && isfinite(ddf)) || xx < 0x1p-100) return false;
+  const double xy = xx + ad * xd;
+  const double yy = xx + ad * (2.0 * xd + ad * dd);
+  if (!(yy > 0x1p-20 * xx)) return false;  // |Y| << |X|: cancellation in |Y|^2
+  const double r = sqrt(xx * yy);
+  if (xy < 0.0) {
+    out = 1.0 - xy / r;
+  } else {
+    const double num = fmax(xx * dd - xd * xd, 0.0);  // exact products, one rounding
+    out = ad * ad * num / (r * (r + xy));
+  }
+  return true;
+}
+
+// The float64 row sums X.Y, |X|^2, |Y|^2 of this lane's part of one row,
+// X and Y as the pass computes them (kDriftFloat32's fallback).
+template <typename T, int V, Mode M>
+__device__ __forceinline__ void drift_row_sums_exact(const ForwardArgs& args, const SeedView& sv,
+                                                  const float* table, const T* x, int lane,
+                                                  double& dot, double& xx, double& yy) {
+  const float a = sv.a;
+  const float b = 1.0f - sv.a;
+  for (int c = lane * V; c < args.C; c += args.group * V) {
+    float xv[V];
+    load_vec<T, V>(x + c, xv);
+    float xm2 = 0.0f, xm1 = 0.0f;
+    if constexpr (M == Mode::conv) {
+      xm2 = c >= 2 ? load_one(x + c - 2) : 0.0f;
+      xm1 = c >= 1 ? load_one(x + c - 1) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      float coef = 0.0f;
+      if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
+        coef = table[c + i];
+      }
+      const float t = mode_transform<M>(sv, coef, xv[i], xm1, xm2, c + i);
+      xm2 = xm1;
+      xm1 = xv[i];
+      const double xd = xv[i], yd = a * t + b * xv[i];
+      dot += xd * yd;
+      xx += xd * xd;
+      yy += yd * yd;
+    }
+  }
+}
+
 // One row pass of one mode: y, the per-thread telemetry and the drift of
 // the thread's U rows. Every lane loads its vector of all U rows before it
 // computes on the first (U accesses in flight per thread).
@@ -220,21 +319,20 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
                                              const float* table, const PassRows<T, U>& r,
                                              int lane, ThreadStats& st) {
   constexpr bool kBlend = M != Mode::copy;
+  constexpr bool kF32 = kDriftFloat32<T>;
+  using Acc = std::conditional_t<kF32, float, double>;
   const int C = args.C;
   const float a = sv.a;
   const float b = 1.0f - sv.a;
-  const float sigma = sv.sigma;
-  const float w0 = sv.w0, w1 = sv.w1, w2 = sv.w2;
   const float clo = args.clamp.lo;
   const float chi = args.clamp.hi;
   const float thr = args.dead_threshold;
   const int step = args.group * V;
-  // Drift is 1 - cos, small next to 1: the row sums are kept in float64
-  // (a product of two floats is exact there), so the cancellation in
-  // 1 - cos costs nothing visible at float32 output precision (DESIGN 28).
-  double dot[U], xx[U], yy[U];
+  // The drift's row sums: float64 X.Y, |X|^2, |Y|^2, or for 16-bit inputs
+  // float32 |X|^2, X.D, |D|^2 (see kDriftFloat32).
+  Acc s0[U], s1[U], s2[U];
 #pragma unroll
-  for (int u = 0; u < U; ++u) dot[u] = xx[u] = yy[u] = 0.0;
+  for (int u = 0; u < U; ++u) s0[u] = s1[u] = s2[u] = Acc(0);
   for (int c = lane * V; c < C; c += step) {
     RawVec<T, V> raw[U];
 #pragma unroll
@@ -255,6 +353,9 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
         if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
 #pragma unroll
           for (int i = 0; i < V; ++i) coef[i] = table[c + i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) coef[i] = 0.0f;
         }
         // CONV's two left neighbours (0 at the chunk start; cache hits, the
         // neighbour lane loaded them), then rolled along the vector.
@@ -268,27 +369,23 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
           const float xi = xv[i];
           float yi = xi;
           if constexpr (kBlend) {
-            // seed_transform per kind, and the blend as the backward
-            // recomputes it for the clamp mask (the same bits: DESIGN 4).
-            float t;
-            if constexpr (M == Mode::residual) {
-              t = xi + sigma * coef[i];
-            } else if constexpr (M == Mode::attention) {
-              t = xi * coef[i];
-            } else if constexpr (M == Mode::mlp) {
-              t = sigma * relu(xi * coef[i]);
-            } else if constexpr (M == Mode::conv) {
-              t = sigma * (w0 * xi + w1 * xm1 + w2 * xm2);
-              xm2 = xm1;
-              xm1 = xi;
-            } else {
-              t = seed_transform(sv, coef_at(sv, nullptr, c + i), xi, 0.0f, 0.0f);
-            }
+            // The blend as the backward recomputes it for the clamp mask
+            // (the same bits: DESIGN 4).
+            const float t = mode_transform<M>(sv, coef[i], xi, xm1, xm2, c + i);
+            xm2 = xm1;
+            xm1 = xi;
             yi = a * t + b * xi;
-            const double xd = xi, yd = yi;
-            dot[u] += xd * yd;
-            xx[u] += xd * xd;
-            yy[u] += yd * yd;
+            if constexpr (kF32) {
+              const float d = t - xi;
+              s0[u] = fmaf(xi, xi, s0[u]);
+              s1[u] = fmaf(xi, d, s1[u]);
+              s2[u] = fmaf(d, d, s2[u]);
+            } else {
+              const double xd = xi, yd = yi;
+              s0[u] += xd * yd;
+              s1[u] += xd * xd;
+              s2[u] += yd * yd;
+            }
           }
           yv[i] = Clamp ? clamp_output(true, clo, chi, yi) : yi;
         }
@@ -299,19 +396,37 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
   }
   if constexpr (kBlend) {
     // Every lane of the CTA reaches this point the same number of times.
+    double drift[U];
+    bool redo[U];
+    bool any_redo = false;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      group_sum3(dot[u], xx[u], yy[u], args.group);
-      if (r.active[u] && lane == 0) {
-        // cos = 1 for a zero or non-finite row (SPEC section 4), and for a
-        // row with Y == X (dot == |X|^2 == |Y|^2), where the formula would
-        // leave rounding noise instead of the exact 0. A non-finite X or Y
-        // makes |X|^2 or |Y|^2 non-finite (squares of finite floats cannot
-        // overflow a double), so no per-value test.
-        const bool unit = !isfinite(xx[u]) || !isfinite(yy[u]) || xx[u] == 0.0 ||
-                          yy[u] == 0.0 || (dot[u] == xx[u] && xx[u] == yy[u]);
-        if (!unit) st.drift_sum += 1.0 - dot[u] * rsqrt(xx[u] * yy[u]);
+      group_sum3(s0[u], s1[u], s2[u], args.group);
+      drift[u] = 0.0;
+      redo[u] = false;
+      if constexpr (kF32) {
+        redo[u] = r.active[u] && !one_minus_cos_lagrange(s0[u], s1[u], s2[u], a, drift[u]);
+        any_redo = any_redo || redo[u];
+      } else {
+        drift[u] = one_minus_cos_exact(s0[u], s1[u], s2[u]);
       }
+    }
+    if constexpr (kF32) {
+      // Rare (non-finite, denormal or zero rows): the warp sums its rows
+      // again in float64 (uniform over the warp, so the shuffles are too).
+      if (__any_sync(0xffffffffu, any_redo)) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          double dot = 0.0, xx = 0.0, yy = 0.0;
+          if (r.active[u]) drift_row_sums_exact<T, V, M>(args, sv, table, r.x[u], lane, dot, xx, yy);
+          group_sum3(dot, xx, yy, args.group);
+          if (redo[u]) drift[u] = one_minus_cos_exact(dot, xx, yy);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (r.active[u] && lane == 0) st.drift_sum += drift[u];
     }
   }
   if (st.cnt >= kFlushCount) st.flush();

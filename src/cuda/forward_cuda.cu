@@ -176,11 +176,14 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   const Tuning& t = tuning_for(dev.cc_major);
   LaunchPlan plan;
   plan.vector = r.vector ? kVectorBytes / static_cast<int>(dtype_size(p.dtype)) : 1;
-  // At most kForwardGroupThreads lanes per row (still 128 contiguous bytes
-  // per row and access): the per-row work (the drift sums' shuffles and the
-  // float64 cosine) is then shared by more rows per warp instruction.
-  plan.group = next_pow2(ceil_div(r.C, plan.vector));
-  if (plan.group > kForwardGroupThreads) plan.group = kForwardGroupThreads;
+  // Lanes per row (select_forward_group): never more than the row has
+  // vectors, so no lane of a group is idle for a whole row.
+  const GroupChoice gc = select_forward_group(dev, dtype_size(p.dtype), r.C / plan.vector,
+                                              r.vector);
+  plan.group = gc.group;
+  plan.group_source = gc.source;
+  const int needed = next_pow2(ceil_div(r.C, plan.vector));
+  if (plan.group > needed) plan.group = needed;
   plan.threads = t.block_threads;
   // The scalar path (a fallback for odd shapes and pointers) keeps one row.
   const RowsChoice choice = select_rows_in_flight(true, dev, p.dtype, p.rows, p.hidden);
@@ -429,7 +432,8 @@ std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
   std::ostringstream os;
   os << "cuda.forward." << (plan.tma ? "tma" : r.vector ? "vec" : "scalar") << plan.vector << " "
      << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
-     << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_in_flight
+     << "): " << r.why << "; " << plan.group << " lanes per row (" << plan.group_source << "), "
+     << plan.rows_in_flight
      << " rows in flight per thread (" << plan.rows_source << "), " << plan.rows_per_pass
      << " rows per pass, ";
   if (plan.tma) {

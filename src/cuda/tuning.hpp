@@ -46,6 +46,11 @@ struct Tuning {
   // (stages = this / stage bytes, 2 to 8); the occupancy of the generic
   // kernel is kept (forward_tma_sm90.cu), so fewer stages may run.
   int tma_stage_budget_bytes;
+  // Lanes per row of the forward where nothing is set, for 4-byte and for
+  // 2-byte types (1, 2, 4 or 8; forward_group_default lowers it for rows
+  // whose vectors would leave lanes idle).
+  int forward_group_4byte;
+  int forward_group_2byte;
 };
 
 // sm_80 (A100) and sm_90 (H100) share one memory-bound design: 16-byte
@@ -61,9 +66,9 @@ struct Tuning {
 // TMA with a 16 KiB stage budget; at 8192x768/16 (61 % vs 65 %), for
 // bfloat16 (55 % vs 66 %) and on the small batch TMA lost or tied.
 inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 1, 1}, {1, 1, 1}, 0};
+                                    {1, 1, 1}, {1, 1, 1}, 0, 8, 8};
 inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 1, 2}, {1, 1, 1}, 16 * 1024};
+                                    {1, 1, 2}, {1, 1, 1}, 16 * 1024, 8, 8};
 
 inline constexpr const Tuning& tuning_for(int cc_major) {
   return cc_major >= 9 ? kTuningSm90 : kTuningSm80;
@@ -79,6 +84,22 @@ inline constexpr int kMaxBlockThreads = 256;
 inline constexpr int kForwardGroupThreads = 8;
 // The TMA forward's pipeline depth bound (its barrier array).
 inline constexpr int kMaxTmaStages = 8;
+// The forward's default lanes per row for a row of `vectors` 16-byte
+// vectors: the tuning's value for the element size, halved while more than
+// an eighth of the group's lane steps would be idle (C = 48 float32 is 12
+// vectors: 8 lanes take two steps with 4 lanes idle on the second, 4 lanes
+// take three steps with none idle).
+inline constexpr int forward_group_default(const Tuning& t, std::size_t elem_bytes,
+                                           int64_t vectors) {
+  int g = elem_bytes == 4 ? t.forward_group_4byte : t.forward_group_2byte;
+  while (g > 1 && vectors > 0) {
+    const int64_t slots = (vectors + g - 1) / g * g;
+    if (8 * (slots - vectors) <= slots) break;
+    g /= 2;
+  }
+  return g;
+}
+
 // Minimum resident CTAs of kMaxBlockThreads the forward kernel is compiled
 // for (__launch_bounds__), per element size and rows in flight U: float32
 // with U = 1 takes 3 (up to 80 registers a thread; 4 would cap it at 64,

@@ -307,16 +307,24 @@ class ProfilingGuard {
 struct ConfigCase {
   int forward_rows, backward_rows;
   CudaForwardVariant variant = CudaForwardVariant::generic;
+  int group = 0;  // the forward's lanes per row (0: the default)
 };
-// The TMA case runs the TMA forward where the device and shape allow it and
-// the generic one elsewhere (both checked against the reference).
-constexpr ConfigCase kConfigs[] = {
-    {1, 1}, {2, 2}, {4, 1}, {4, 2}, {1, 2, CudaForwardVariant::tma}};
+// The TMA cases run the TMA forward where the device and shape allow it and
+// the generic one elsewhere (both checked against the reference). Every
+// lanes-per-row value appears with one, two or four rows in flight.
+constexpr ConfigCase kConfigs[] = {{1, 1, CudaForwardVariant::generic, 1},
+                                   {2, 2, CudaForwardVariant::generic, 2},
+                                   {4, 1, CudaForwardVariant::generic, 4},
+                                   {4, 2},
+                                   {1, 2, CudaForwardVariant::tma},
+                                   {1, 1, CudaForwardVariant::tma, 2},
+                                   {2, 1, CudaForwardVariant::generic, 8}};
 
 std::string config_name(const ConfigCase& c) {
   return "rows in flight fwd " + std::to_string(c.forward_rows) + " bwd " +
          std::to_string(c.backward_rows) + " variant " +
-         std::string(cuda_forward_variant_name(c.variant));
+         std::string(cuda_forward_variant_name(c.variant)) + " lanes per row " +
+         std::to_string(c.group);
 }
 
 CudaLaunchConfig config_of(const ConfigCase& c) {
@@ -324,6 +332,7 @@ CudaLaunchConfig config_of(const ConfigCase& c) {
   l.forward_rows_in_flight = c.forward_rows;
   l.backward_rows_in_flight = c.backward_rows;
   l.forward_variant = c.variant;
+  l.forward_group = c.group;
   return l;
 }
 
@@ -383,6 +392,70 @@ TEST_F(SmallCuda, EveryLaunchConfig) {
       o.clip = true;
       o.rng_seed = ++rng;
       check_problem(o);
+    }
+  }
+}
+
+// 16-bit inputs sum the drift's rows in float32 (DESIGN 28); rows whose
+// float32 squares underflow, zero rows, rows with NaN and, for bfloat16,
+// rows whose squares overflow float32 are summed again in float64. Such rows
+// among ordinary ones (so a warp holds both), every kind blending, several
+// lanes-per-row values; against the reference and bit for bit across two
+// runs. The overflowing rows overflow the float32 telemetry sums as well
+// (so does every backend), so for them only the drift column is compared.
+TEST_F(SmallCuda, DriftRowsOutsideFloat32Range) {
+  uint64_t rng = 800;
+  for (DType dt : kDTypes) {
+    for (int g : {1, 2, 8}) {
+      for (bool overflow : {false, true}) {
+        if (overflow && dt != DType::bf16) continue;
+        CudaLaunchConfig c;
+        c.forward_group = g;
+        const LaunchConfigGuard guard(c);
+        ProblemOptions o = shape(300, 64, 4, dt, ++rng);
+        o.only_stage = static_cast<int32_t>(Stage::grafting);
+        Problem p = make_problem(o);
+        // bfloat16 has float32's range: 1e-30 squares underflow it, 1e19
+        // rows of 64 overflow its sums; float16's smallest values are
+        // denormals whose squares float32 holds.
+        const double tiny = dt == DType::f16 ? 1e-7 : 1e-30;
+        for (int64_t n = 0; n < p.rows; ++n) {
+          for (int64_t j = 0; j < p.hidden; ++j) {
+            const int64_t i = n * p.row_stride + j;
+            const double v = p.x.get(i);
+            if (overflow) {
+              if (n % 3 == 1) p.x.set(i, v * 1e19);
+              continue;
+            }
+            switch (n % 5) {
+              case 1: p.x.set(i, 0.0); break;
+              case 2: p.x.set(i, v * tiny); break;
+              case 3: if (j % 17 == 5) p.x.set(i, std::nan("")); break;
+              default: break;
+            }
+          }
+        }
+        const std::string ctx = std::string("drift rows") + (overflow ? " (overflow)" : "") +
+                                ", lanes per row " + std::to_string(g) + ", " + describe(o);
+        SCOPED_TRACE(ctx);
+        const DeviceProblem d(p, false);
+        run_cuda(p, d, false);
+        const reference::ForwardResult fref = reference::forward(p.forward_params());
+        if (overflow) {
+          std::vector<double> out, ref;
+          for (int32_t s = 0; s < p.num_seeds; ++s) {
+            const auto at = static_cast<std::size_t>(s) * kTelemetryWidth + kTelDrift;
+            out.push_back(static_cast<double>(p.telemetry[at]));
+            ref.push_back(fref.telemetry[at]);
+          }
+          EXPECT_LE(rel_error(out, ref), 10.0 * rel_tolerance(dt)) << "telemetry[:, drift], " << ctx;
+        } else {
+          expect_forward_matches(p, fref, ctx);
+        }
+        Problem again = p;
+        run_cuda(again, d, false);
+        expect_forward_bits_equal(p, again, ctx + " (second run)");
+      }
     }
   }
 }
