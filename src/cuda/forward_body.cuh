@@ -239,7 +239,8 @@ __device__ __forceinline__ float mode_transform(const SeedView& sv, float coef, 
 // Y = X + a D, the float32 sums |X|^2, X.D and |D|^2, and
 //   1 - cos = a^2 (|X|^2 |D|^2 - (X.D)^2) / (r (r + X.Y)),  r = |X| |Y|
 // (Lagrange's identity: no cancellation in 1 - cos however small the drift;
-// for X.Y < 0 the plain 1 - X.Y / r, which has none either). A row whose
+// for X.Y < 0 the plain 1 - X.Y / r, which has none either), all in
+// float32. A row whose
 // float32 sums cannot be trusted (a non-finite value, squares that overflow
 // or underflow float32, |Y| << |X|) is summed again in float64 the float32
 // way's predecessor does (drift_row_exact).
@@ -257,23 +258,31 @@ __device__ __forceinline__ double one_minus_cos_exact(double dot, double xx, dou
   return unit ? 0.0 : 1.0 - dot * rsqrt(xx * yy);
 }
 
-// 1 - cos from the float32 sums |X|^2, X.D, |D|^2 and a (kDriftFloat32);
-// false where the row must be summed again in float64.
-__device__ __forceinline__ bool one_minus_cos_lagrange(float xxf, float xdf, float ddf, float a,
-                                                       double& out) {
-  const double xx = xxf, xd = xdf, dd = ddf, ad = a;
+// 1 - cos from the float32 sums |X|^2, X.D, |D|^2 and a (kDriftFloat32), in
+// float32 (two reciprocal square roots, no division by |X| |Y|: a float64
+// finish per row cost as much as the per-element float64 sums it replaced at
+// 8 values per lane and row); false where the row must be summed again in
+// float64. Its error (a few float32 ulps of the three sums and of the
+// approximate rsqrt) is far inside the 16-bit tolerances.
+__device__ __forceinline__ bool one_minus_cos_lagrange(float xx, float xd, float dd, float a,
+                                                       float& out) {
   // 2^-100: below it float32 squares may have underflowed (a denormal or
   // zero row); non-finite: a NaN/Inf value or an overflowed square.
-  if (!(isfinite(xxf) && isfinite(xdf) && isfinite(ddf)) || xx < 0x1p-100) return false;
-  const double xy = xx + ad * xd;
-  const double yy = xx + ad * (2.0 * xd + ad * dd);
-  if (!(yy > 0x1p-20 * xx)) return false;  // |Y| << |X|: cancellation in |Y|^2
-  const double r = sqrt(xx * yy);
-  if (xy < 0.0) {
-    out = 1.0 - xy / r;
+  if (!(isfinite(xx) && isfinite(xd) && isfinite(dd)) || xx < 0x1p-100f) return false;
+  const float xy = fmaf(a, xd, xx);
+  const float yy = fmaf(a, fmaf(a, dd, 2.0f * xd), xx);
+  if (!(yy > 0x1p-10f * xx)) return false;  // |Y| << |X|: cancellation in |Y|^2
+  const float ix = rsqrtf(xx);
+  const float iy = rsqrtf(yy);
+  const float c = xy * ix * iy;  // cos(X, Y)
+  if (xy < 0.0f) {
+    out = 1.0f - c;
   } else {
-    const double num = fmax(xx * dd - xd * xd, 0.0);  // exact products, one rounding
-    out = ad * ad * num / (r * (r + xy));
+    // (|X|^2 |D|^2 - (X.D)^2) / (|X|^2 |Y|^2) as |D|^2/|Y|^2 - (X.D/(|X||Y|))^2:
+    // scaled first, so no product overflows float32.
+    const float q = xd * ix * iy;
+    const float e = fmaxf(fmaf(dd * iy, iy, -q * q), 0.0f);
+    out = __fdividef(a * a * e, 1.0f + c);  // 1 + c in [1, 2]
   }
   return true;
 }
@@ -396,13 +405,13 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
   }
   if constexpr (kBlend) {
     // Every lane of the CTA reaches this point the same number of times.
-    double drift[U];
+    std::conditional_t<kF32, float, double> drift[U];
     bool redo[U];
     bool any_redo = false;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       group_sum3(s0[u], s1[u], s2[u], args.group);
-      drift[u] = 0.0;
+      drift[u] = 0;
       redo[u] = false;
       if constexpr (kF32) {
         redo[u] = r.active[u] && !one_minus_cos_lagrange(s0[u], s1[u], s2[u], a, drift[u]);
@@ -420,7 +429,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
           double dot = 0.0, xx = 0.0, yy = 0.0;
           if (r.active[u]) drift_row_sums_exact<T, V, M>(args, sv, table, r.x[u], lane, dot, xx, yy);
           group_sum3(dot, xx, yy, args.group);
-          if (redo[u]) drift[u] = one_minus_cos_exact(dot, xx, yy);
+          if (redo[u]) drift[u] = static_cast<float>(one_minus_cos_exact(dot, xx, yy));
         }
       }
     }

@@ -60,15 +60,19 @@ struct Tuning {
 // double the time of its CTAs). Hopper adds the TMA forward variant; its
 // default per shape class is set from a same-run comparison with the
 // generic kernel (docs/PERFORMANCE.md).
-// sm_90's TMA defaults (docs/PERFORMANCE.md, "TMA forward", H100, same
-// run): float32 16384x4096/64 ran 87.9 % of the copy floor with 2 stages of
-// 8 KiB (83.3 % with 4 or 8, 82.2 % generic), so large float32 inputs take
-// TMA with a 16 KiB stage budget; at 8192x768/16 (61 % vs 65 %), for
-// bfloat16 (55 % vs 66 %) and on the small batch TMA lost or tied.
+// sm_90's TMA defaults: on the H100 (third session) TMA won only for large
+// float32 inputs with 8 lanes per row. On the H200 (fourth session,
+// docs/PERFORMANCE.md "Lanes per row") fewer lanes per row made TMA win at
+// the medium and large classes for both element sizes: bfloat16
+// 16384x4096/64 105.6 us with TMA and 2 lanes per row against 139.8 us for
+// the old default, float32 158.1 us with TMA and 4 lanes against 165.4 us
+// with 8; at 8192x768/16 TMA led by 3-10 %. The small class (16x4096) is
+// latency-bound and keeps the generic kernel. sm_80 keeps 8 lanes per row
+// (not measured there since).
 inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
                                     {1, 1, 1}, {1, 1, 1}, 0, 8, 8};
 inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 1, 2}, {1, 1, 1}, 16 * 1024, 8, 8};
+                                    {1, 2, 2}, {1, 2, 2}, 16 * 1024, 4, 2};
 
 inline constexpr const Tuning& tuning_for(int cc_major) {
   return cc_major >= 9 ? kTuningSm90 : kTuningSm80;

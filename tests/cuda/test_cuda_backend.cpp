@@ -516,7 +516,9 @@ TEST_F(SmallCuda, TunedEntryIsSelectedAndNamed) {
   const LaunchConfigGuard guard({0, 0});
   cudaDeviceProp prop{};
   CUDA_OK(cudaGetDeviceProperties(&prop, 0));
-  const ProblemOptions o = shape(37, 48, 3, DType::f32, 181);
+  // 100 rows: more than a pass of the default lanes per row holds, so the
+  // plan keeps 2 rows in flight.
+  const ProblemOptions o = shape(100, 48, 3, DType::f32, 181);
   Problem p = make_problem(o);
   const DeviceProblem d(p, false);
   EXPECT_NE(describe_forward(d.forward_params(p), Backend::cuda).find("(default)"), std::string::npos);
