@@ -128,6 +128,28 @@ __device__ __forceinline__ double clip_factor(double sumsq, float clip_norm) {
   return fmin(1.0, static_cast<double>(clip_norm) / (sqrt(sumsq) + 1e-6));
 }
 
+// The type of the backward's scalar sums' terms (DESIGN 47): float64 for
+// float32 inputs (DESIGN 45), float32 for 16-bit inputs, whose tolerance
+// (1e-2, 2e-3) is far above float32 rounding of the terms, and whose backward
+// the float32-to-float64 conversions (a quarter-rate unit, three per
+// element) bounded.
+template <typename T>
+using ScalarSum = std::conditional_t<sizeof(T) == 2, float, double>;
+
+// One row pass's scalar sums of one row, added into the thread's float64
+// totals when the pass ends (a row's terms in S, the rows in float64).
+template <typename S>
+struct PassSums {
+  S dsig = S(0), dalpha = S(0), cw0 = S(0), cw1 = S(0), cw2 = S(0);
+  __device__ __forceinline__ void add_to(BwdStats& st) const {
+    st.dsig += static_cast<double>(dsig);
+    st.dalpha += static_cast<double>(dalpha);
+    st.cw0 += static_cast<double>(cw0);
+    st.cw1 += static_cast<double>(cw1);
+    st.cw2 += static_cast<double>(cw2);
+  }
+};
+
 // threadIdx.x read anew (volatile: not merged with an earlier read).
 __device__ __forceinline__ int thread_index() {
   unsigned t;
@@ -467,6 +489,7 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
                                               int tile, int lane, int group, int64_t col0,
                                               BwdStats& st, GradThreadStats& gs) {
   constexpr bool kConv = M == Mode::conv;
+  using S = ScalarSum<T>;
   const int C = args.C;
   const int G = args.group;
   const int tiles = args.tiles;
@@ -483,6 +506,8 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
   const float chi = args.clamp.hi;
   for (int64_t pass = tile; pass * R < N; pass += tiles) {
     const PassRows<T, U> rows(args, pass * R + group, col0);
+    // This pass's scalar sums (DESIGN 47), added into st after the pass.
+    PassSums<S> ps[U];
     // The clip's factor in float64 for the scalar sums (DESIGN 45) and
     // rounded to float32 for dX.
     float scale[U];
@@ -495,9 +520,9 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
     if constexpr (Clip) {
       // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G
       // (squares of floats are exact in float64).
-      double ss[U];
+      S ss[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) ss[u] = 0.0;
+      for (int u = 0; u < U; ++u) ss[u] = S(0);
       for (int c = lane * V; c < C; c += span) {
         RawVec<T, V> rx[U], rg[U];
         rows.template load<V>(c, true, rx, rg);
@@ -508,13 +533,13 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
           prepare_step<T, V, M, Clamp>(rx[u], rg[u], rows.xr(u), rows.gr(u), c, C, sv, table,
                                        false, clo, chi, xs, g);
 #pragma unroll
-          for (int i = 0; i < V; ++i) ss[u] = fma(static_cast<double>(g[i]), g[i], ss[u]);
+          for (int i = 0; i < V; ++i) ss[u] = fma(static_cast<S>(g[i]), static_cast<S>(g[i]), ss[u]);
         }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         ss[u] = group_sum(ss[u], G);
-        scale_d[u] = clip_factor(ss[u], args.clip_norm);
+        scale_d[u] = clip_factor(static_cast<double>(ss[u]), args.clip_norm);
         scale[u] = static_cast<float>(scale_d[u]);
       }
     }
@@ -537,60 +562,63 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
           const float gi = Clip ? g[i] * sc : g[i];
           const float xi = xs[i + 2];
           const float cf = mode_coef<M>(sv, table, c + i);
-          // The scalar sums' terms in float64 (see BwdStats): products of
-          // two floats are exact there, so T - X and dT/dsigma carry no
-          // float32 rounding (which, per column, does not average out).
-          const double gd = Clip ? static_cast<double>(g[i]) * scale_d[u] : static_cast<double>(g[i]);
-          const double xd = xi;
+          // The scalar sums' terms in S (see BwdStats): for float32 inputs
+          // float64, where products of two floats are exact, so T - X and
+          // dT/dsigma carry no float32 rounding (which, per column, does not
+          // average out); float32 for 16-bit inputs (DESIGN 47).
+          const S gd = Clip ? static_cast<S>(g[i]) * static_cast<S>(scale_d[u]) : static_cast<S>(g[i]);
+          const S xd = xi;
           float through;  // dT/dX applied to G
-          double t_minus_x;
+          S t_minus_x;
           if constexpr (kConv) {
             const float g1 = Clip ? g[i + 1] * sc : g[i + 1];
             const float g2 = Clip ? g[i + 2] * sc : g[i + 2];
             through = sigma * (w0 * gi + w1 * g1 + w2 * g2);
-            const double x1 = xs[i + 1], x2 = xs[i];
-            st.cw0 = fma(gd, xd, st.cw0);
-            st.cw1 = fma(gd, x1, st.cw1);
-            st.cw2 = fma(gd, x2, st.cw2);
-            const double conv = static_cast<double>(w0) * xd + static_cast<double>(w1) * x1 +
-                                static_cast<double>(w2) * x2;
-            st.dsig = fma(gd, conv, st.dsig);
-            t_minus_x = fma(static_cast<double>(sigma), conv, -xd);
+            const S x1 = xs[i + 1], x2 = xs[i];
+            ps[u].cw0 = fma(gd, xd, ps[u].cw0);
+            ps[u].cw1 = fma(gd, x1, ps[u].cw1);
+            ps[u].cw2 = fma(gd, x2, ps[u].cw2);
+            const S conv = static_cast<S>(w0) * xd + static_cast<S>(w1) * x1 +
+                           static_cast<S>(w2) * x2;
+            ps[u].dsig = fma(gd, conv, ps[u].dsig);
+            t_minus_x = fma(static_cast<S>(sigma), conv, -xd);
           } else {
             const bool att = M == Mode::attention ||
                              (M == Mode::wide && sv.kind == static_cast<int>(Kind::attention));
             const bool mlp = M == Mode::mlp ||
                              (M == Mode::wide && sv.kind == static_cast<int>(Kind::mlp));
-            const double cd = cf;
+            const S cd = cf;
             float contrib;
             if (att) {
               through = cf * gi;
               contrib = gi * xi;
-              t_minus_x = xd * (cd - 1.0);  // at most one float64 rounding
+              t_minus_x = xd * (cd - S(1));  // at most one float64 rounding
             } else if (mlp) {
               const float pre = xi * cf;
               through = pre > 0.0f ? sigma * cf * gi : 0.0f;
               contrib = pre > 0.0f ? gi * xi : 0.0f;
-              const double pred = xd * cd;  // exact
-              const double r = pred > 0.0 ? pred : 0.0;
-              st.dsig = fma(gd, r, st.dsig);
-              t_minus_x = fma(static_cast<double>(sigma), r, -xd);
+              const S pred = xd * cd;  // exact in float64
+              const S r = pred > S(0) ? pred : S(0);
+              ps[u].dsig = fma(gd, r, ps[u].dsig);
+              t_minus_x = fma(static_cast<S>(sigma), r, -xd);
             } else {  // RESIDUAL
               through = gi;
               contrib = gi;
-              st.dsig = fma(gd, cd, st.dsig);
-              t_minus_x = static_cast<double>(sigma) * cd;  // exact
+              ps[u].dsig = fma(gd, cd, ps[u].dsig);
+              t_minus_x = static_cast<S>(sigma) * cd;  // exact in float64
             }
             if (grads) accp[i * G] += contrib;  // uniform
           }
           dv[i] = blends ? b * gi + a * through : gi;
           // Summed for every seed; kept only where alpha has a gradient.
-          st.dalpha = fma(gd, t_minus_x, st.dalpha);
+          ps[u].dalpha = fma(gd, t_minus_x, ps[u].dalpha);
         }
         store_vec<T, V>(rows.dxr(u) + c, dv);
         gs.add<V>(dv);
       }
     }
+#pragma unroll
+    for (int u = 0; u < U; ++u) ps[u].add_to(st);
     if (gs.cnt >= kFlushCount) gs.flush();
   }
 }
