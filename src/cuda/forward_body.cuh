@@ -581,6 +581,10 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
 // why not (the generic kernel then runs; describe says so).
 const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
                                 const DeviceInfo& dev, int64_t C, bool vector_path);
+// Whether `stages` stages of the plan's box (and its coefficient table) fit
+// the shared memory every architecture gives without an opt-in.
+bool forward_tma_stages_fit(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
+                            int64_t C, int stages);
 // Picks the pipeline depth (plan.stages: requested, else the tuning's stage
 // budget, then fewer while the TMA kernel would hold fewer CTAs per SM than
 // the generic one: `resident_generic`) and the dynamic shared memory.

@@ -24,6 +24,7 @@
 
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "backends.hpp"
@@ -224,6 +225,16 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
     one.rows_in_flight = 1;
     one.rows_source = "TMA variant";
     one.rows_per_pass = plan.threads / plan.group;
+    // A default group widens until the pipeline's stages (those asked for,
+    // at least two) fit: fewer lanes per row mean taller boxes.
+    if (std::string_view(plan.group_source) == "default" && r.vector) {
+      const int want = vc.stages > 2 ? vc.stages : 2;
+      while (one.group < kForwardGroupThreads && one.group < needed &&
+             !forward_tma_stages_fit(one, p, dev, r.C, want)) {
+        one.group *= 2;
+        one.rows_per_pass = plan.threads / one.group;
+      }
+    }
     plan.tma_refusal = forward_tma_refusal(p, one, dev, r.C, r.vector);
     if (plan.tma_refusal == nullptr) {
       plan = one;

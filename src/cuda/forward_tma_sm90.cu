@@ -293,6 +293,11 @@ int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
 
 }  // namespace
 
+bool forward_tma_stages_fit(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
+                            int64_t C, int stages) {
+  return smem_for(plan, stages, stage_bytes_of(plan, p, C)) <= tuning_for(dev.cc_major).smem_budget_bytes;
+}
+
 const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
                                 const DeviceInfo& dev, int64_t C, bool vector_path) {
   if (dev.cc_major != 9) return "TMA variant needs compute capability 9.x (sm_90a)";

@@ -356,13 +356,28 @@ void check_tma_matches_generic(const ProblemOptions& o, int stages, bool misalig
   const DeviceProblem d(generic, misalign);
   CudaLaunchConfig c;
   c.forward_rows_in_flight = 1;
+  c.forward_variant = CudaForwardVariant::tma;
+  c.forward_stages = stages;
+  // The TMA plan's lanes per row (a default group widens until its stages
+  // fit), which the generic run then takes: the same plan, the same bits.
+  int group = 0;
+  {
+    const LaunchConfigGuard guard(c);
+    const std::string desc = describe_forward(d.forward_params(tma), Backend::cuda);
+    const std::size_t at = desc.find(" lanes per row");
+    ASSERT_NE(at, std::string::npos) << desc;
+    group = std::stoi(desc.substr(desc.rfind(' ', at - 1) + 1, at));
+  }
   c.forward_variant = CudaForwardVariant::generic;
+  c.forward_stages = 0;
+  c.forward_group = group;
   {
     const LaunchConfigGuard guard(c);
     run_cuda(generic, d, false);
   }
   c.forward_variant = CudaForwardVariant::tma;
   c.forward_stages = stages;
+  c.forward_group = 0;
   {
     const LaunchConfigGuard guard(c);
     const std::string desc = describe_forward(d.forward_params(tma), Backend::cuda);
