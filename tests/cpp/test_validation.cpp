@@ -374,12 +374,19 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
                {ErrorKind::value, {"forward_stages", "2 to 8", "got 1"}}, "stages 1");
   expect_error([] { set_cuda_launch_config({1, 1, CudaForwardVariant::tma, 9}); },
                {ErrorKind::value, {"forward_stages", "got 9"}}, "stages 9");
+  for (int group : {-1, 3, 16}) {
+    expect_error([group] { set_cuda_launch_config({1, 1, CudaForwardVariant::generic, 0, group}); },
+                 {ErrorKind::value, {"forward_group", "1, 2, 4 or 8", "got " + std::to_string(group)}},
+                 "group");
+  }
   EXPECT_EQ(cuda_launch_config().forward_rows_in_flight, 2);
   EXPECT_EQ(cuda_launch_config().backward_rows_in_flight, 1);
   EXPECT_EQ(cuda_launch_config().forward_variant, CudaForwardVariant::automatic);
-  set_cuda_launch_config({1, 2, CudaForwardVariant::tma, 4});
+  EXPECT_EQ(cuda_launch_config().forward_group, 0);
+  set_cuda_launch_config({1, 2, CudaForwardVariant::tma, 4, 2});
   EXPECT_EQ(cuda_launch_config().forward_variant, CudaForwardVariant::tma);
   EXPECT_EQ(cuda_launch_config().forward_stages, 4);
+  EXPECT_EQ(cuda_launch_config().forward_group, 2);
   EXPECT_EQ(cuda_forward_variant_name(CudaForwardVariant::tma), "tma");
   set_cuda_launch_config(saved);
 }

@@ -56,7 +56,8 @@ def test_off_records_nothing_and_info_says_so():
         assert info["profiling"] is False
         assert set(info["cuda_launch_config"]) == {"forward_rows_in_flight",
                                                     "backward_rows_in_flight",
-                                                    "forward_variant", "forward_stages"}
+                                                    "forward_variant", "forward_stages",
+                                                    "forward_group"}
     finally:
         if was:
             kp.enable()
@@ -70,4 +71,6 @@ def test_launch_config_refuses_unknown_values():
         kasmina._C.set_cuda_launch_config(1, 1, 3, 0)
     with pytest.raises(ValueError, match="forward_stages"):
         kasmina._C.set_cuda_launch_config(1, 1, 2, 1)
+    with pytest.raises(ValueError, match="forward_group"):
+        kasmina._C.set_cuda_launch_config(1, 1, 2, 2, 3)
     assert kasmina._C.cuda_launch_config() == before
