@@ -107,6 +107,7 @@ struct CudaTunedEntry {
   int backward_rows_in_flight = 0;
   CudaForwardVariant forward_variant = CudaForwardVariant::automatic;  // automatic = keep the default
   int forward_stages = 0;
+  int forward_group = 0;  // lanes per row; 0 = keep the default
 };
 void set_cuda_tuned_table(const std::vector<CudaTunedEntry>&);
 std::vector<CudaTunedEntry> cuda_tuned_table();

@@ -250,7 +250,8 @@ def cmd_tune(args) -> int:
             print(f"  {e['device']}  {e['elem_bytes']}-byte {e['shape_class']:<6} "
                   f"forward rows in flight {e['forward_rows_in_flight']} "
                   f"({e.get('forward_variant', 'automatic')}"
-                  f"{', %d stages' % e['forward_stages'] if e.get('forward_stages') else ''}), "
+                  f"{', %d stages' % e['forward_stages'] if e.get('forward_stages') else ''}"
+                  f"{', %d lanes per row' % e['forward_group'] if e.get('forward_group') else ''}), "
                   f"backward {e['backward_rows_in_flight']}")
     return 0
 

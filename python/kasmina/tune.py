@@ -1,7 +1,8 @@
 """Autotuning of the CUDA launch configuration (``kasmina tune``).
 
 The CUDA kernels take run-time knobs that change speed only: how many rows
-each thread loads before it computes (``rows in flight``, docs/DESIGN.md 37)
+each thread loads before it computes (``rows in flight``, docs/DESIGN.md 37),
+how many lanes share a row in the forward (``lanes per row``, DESIGN 46)
 and, on sm_90, the forward's variant (generic, or TMA copies into a
 shared-memory pipeline of 2 to 8 stages, docs/DESIGN.md 44).
 ``kasmina tune`` measures the candidates on this machine's GPU for each
@@ -42,6 +43,8 @@ BACKWARD_CANDIDATES = (1, 2)
 # CudaForwardVariant's values; entries name them.
 VARIANTS = ("automatic", "generic", "tma")
 TMA_STAGES = (2, 4, 8)
+# Lanes per row of the forward (1 lost everywhere it was measured).
+GROUPS = (2, 4, 8)
 
 
 def cache_path() -> Path:
@@ -52,7 +55,7 @@ def cache_path() -> Path:
     return Path(base) / "kasmina" / f"tune-v{VERSION}.json"
 
 
-def _check_entry(e: Any) -> tuple[str, int, int, int, int, int, int]:
+def _check_entry(e: Any) -> tuple[str, int, int, int, int, int, int, int]:
     if not isinstance(e, dict):
         raise ValueError(f"entry is not an object: {e!r}")
     device = e.get("device")
@@ -77,10 +80,16 @@ def _check_entry(e: Any) -> tuple[str, int, int, int, int, int, int]:
     if (not isinstance(stages, int) or isinstance(stages, bool)
             or not (stages == 0 or 2 <= stages <= 8)):
         raise ValueError(f"entry with forward_stages {stages!r}, want 0 or 2 to 8: {e!r}")
-    return device, elem, SHAPE_CLASSES.index(shape), fwd, bwd, VARIANTS.index(variant), stages
+    # Optional too (entries written before the lanes-per-row knob have none).
+    group = e.get("forward_group", 0)
+    if (not isinstance(group, int) or isinstance(group, bool)
+            or group not in (0, 1, 2, 4, 8)):
+        raise ValueError(f"entry with forward_group {group!r}, want 0, 1, 2, 4 or 8: {e!r}")
+    return (device, elem, SHAPE_CLASSES.index(shape), fwd, bwd, VARIANTS.index(variant), stages,
+            group)
 
 
-def read_cache(path: Path) -> list[tuple[str, int, int, int, int, int, int]]:
+def read_cache(path: Path) -> list[tuple[str, int, int, int, int, int, int, int]]:
     """The entries of a cache file; ValueError for a file that is not a
     kasmina tune cache of this version (or has a bad entry)."""
     try:
@@ -97,7 +106,7 @@ def read_cache(path: Path) -> list[tuple[str, int, int, int, int, int, int]]:
     return [_check_entry(e) for e in entries]
 
 
-def apply(entries: list[tuple[str, int, int, int, int, int, int]]) -> None:
+def apply(entries: list[tuple[str, int, int, int, int, int, int, int]]) -> None:
     """Hand the entries to the dispatcher (validated there: a bad value
     raises ValueError and changes nothing)."""
     _C.set_cuda_tuned_table(entries)
@@ -151,27 +160,34 @@ def _measure_class(shape, dtype, elem, timer, progress) -> dict[str, Any]:
         y = layer(x)
         y.backward(dy)
 
-    # Forward candidates as (rows in flight, variant, stages): the generic
-    # kernel per rows in flight, and on sm_90 the TMA kernel per depth (the
-    # class shapes all take its vector path with C <= 256).
+    # Forward candidates as (rows in flight, variant, stages, lanes per row):
+    # the generic kernel per rows in flight, and on sm_90 the TMA kernel per
+    # depth (the class shapes all take its vector path with C <= 256), each
+    # at every lanes-per-row value. A TMA candidate whose stages do not fit
+    # runs (and is timed as) the generic kernel, which the entry then selects
+    # too.
     generic, tma = VARIANTS.index("generic"), VARIANTS.index("tma")
-    candidates = [(u, generic, 0) for u in FORWARD_CANDIDATES[elem]]
+    candidates = [(u, generic, 0, g) for g in GROUPS for u in FORWARD_CANDIDATES[elem]]
     if torch.cuda.get_device_capability()[0] == 9:
-        candidates += [(1, tma, st) for st in TMA_STAGES]
+        candidates += [(1, tma, st, g) for g in GROUPS for st in TMA_STAGES]
+
+    def name_of(c):
+        u, variant, stages, g = c
+        return (f"rows {u}" if variant == generic else f"tma {stages}") + f", {g} lanes"
+
     out: dict[str, Any] = {"forward_us": {}, "forward_backward_us": {}}
     before = _C.cuda_launch_config()
     try:
         for cand in candidates:
-            u, variant, stages = cand
-            _C.set_cuda_launch_config(u, 0, variant, stages)
-            name = f"rows {u}" if variant == generic else f"tma {stages}"
+            u, variant, stages, g = cand
+            _C.set_cuda_launch_config(u, 0, variant, stages, g)
+            name = name_of(cand)
             out["forward_us"][name] = 1e3 * timer(fwd)
             progress(f"  forward {name}: {out['forward_us'][name]:.1f} us")
         best_name = min(out["forward_us"], key=out["forward_us"].get)
-        best_f = next(c for c in candidates
-                      if (f"rows {c[0]}" if c[1] == generic else f"tma {c[2]}") == best_name)
+        best_f = next(c for c in candidates if name_of(c) == best_name)
         for u in BACKWARD_CANDIDATES:
-            _C.set_cuda_launch_config(best_f[0], u, best_f[1], best_f[2])
+            _C.set_cuda_launch_config(best_f[0], u, best_f[1], best_f[2], best_f[3])
             out["forward_backward_us"][u] = 1e3 * timer(both)
             progress(f"  forward+backward, backward rows in flight {u}: "
                      f"{out['forward_backward_us'][u]:.1f} us")
@@ -183,6 +199,7 @@ def _measure_class(shape, dtype, elem, timer, progress) -> dict[str, Any]:
     out["forward_rows_in_flight"] = best_f[0]
     out["forward_variant"] = VARIANTS[best_f[1]]
     out["forward_stages"] = best_f[2]
+    out["forward_group"] = best_f[3]
     out["backward_rows_in_flight"] = min(out["forward_backward_us"],
                                          key=out["forward_backward_us"].get)
     return out
@@ -216,6 +233,7 @@ def run_tune(*, out: Path | None = None, quick: bool = False,
                                 backward_rows_in_flight=m["backward_rows_in_flight"],
                                 forward_variant=m["forward_variant"],
                                 forward_stages=m["forward_stages"],
+                                forward_group=m["forward_group"],
                                 shape=list(shape), dtype=dname,
                                 forward_us={str(k): v for k, v in m["forward_us"].items()},
                                 forward_backward_us={str(k): v for k, v in

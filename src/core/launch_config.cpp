@@ -109,6 +109,8 @@ void set_cuda_tuned_table(const std::vector<CudaTunedEntry>& entries) {
                         static_cast<int>(e.forward_variant), ")");
     KASMINA_CHECK_VALUE(valid_stages(e.forward_stages),
                         "tuned entry: forward_stages must be 0 or 2 to 8 (got ", e.forward_stages, ")");
+    KASMINA_CHECK_VALUE(valid_group(e.forward_group),
+                        "tuned entry: forward_group must be 0, 1, 2, 4 or 8 (got ", e.forward_group, ")");
   }
   const std::lock_guard<std::mutex> lock(g_table_mutex);
   table() = entries;

@@ -58,14 +58,14 @@ VariantChoice select_forward_variant(const DeviceInfo& dev, DType dtype, int64_t
                                      int64_t hidden);
 
 // The one selection point of the forward's lanes per row: a nonzero
-// CudaLaunchConfig field, else the architecture's default for the element
-// size and the row's vectors (tuning.hpp). The plan then caps it at the
-// row's vectors rounded up to a power of two.
+// CudaLaunchConfig field, else the tuned entry, else the architecture's
+// default for the element size and the row's vectors (tuning.hpp). The plan
+// then caps it at the row's vectors rounded up to a power of two.
 struct GroupChoice {
   int group;
-  const char* source;  // "set" or "default"
+  const char* source;  // "set", "tuned" or "default"
 };
-GroupChoice select_forward_group(const DeviceInfo& dev, std::size_t elem_bytes,
+GroupChoice select_forward_group(const DeviceInfo& dev, DType dtype, int64_t rows, int64_t hidden,
                                  int64_t vectors_per_row, bool vector_path);
 
 // CTAs of `func` (launched with `threads` and `smem_bytes` dynamic shared

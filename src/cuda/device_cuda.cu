@@ -55,10 +55,14 @@ RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, DType dtyp
   return {esize == 4 ? t.forward_rows_in_flight_4byte : t.forward_rows_in_flight_2byte, "default"};
 }
 
-GroupChoice select_forward_group(const DeviceInfo& dev, std::size_t elem_bytes,
+GroupChoice select_forward_group(const DeviceInfo& dev, DType dtype, int64_t rows, int64_t hidden,
                                  int64_t vectors_per_row, bool vector_path) {
   const int set = cuda_launch_config().forward_group;
   if (set != 0) return {set, "set"};
+  const std::size_t elem_bytes = dtype_size(dtype);
+  const int tuned =
+      cuda_tuned_lookup(dev.name, elem_bytes, shape_class(rows, hidden, elem_bytes)).forward_group;
+  if (tuned != 0) return {tuned, "tuned"};
   const Tuning& t = tuning_for(dev.cc_major);
   // The scalar path (odd C or pointers) keeps the widest group: its "vectors"
   // are single elements.

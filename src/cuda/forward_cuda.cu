@@ -179,8 +179,8 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   plan.vector = r.vector ? kVectorBytes / static_cast<int>(dtype_size(p.dtype)) : 1;
   // Lanes per row (select_forward_group): never more than the row has
   // vectors, so no lane of a group is idle for a whole row.
-  const GroupChoice gc = select_forward_group(dev, dtype_size(p.dtype), r.C / plan.vector,
-                                              r.vector);
+  const GroupChoice gc =
+      select_forward_group(dev, p.dtype, p.rows, p.hidden, r.C / plan.vector, r.vector);
   plan.group = gc.group;
   plan.group_source = gc.source;
   const int needed = next_pow2(ceil_div(r.C, plan.vector));

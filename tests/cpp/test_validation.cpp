@@ -463,6 +463,10 @@ TEST(Dispatch, TunedTableValidatesAndLooksUp) {
   bad.forward_variant = static_cast<CudaForwardVariant>(-1);
   expect_error([&] { set_cuda_tuned_table({bad}); },
                {ErrorKind::value, {"forward_variant", "got -1"}}, "tuned variant -1");
+  bad = e;
+  bad.forward_group = 6;
+  expect_error([&] { set_cuda_tuned_table({bad}); },
+               {ErrorKind::value, {"forward_group", "got 6"}}, "tuned group 6");
   ASSERT_EQ(cuda_tuned_table().size(), 1u);  // the refused tables changed nothing
   EXPECT_EQ(cuda_tuned_table()[0].device, "GPU A");
   set_cuda_tuned_table(saved);

@@ -543,9 +543,11 @@ TEST_F(SmallCuda, TunedEntryIsSelectedAndNamed) {
   e.shape = shape_class(o.rows, o.chunk * o.num_seeds, 4);
   e.forward_rows_in_flight = 2;
   e.backward_rows_in_flight = 1;
+  e.forward_group = 8;
   set_cuda_tuned_table({e});
   const std::string fwd = describe_forward(d.forward_params(p), Backend::cuda);
   EXPECT_NE(fwd.find("2 rows in flight per thread (tuned)"), std::string::npos) << fwd;
+  EXPECT_NE(fwd.find("8 lanes per row (tuned)"), std::string::npos) << fwd;
   const std::string bwd = describe_backward(d.backward_params(p), Backend::cuda);
   EXPECT_NE(bwd.find("1 rows in flight per thread (tuned)"), std::string::npos) << bwd;
   check_problem(o);
