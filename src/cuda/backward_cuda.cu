@@ -382,12 +382,11 @@ __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int
   }
 }
 
-// The general loop's variants, one per seed kind, chosen once per CTA by a
-// uniform switch (like the forward's, DESIGN 30): the per-element code has
-// no test of the kind, the clamp or the clip. `wide` runs RESIDUAL,
-// ATTENTION and MLP without the coefficient table (C too wide for it), with
-// the kind tested per element.
-enum class Mode { residual, attention, mlp, conv, wide };
+// The general loop's variants are common.cuh's Mode (copy seeds take
+// backward_copy_rows), chosen once per CTA by a uniform switch (like the
+// forward's, DESIGN 30): the per-element code has no test of the kind, the
+// clamp or the clip. `wide` runs RESIDUAL, ATTENTION and MLP without the
+// coefficient table (C too wide for it), with the kind tested per element.
 
 // The coefficient of column j for mode M: the table's w_j or p_j,
 // computed for `wide`, none for CONV.
@@ -399,24 +398,6 @@ __device__ __forceinline__ float mode_coef(const SeedView& sv, const float* tabl
     return coef_at(sv, nullptr, j);
   } else {
     return 0.0f;
-  }
-}
-
-// T at one column for mode M (SPEC section 3), from its X, X one and two
-// columns to the left (CONV only) and its coefficient.
-template <Mode M>
-__device__ __forceinline__ float mode_transform(const SeedView& sv, float coef, float x,
-                                                float xm1, float xm2) {
-  if constexpr (M == Mode::residual) {
-    return x + sv.sigma * coef;
-  } else if constexpr (M == Mode::attention) {
-    return x * coef;
-  } else if constexpr (M == Mode::mlp) {
-    return sv.sigma * relu(x * coef);
-  } else if constexpr (M == Mode::conv) {
-    return sv.sigma * (sv.w0 * x + sv.w1 * xm1 + sv.w2 * xm2);
-  } else {
-    return seed_transform(sv, coef, x, 0.0f, 0.0f);
   }
 }
 

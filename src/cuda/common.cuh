@@ -543,6 +543,32 @@ __device__ __forceinline__ float seed_transform(const SeedView& v, float coef, f
   }
 }
 
+// The row loops' variants, one per seed kind (and, in the forward, copy),
+// chosen once per CTA by a uniform switch: the per-element code has no test
+// of the kind, of the stage or of the clamp. `wide` runs RESIDUAL,
+// ATTENTION and MLP without the coefficient table (C too wide for it).
+enum class Mode { copy, residual, attention, mlp, conv, wide };
+
+// T at one column for mode M (SPEC section 3), from its X, X one and two
+// columns to the left (CONV only) and its coefficient (the table's, or for
+// `wide` coef_at's): the same float operations in the forward, the
+// backward's clamp mask and the drift's float64 fallback.
+template <Mode M>
+__device__ __forceinline__ float mode_transform(const SeedView& sv, float coef, float x,
+                                                float xm1, float xm2) {
+  if constexpr (M == Mode::residual) {
+    return x + sv.sigma * coef;
+  } else if constexpr (M == Mode::attention) {
+    return x * coef;
+  } else if constexpr (M == Mode::mlp) {
+    return sv.sigma * relu(x * coef);
+  } else if constexpr (M == Mode::conv) {
+    return sv.sigma * (sv.w0 * x + sv.w1 * xm1 + sv.w2 * xm2);
+  } else {
+    return seed_transform(sv, coef, x, 0.0f, 0.0f);
+  }
+}
+
 // SPEC section 3's clamp; a NaN stays NaN, as in torch.clamp.
 __device__ __forceinline__ float clamp_output(bool enabled, float lo, float hi, float v) {
   if (!enabled) return v;

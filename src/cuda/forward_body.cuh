@@ -197,11 +197,6 @@ __device__ __forceinline__ void group_sum3(A& a, A& b, A& c, int G) {
   }
 }
 
-// The inner loop's variants, one per seed kind (and copy), chosen once per
-// CTA by a uniform switch: the per-element code has no test of the kind, of
-// the stage or of the clamp. `wide` runs RESIDUAL, ATTENTION and MLP
-// without the coefficient table (C too wide for it).
-enum class Mode { copy, residual, attention, mlp, conv, wide };
 
 // The U input rows of one pass as the threads read them: pointers into
 // global memory (generic kernel) or into a shared-memory stage (TMA kernel);
@@ -212,25 +207,6 @@ struct PassRows {
   T* y[U];
   bool active[U];
 };
-
-// T of one element for a blending mode (SPEC section 3), with its
-// coefficient (RESIDUAL, ATTENTION, MLP: the table) and, for CONV, the two
-// left neighbours; the same float operations wherever the forward needs it.
-template <Mode M>
-__device__ __forceinline__ float mode_transform(const SeedView& sv, float coef, float xi, float xm1,
-                                                float xm2, int j) {
-  if constexpr (M == Mode::residual) {
-    return xi + sv.sigma * coef;
-  } else if constexpr (M == Mode::attention) {
-    return xi * coef;
-  } else if constexpr (M == Mode::mlp) {
-    return sv.sigma * relu(xi * coef);
-  } else if constexpr (M == Mode::conv) {
-    return sv.sigma * (sv.w0 * xi + sv.w1 * xm1 + sv.w2 * xm2);
-  } else {
-    return seed_transform(sv, coef_at(sv, nullptr, j), xi, 0.0f, 0.0f);
-  }
-}
 
 // The drift's row sums (DESIGN 28). Float32 inputs: X.Y, |X|^2 and |Y|^2 in
 // float64 (products of floats are exact there) and 1 - cos from them. 16-bit
@@ -308,8 +284,10 @@ __device__ __forceinline__ void drift_row_sums_exact(const ForwardArgs& args, co
       float coef = 0.0f;
       if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
         coef = table[c + i];
+      } else if constexpr (M == Mode::wide) {
+        coef = coef_at(sv, nullptr, c + i);
       }
-      const float t = mode_transform<M>(sv, coef, xv[i], xm1, xm2, c + i);
+      const float t = mode_transform<M>(sv, coef, xv[i], xm1, xm2);
       xm2 = xm1;
       xm1 = xv[i];
       const double xd = xv[i], yd = a * t + b * xv[i];
@@ -362,6 +340,9 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
         if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
 #pragma unroll
           for (int i = 0; i < V; ++i) coef[i] = table[c + i];
+        } else if constexpr (M == Mode::wide) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) coef[i] = coef_at(sv, nullptr, c + i);
         } else {
 #pragma unroll
           for (int i = 0; i < V; ++i) coef[i] = 0.0f;
@@ -380,7 +361,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
           if constexpr (kBlend) {
             // The blend as the backward recomputes it for the clamp mask
             // (the same bits: DESIGN 4).
-            const float t = mode_transform<M>(sv, coef[i], xi, xm1, xm2, c + i);
+            const float t = mode_transform<M>(sv, coef[i], xi, xm1, xm2);
             xm2 = xm1;
             xm1 = xi;
             yi = a * t + b * xi;
