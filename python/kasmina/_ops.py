@@ -80,13 +80,17 @@ class _NullContext:
 
 
 _NULL = _NullContext()
+# torch.cuda.current_device without its Python frame and lazy-init check: it
+# is asked only about an x already on CUDA, so CUDA is initialised (absent
+# from torch builds without CUDA, where no tensor is on CUDA anyway).
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
 
 
 def _cuda_guard(x: Tensor):
     # The CUDA backend launches on the current device: make it x's. (The
     # stream is the binding's business: it asks PyTorch for the current stream
     # of x's device at call time.)
-    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+    if x.is_cuda and x.get_device() != _current_device():
         return torch.cuda.device(x.device)
     return _NULL
 
@@ -111,7 +115,7 @@ def run_forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weigh
                          "call .resolve_neg() first")
     if workspace is None and b == _CUDA:
         workspace = _default_workspace(b, x, stage, weights)
-    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+    if x.is_cuda and x.get_device() != _current_device():
         with torch.cuda.device(x.device):
             _C.forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights,
                        scales, workspace, dead_threshold, clamp_lo, clamp_hi, b, None)
