@@ -314,12 +314,16 @@ class EagerForward(torch.autograd.Function):
 
 def forward_into(x, stage, kind, blueprint, alpha, weights, scales, workspace, grad_stats_out,
                  telemetry, nonfinite, dead_threshold, clamp_lo, clamp_hi, grad_clip,
-                 b: int) -> Tensor:
+                 b: int, needs_grad: Optional[bool] = None) -> Tensor:
     """Eager forward (the caller checked ``eager_ok``): y; telemetry and
     nonfinite are written in place. Through EagerForward when a gradient is
-    needed, else the binding alone."""
-    if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad
-                                    or weights.requires_grad or scales.requires_grad):
+    needed, else the binding alone. needs_grad: None to find out here, or the
+    caller's answer (KasminaLayer.forward has asked already)."""
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad
+                                                  or weights.requires_grad
+                                                  or scales.requires_grad)
+    if needs_grad:
         return EagerForward.apply(x, alpha, weights, scales, (
             stage, kind, blueprint, workspace, grad_stats_out, telemetry, nonfinite,
             dead_threshold, clamp_lo, clamp_hi, grad_clip, b))

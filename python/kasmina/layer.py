@@ -181,7 +181,8 @@ class KasminaLayer(nn.Module):
                 if rows is not None:
                     self._note_rows(x, rows, bufs["telemetry_rows"])
                     return y
-            return self._forward_eager(x, alpha, weights, scales, self._buffers)
+                return self._forward_eager(x, alpha, weights, scales, self._buffers, False)
+            return self._forward_eager(x, alpha, weights, scales, self._buffers, True)
         # Traced (torch.compile, export, make_fx, ...): the registered op.
         c = self._config
         ws = self.workspace if self.workspace.device.type == "cuda" else None
@@ -196,10 +197,12 @@ class KasminaLayer(nn.Module):
         self.telemetry_rows.fill_(x.numel() // self.hidden)
         return y
 
-    def _forward_eager(self, x, alpha, weights, scales, bufs) -> torch.Tensor:
+    def _forward_eager(self, x, alpha, weights, scales, bufs, needs_grad: bool) -> torch.Tensor:
         """Eager call: no torch.library dispatch, telemetry and counts written
         straight into the buffers (the binding checks every tensor before
-        anything is written), the rows buffer filled only when it changes."""
+        anything is written), the rows buffer filled only when it changes.
+        With a gradient through EagerForward; without one this is the path
+        for what _C.layer_forward leaves to Python."""
         c = self._config
         ws = bufs["workspace"]
         is_cuda = x.is_cuda
@@ -212,7 +215,7 @@ class KasminaLayer(nn.Module):
             x, bufs["seed_stage"], bufs["seed_kind"], bufs["seed_blueprint"], alpha, weights,
             scales, ws if ws.is_cuda else None, bufs["grad_stats"], bufs["telemetry"],
             bufs["nonfinite_counts"], c["dead_threshold"], c["clamp_lo"], c["clamp_hi"],
-            c["grad_clip"], b)
+            c["grad_clip"], b, needs_grad)
         self._note_rows(x, x.numel() // c["hidden"], bufs["telemetry_rows"])
         return y
 

@@ -566,44 +566,39 @@ nb::object layer_forward(nb::handle x, nb::handle y, nb::handle alpha, nb::handl
                          nb::handle scales, nb::handle buffers, nb::handle config,
                          nb::handle backend) {
   const LayerKeys& k = layer_keys();
-  const nb::object workspace_obj = item(buffers, k.workspace);
-  if (exchange_api(x.ptr()) == nullptr || exchange_api(workspace_obj.ptr()) == nullptr)
+  const nb::object workspace = item(buffers, k.workspace);
+  if (exchange_api(x.ptr()) == nullptr || exchange_api(workspace.ptr()) == nullptr)
     return nb::none();
-  Backend b;
-  int x_device_type;
-  {
-    const View xv(x, "x");
-    x_device_type = xv.device_type();
-    if (PyUnicode_Check(backend.ptr())) {  // "auto"
-      using C = nb::dlpack::dtype_code;
-      b = x_device_type == kDeviceCuda ? Backend::cuda
-          : is_dtype(xv, C::Float, 64) ? Backend::reference
-                                       : Backend::cpu;
-    } else {
-      b = to_backend(nb::cast<int>(backend));
-    }
-    if (x_device_type == kDeviceCuda &&
-        (k.cuda_current_device.is_none() ||
-         nb::cast<int>(k.cuda_current_device()) != xv.device_id()))
-      return nb::none();
-  }
-  nb::handle workspace = nb::none();
-  {
-    const View wv(workspace_obj, "workspace");
-    if (wv.device_type() == kDeviceCuda) workspace = workspace_obj;
-  }
-  if (b == Backend::cuda && workspace.is_none()) return nb::none();
   const nb::object stage = item(buffers, k.stage), kind = item(buffers, k.kind),
                    blueprint = item(buffers, k.blueprint),
                    telemetry = item(buffers, k.telemetry),
                    nonfinite = item(buffers, k.nonfinite);
+  // Viewing has no side effects: the views are taken once, before the
+  // fallback decisions that need x's and the workspace's devices.
+  const ForwardViews v(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                       workspace);
+  Backend b;
+  if (PyUnicode_Check(backend.ptr())) {  // "auto"
+    using C = nb::dlpack::dtype_code;
+    b = v.x.device_type() == kDeviceCuda ? Backend::cuda
+        : is_dtype(v.x, C::Float, 64)    ? Backend::reference
+                                         : Backend::cpu;
+  } else {
+    b = to_backend(nb::cast<int>(backend));
+  }
+  if (v.x.device_type() == kDeviceCuda &&
+      (k.cuda_current_device.is_none() ||
+       nb::cast<int>(k.cuda_current_device()) != v.x.device_id()))
+    return nb::none();
+  // The layer passes its workspace only once it lives on CUDA (layer.py).
+  const View* ws = v.workspace.get()->device_type() == kDeviceCuda ? v.workspace.get() : nullptr;
+  if (b == Backend::cuda && ws == nullptr) return nb::none();
   const double dead_threshold = nb::cast<double>(item(config, k.dead_threshold));
   const std::optional<double> clamp_lo = optional_float(item(config, k.clamp_lo)),
                               clamp_hi = optional_float(item(config, k.clamp_hi));
-  const ForwardViews v(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
-                       workspace);
-  const kasmina::ForwardParams p =
-      forward_params(v, x, dead_threshold, clamp_lo, clamp_hi, b, std::nullopt);
+  const kasmina::ForwardParams p = forward_params(
+      v.x, v.y, v.telemetry, v.nonfinite, v.stage, v.kind, v.blueprint, v.alpha, v.weights,
+      v.scales, ws, dead_threshold, clamp_lo, clamp_hi, b, call_stream(x, v.x, std::nullopt));
   {
     nb::gil_scoped_release release;  // as in forward: OpenMP on the CPU backend
     kasmina::forward(p, b);
