@@ -532,12 +532,16 @@ void forward(nb::handle x, nb::handle y, nb::handle telemetry, nb::handle nonfin
 // API, x on a CUDA device other than the current one (the device guard), or
 // the CUDA backend without the layer's CUDA workspace (a temporary one).
 // `backend` is "auto" or a backend id (the layer maps its other names).
+// Interned, like the dicts' own keys (attribute and keyword names), so that a
+// lookup matches by pointer instead of comparing the characters.
+nb::object interned(const char* s) { return nb::steal(PyUnicode_InternFromString(s)); }
+
 struct LayerKeys {
-  nb::object stage = nb::str("seed_stage"), kind = nb::str("seed_kind"),
-             blueprint = nb::str("seed_blueprint"), telemetry = nb::str("telemetry"),
-             nonfinite = nb::str("nonfinite_counts"), workspace = nb::str("workspace"),
-             dead_threshold = nb::str("dead_threshold"), clamp_lo = nb::str("clamp_lo"),
-             clamp_hi = nb::str("clamp_hi");
+  nb::object stage = interned("seed_stage"), kind = interned("seed_kind"),
+             blueprint = interned("seed_blueprint"), telemetry = interned("telemetry"),
+             nonfinite = interned("nonfinite_counts"), workspace = interned("workspace"),
+             dead_threshold = interned("dead_threshold"), clamp_lo = interned("clamp_lo"),
+             clamp_hi = interned("clamp_hi");
   nb::object cuda_current_device;  // torch._C._cuda_getDevice (None: torch without CUDA)
 };
 
