@@ -595,7 +595,8 @@ nb::object layer_forward(nb::handle x, nb::handle y, nb::handle alpha, nb::handl
        nb::cast<int>(k.cuda_current_device()) != v.x.device_id()))
     return nb::none();
   // The layer passes its workspace only once it lives on CUDA (layer.py).
-  const View* ws = v.workspace.get()->device_type() == kDeviceCuda ? v.workspace.get() : nullptr;
+  const View* ws = v.workspace.get();
+  if (ws != nullptr && ws->device_type() != kDeviceCuda) ws = nullptr;
   if (b == Backend::cuda && ws == nullptr) return nb::none();
   const double dead_threshold = nb::cast<double>(item(config, k.dead_threshold));
   const std::optional<double> clamp_lo = optional_float(item(config, k.clamp_lo)),

@@ -464,6 +464,10 @@ def test_no_grad_call_without_exchange_api_gives_the_same_bits():
         tel = layer.telemetry.clone()
         kasmina._C._set_exchange_api_enabled(False)
         try:
+            p = layer._parameters
+            assert kasmina._C.layer_forward(x, torch.empty_like(x), p["alpha"], p["weights"],
+                                            p["scales"], layer._buffers, layer._config,
+                                            "auto") is None  # left to the Python path
             y2 = layer(x)
         finally:
             kasmina._C._set_exchange_api_enabled(True)
