@@ -80,13 +80,17 @@ class _NullContext:
 
 
 _NULL = _NullContext()
+# torch.cuda.current_device without its Python frame and lazy-init check: it
+# is asked only about an x already on CUDA, so CUDA is initialised (absent
+# from torch builds without CUDA, where no tensor is on CUDA anyway).
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
 
 
 def _cuda_guard(x: Tensor):
     # The CUDA backend launches on the current device: make it x's. (The
     # stream is the binding's business: it asks PyTorch for the current stream
     # of x's device at call time.)
-    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+    if x.is_cuda and x.get_device() != _current_device():
         return torch.cuda.device(x.device)
     return _NULL
 
@@ -111,7 +115,7 @@ def run_forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weigh
                          "call .resolve_neg() first")
     if workspace is None and b == _CUDA:
         workspace = _default_workspace(b, x, stage, weights)
-    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+    if x.is_cuda and x.get_device() != _current_device():
         with torch.cuda.device(x.device):
             _C.forward(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights,
                        scales, workspace, dead_threshold, clamp_lo, clamp_hi, b, None)
@@ -310,12 +314,16 @@ class EagerForward(torch.autograd.Function):
 
 def forward_into(x, stage, kind, blueprint, alpha, weights, scales, workspace, grad_stats_out,
                  telemetry, nonfinite, dead_threshold, clamp_lo, clamp_hi, grad_clip,
-                 b: int) -> Tensor:
+                 b: int, needs_grad: Optional[bool] = None) -> Tensor:
     """Eager forward (the caller checked ``eager_ok``): y; telemetry and
     nonfinite are written in place. Through EagerForward when a gradient is
-    needed, else the binding alone."""
-    if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad
-                                    or weights.requires_grad or scales.requires_grad):
+    needed, else the binding alone. needs_grad: None to find out here, or the
+    caller's answer (KasminaLayer.forward has asked already)."""
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad
+                                                  or weights.requires_grad
+                                                  or scales.requires_grad)
+    if needs_grad:
         return EagerForward.apply(x, alpha, weights, scales, (
             stage, kind, blueprint, workspace, grad_stats_out, telemetry, nonfinite,
             dead_threshold, clamp_lo, clamp_hi, grad_clip, b))

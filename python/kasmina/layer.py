@@ -39,6 +39,16 @@ from .enums import (
 
 _STRATEGY_FIELDS = ("ramp_steps", "drift_threshold", "grad_norm_lower", "grad_norm_upper")
 
+# Bound once: each saves a module attribute lookup (or a Python frame) per call.
+_eager_ok = _ops.eager_ok
+_grad_enabled = torch.is_grad_enabled
+_empty_like = torch.empty_like
+_CONTIGUOUS = torch.contiguous_format
+# torch.cuda.is_current_stream_capturing without its Python frame (absent
+# from torch builds without CUDA, where no tensor is on CUDA anyway).
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing",
+                     torch.cuda.is_current_stream_capturing)
+
 
 class KasminaLayer(nn.Module):
     """A layer of ``num_seeds`` seeds over ``hidden`` features (SPEC.md).
@@ -150,10 +160,29 @@ class KasminaLayer(nn.Module):
     # --- the op --------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self._parameters
-        bufs = self._buffers
         alpha, weights, scales = p["alpha"], p["weights"], p["scales"]
-        if _ops.eager_ok(x, alpha, weights, scales):
-            return self._forward_eager(x, alpha, weights, scales, bufs)
+        if _eager_ok(x, alpha, weights, scales):
+            # The common eager call without a gradient is one binding call
+            # (no torch.library, no further Python frames): _C.layer_forward
+            # reads the buffers and settings from the module's dicts at call
+            # time, so there is no cache to invalidate. It returns None, having
+            # done nothing, for what only _forward_eager handles (another CUDA
+            # device, no exchange API, ...). Per-call cost: docs/PYTHON.md.
+            if not (_grad_enabled() and (x.requires_grad or alpha.requires_grad
+                                         or weights.requires_grad or scales.requires_grad)):
+                if x.is_neg():  # a lazy negation view: DLPack cannot say so
+                    raise ValueError("kasmina: x has its negative bit set (a lazy negation "
+                                     "view); call .resolve_neg() first")
+                backend = self.backend
+                bufs = self._buffers
+                y = _empty_like(x, memory_format=_CONTIGUOUS)
+                rows = _C.layer_forward(x, y, alpha, weights, scales, bufs, self._config,
+                                        backend if backend == "auto" else _ops.BACKENDS[backend])
+                if rows is not None:
+                    self._note_rows(x, rows, bufs["telemetry_rows"])
+                    return y
+                return self._forward_eager(x, alpha, weights, scales, self._buffers, False)
+            return self._forward_eager(x, alpha, weights, scales, self._buffers, True)
         # Traced (torch.compile, export, make_fx, ...): the registered op.
         c = self._config
         ws = self.workspace if self.workspace.device.type == "cuda" else None
@@ -168,10 +197,12 @@ class KasminaLayer(nn.Module):
         self.telemetry_rows.fill_(x.numel() // self.hidden)
         return y
 
-    def _forward_eager(self, x, alpha, weights, scales, bufs) -> torch.Tensor:
+    def _forward_eager(self, x, alpha, weights, scales, bufs, needs_grad: bool) -> torch.Tensor:
         """Eager call: no torch.library dispatch, telemetry and counts written
         straight into the buffers (the binding checks every tensor before
-        anything is written), the rows buffer filled only when it changes."""
+        anything is written), the rows buffer filled only when it changes.
+        With a gradient through EagerForward; without one this is the path
+        for what _C.layer_forward leaves to Python."""
         c = self._config
         ws = bufs["workspace"]
         is_cuda = x.is_cuda
@@ -184,24 +215,23 @@ class KasminaLayer(nn.Module):
             x, bufs["seed_stage"], bufs["seed_kind"], bufs["seed_blueprint"], alpha, weights,
             scales, ws if ws.is_cuda else None, bufs["grad_stats"], bufs["telemetry"],
             bufs["nonfinite_counts"], c["dead_threshold"], c["clamp_lo"], c["clamp_hi"],
-            c["grad_clip"], b)
-        rows_buf = bufs["telemetry_rows"]
-        rows = x.numel() // c["hidden"]
+            c["grad_clip"], b, needs_grad)
+        self._note_rows(x, x.numel() // c["hidden"], bufs["telemetry_rows"])
+        return y
+
+    def _note_rows(self, x, rows: int, rows_buf) -> None:
         # Skip the fill (a kernel launch on CUDA) when this very buffer already
         # holds rows and nobody wrote it since (its version counter). A CUDA
         # graph capture records the fill, and from then on always fills: a
         # replay writes the buffer without bumping its version.
         last = self._rows_written
-        if last is False or (is_cuda and torch.cuda.is_current_stream_capturing()):
+        if last is False or (x.is_cuda and _capturing()):
             rows_buf.fill_(rows)
             self._rows_written = False
-        else:
-            version = _version(rows_buf)
-            if (last is None or version is None or last[0] != rows or last[1] is not rows_buf
-                    or last[2] != version):
-                rows_buf.fill_(rows)
-                self._rows_written = (rows, rows_buf, _version(rows_buf))
-        return y
+        elif (last is None or last[0] != rows or last[1] is not rows_buf
+              or last[2] != _version(rows_buf) or last[2] is None):
+            rows_buf.fill_(rows)
+            self._rows_written = (rows, rows_buf, _version(rows_buf))
 
     # --- lifecycle -----------------------------------------------------------
     def germinate(

@@ -305,11 +305,14 @@ void check_small(const A& a, const char* name, nb::dlpack::dtype_code code, int 
     ok = static_cast<int64_t>(a.shape(i)) == n;
     ++i;
   }
-  std::string expected = "[";
-  i = 0;
-  for (int64_t n : shape) expected += (i++ ? ", " : "") + std::to_string(n);
-  expected += "]";
-  KASMINA_CHECK_VALUE(ok, name, " must have shape ", expected, ", got ", shape_str(a));
+  if (!ok) {  // the expected shape is spelled out only for the message
+    std::string expected = "[";
+    i = 0;
+    for (int64_t n : shape) expected += (i++ ? ", " : "") + std::to_string(n);
+    expected += "]";
+    KASMINA_FAIL(kasmina::ErrorKind::value, name, " must have shape ", expected, ", got ",
+                 shape_str(a));
+  }
   int64_t want = 1;
   for (size_t d = a.ndim(); d-- > 0;) {
     KASMINA_CHECK_VALUE(a.shape(d) <= 1 || a.stride(d) == want, name, " must be contiguous");
@@ -515,6 +518,99 @@ void forward(nb::handle x, nb::handle y, nb::handle telemetry, nb::handle nonfin
   kasmina::forward(p, b);
 }
 
+// KasminaLayer's eager forward without a gradient (layer.py), in one call:
+// the layer's buffers are read from its `_buffers` dict and its settings from
+// its `_config` dict *at call time* (nothing is cached, so rebinding a buffer,
+// `_apply`, `load_state_dict` or `set_extra_state` need no invalidation), the
+// "auto" backend is resolved from x's view as _ops.resolve_backend does, and
+// then the same views, checks and kasmina::forward as `forward` above run on
+// the same arguments (same bits, same errors). It saves the Python frames and
+// the ~16-argument calls between the module and the binding (docs/PYTHON.md).
+//
+// Returns x's rows, or None, with nothing read or written, when the call needs
+// what only the Python path does: a tensor type without the DLPack C exchange
+// API, x on a CUDA device other than the current one (the device guard), or
+// the CUDA backend without the layer's CUDA workspace (a temporary one).
+// `backend` is "auto" or a backend id (the layer maps its other names).
+// Interned, like the dicts' own keys (attribute and keyword names), so that a
+// lookup matches by pointer instead of comparing the characters.
+nb::object interned(const char* s) { return nb::steal(PyUnicode_InternFromString(s)); }
+
+struct LayerKeys {
+  nb::object stage = interned("seed_stage"), kind = interned("seed_kind"),
+             blueprint = interned("seed_blueprint"), telemetry = interned("telemetry"),
+             nonfinite = interned("nonfinite_counts"), workspace = interned("workspace"),
+             dead_threshold = interned("dead_threshold"), clamp_lo = interned("clamp_lo"),
+             clamp_hi = interned("clamp_hi");
+  nb::object cuda_current_device;  // torch._C._cuda_getDevice (None: torch without CUDA)
+};
+
+const LayerKeys& layer_keys() {
+  static const LayerKeys* keys = [] {
+    auto* k = new LayerKeys;  // never destroyed: its Python objects must not outlive Python
+    nb::object torch_c = nb::module_::import_("torch._C");
+    k->cuda_current_device = nb::getattr(torch_c, "_cuda_getDevice", nb::none());
+    return k;
+  }();
+  return *keys;
+}
+
+nb::object item(nb::handle mapping, const nb::object& key) {
+  PyObject* v = PyObject_GetItem(mapping.ptr(), key.ptr());  // KeyError as in Python
+  if (v == nullptr) throw nb::python_error();
+  return nb::steal(v);
+}
+
+std::optional<double> optional_float(const nb::object& o) {
+  if (o.is_none()) return std::nullopt;
+  return nb::cast<double>(o);
+}
+
+nb::object layer_forward(nb::handle x, nb::handle y, nb::handle alpha, nb::handle weights,
+                         nb::handle scales, nb::handle buffers, nb::handle config,
+                         nb::handle backend) {
+  const LayerKeys& k = layer_keys();
+  const nb::object workspace = item(buffers, k.workspace);
+  if (exchange_api(x.ptr()) == nullptr || exchange_api(workspace.ptr()) == nullptr)
+    return nb::none();
+  const nb::object stage = item(buffers, k.stage), kind = item(buffers, k.kind),
+                   blueprint = item(buffers, k.blueprint),
+                   telemetry = item(buffers, k.telemetry),
+                   nonfinite = item(buffers, k.nonfinite);
+  // Viewing has no side effects: the views are taken once, before the
+  // fallback decisions that need x's and the workspace's devices.
+  const ForwardViews v(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
+                       workspace);
+  Backend b;
+  if (PyUnicode_Check(backend.ptr())) {  // "auto"
+    using C = nb::dlpack::dtype_code;
+    b = v.x.device_type() == kDeviceCuda ? Backend::cuda
+        : is_dtype(v.x, C::Float, 64)    ? Backend::reference
+                                         : Backend::cpu;
+  } else {
+    b = to_backend(nb::cast<int>(backend));
+  }
+  if (v.x.device_type() == kDeviceCuda &&
+      (k.cuda_current_device.is_none() ||
+       nb::cast<int>(k.cuda_current_device()) != v.x.device_id()))
+    return nb::none();
+  // The layer passes its workspace only once it lives on CUDA (layer.py).
+  const View* ws = v.workspace.get();
+  if (ws != nullptr && ws->device_type() != kDeviceCuda) ws = nullptr;
+  if (b == Backend::cuda && ws == nullptr) return nb::none();
+  const double dead_threshold = nb::cast<double>(item(config, k.dead_threshold));
+  const std::optional<double> clamp_lo = optional_float(item(config, k.clamp_lo)),
+                              clamp_hi = optional_float(item(config, k.clamp_hi));
+  const kasmina::ForwardParams p = forward_params(
+      v.x, v.y, v.telemetry, v.nonfinite, v.stage, v.kind, v.blueprint, v.alpha, v.weights,
+      v.scales, ws, dead_threshold, clamp_lo, clamp_hi, b, call_stream(x, v.x, std::nullopt));
+  {
+    nb::gil_scoped_release release;  // as in forward: OpenMP on the CPU backend
+    kasmina::forward(p, b);
+  }
+  return nb::int_(p.rows);
+}
+
 std::string describe_forward(nb::handle x, nb::handle y, nb::handle telemetry,
                              nb::handle nonfinite, nb::handle stage, nb::handle kind,
                              nb::handle blueprint, nb::handle alpha, nb::handle weights,
@@ -713,6 +809,9 @@ NB_MODULE(_C, m) {
         "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a, "workspace"_a.none(),
         "dead_threshold"_a, "clamp_lo"_a.none(), "clamp_hi"_a.none(), "backend"_a,
         "stream"_a.none());
+  // Positional only, no defaults: nanobind's simple (fastest) call path.
+  m.def("layer_forward", &layer_forward,
+        "KasminaLayer's eager no-grad forward (layer.py): x's rows, or None for the Python path.");
   m.def("describe_forward", &describe_forward, "x"_a, "y"_a, "telemetry"_a, "nonfinite"_a,
         "stage"_a, "kind"_a, "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a,
         "workspace"_a.none(), "dead_threshold"_a, "clamp_lo"_a.none(), "clamp_hi"_a.none(),

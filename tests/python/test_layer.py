@@ -378,3 +378,122 @@ def test_cuda_eager_path_rows_streams_and_graph_replay():
             layer.weights, layer.scales, layer.workspace, None, c["dead_threshold"],
             c["clamp_lo"], c["clamp_hi"], c["grad_clip"], layer.backend)
     assert torch.equal(y_eager, y_op) and torch.equal(tel_eager, tel_op)
+
+
+# --- the eager call without a gradient: one binding call (_C.layer_forward) -------
+# It reads the layer's buffers and settings from the module at call time
+# (nothing cached), so rebinding any of them must show on the next call.
+def op_forward(layer, x, **override):
+    """torch.ops.kasmina.forward on the layer's current tensors and settings."""
+    c = dict(layer._config, **override)
+    return torch.ops.kasmina.forward(
+        x, layer.seed_stage, layer.seed_kind, layer.seed_blueprint, layer.alpha.detach(),
+        layer.weights.detach(), layer.scales.detach(), None, None, c["dead_threshold"],
+        c["clamp_lo"], c["clamp_hi"], c["grad_clip"], override.get("backend", layer.backend))
+
+
+def assert_call_matches_op(layer, x, **override):
+    with torch.no_grad():
+        y = layer(x)
+        want_y, want_tel, want_nf = op_forward(layer, x, **override)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous()
+    assert torch.equal(y.view(torch.uint8), want_y.view(torch.uint8))
+    assert torch.equal(layer.telemetry.view(torch.uint8), want_tel.view(torch.uint8))
+    assert torch.equal(layer.nonfinite_counts, want_nf)
+    assert int(layer.telemetry_rows) == x.numel() // layer.hidden
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_no_grad_call_is_one_binding_call_with_the_op_bits(dtype):
+    layer = make_layer(24, cycle(KINDS, 4), STAGE_MIX[:4])
+    x = torch.randn(2, 5, 24).to(dtype)
+    x[0, 1, 3] = math.inf
+    assert_call_matches_op(layer, x)
+    assert_call_matches_op(layer, torch.randn(7, 48).to(dtype)[:, 24:])  # strided rows
+    # The call the layer makes returns x's rows (None would mean "Python path").
+    y = torch.empty_like(x)
+    p = layer._parameters
+    with torch.no_grad():
+        rows = kasmina._C.layer_forward(x, y, p["alpha"], p["weights"], p["scales"],
+                                        layer._buffers, layer._config, "auto")
+    assert rows == 10
+
+
+def test_no_grad_call_reads_rebound_tensors_and_settings():
+    layer = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    x = torch.randn(6, 24)
+    assert_call_matches_op(layer, x)
+    # A rebound Parameter (not an in-place change).
+    layer.alpha = torch.nn.Parameter(torch.tensor([0.1, 0.9, 0.3, 0.7]))
+    assert_call_matches_op(layer, x)
+    # Rebound output buffers are the ones written.
+    old_tel, old_nf = layer.telemetry, layer.nonfinite_counts
+    layer.telemetry = torch.zeros_like(old_tel)
+    layer.nonfinite_counts = torch.full_like(old_nf, -5)
+    snap = old_tel.clone()
+    assert_call_matches_op(layer, x)
+    assert torch.equal(old_tel, snap) and layer.telemetry is not old_tel
+    # A rebound seed table.
+    layer.seed_kind = torch.full_like(layer.seed_kind, int(Kind.RESIDUAL))
+    assert_call_matches_op(layer, x)
+    # _apply (what .to(), .cuda(), .half() go through) may rebind every tensor.
+    before = [t for t in layer.buffers()]
+    layer._apply(lambda t: t.clone())
+    assert all(a is not b for a, b in zip(before, layer.buffers()))
+    assert_call_matches_op(layer, x)
+    # A loaded state brings its configuration (set_extra_state rebinds _config).
+    clamped = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4, clamp=(-0.0625, 0.0625))
+    layer.load_state_dict(clamped.state_dict())
+    assert layer.clamp == (-0.0625, 0.0625)
+    assert_call_matches_op(layer, x)
+    with torch.no_grad():
+        assert float(layer(x).abs().max()) <= 0.0625
+    # The backend attribute is read per call; an unknown name fails as before.
+    layer.backend = "reference"
+    assert_call_matches_op(layer, x)
+    layer.backend = "tpu"
+    with pytest.raises(KeyError), torch.no_grad():
+        layer(x)
+
+
+def test_no_grad_call_without_exchange_api_gives_the_same_bits():
+    layer = make_layer(24, cycle(KINDS, 4), STAGE_MIX[:4])
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        y = layer(x)
+        tel = layer.telemetry.clone()
+        kasmina._C._set_exchange_api_enabled(False)
+        try:
+            p = layer._parameters
+            assert kasmina._C.layer_forward(x, torch.empty_like(x), p["alpha"], p["weights"],
+                                            p["scales"], layer._buffers, layer._config,
+                                            "auto") is None  # left to the Python path
+            y2 = layer(x)
+        finally:
+            kasmina._C._set_exchange_api_enabled(True)
+    assert torch.equal(y, y2) and torch.equal(tel, layer.telemetry)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda: torch.tensor(1.0), ValueError, "rank"),
+    (lambda: torch.randn(4, 20), ValueError, "hidden"),
+    (lambda: torch.randn(4, 24).to(torch.int32), TypeError, "float32"),
+    (lambda: torch.randn(24, 4).t(), ValueError, "contiguous"),
+    (lambda: torch.randn(4, 3, 24).transpose(0, 1), ValueError, "rows"),
+    (lambda: torch.randn(4, 24).neg().conj_physical()._neg_view(), ValueError, "negative bit"),
+])
+def test_no_grad_call_errors_write_nothing(bad, exc, match):
+    layer = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    snap = snapshot(layer)
+    rows = layer.telemetry_rows.clone()
+    with pytest.raises(exc, match=match), torch.no_grad():
+        layer(bad())
+    assert_unchanged(layer, snap)
+    assert torch.equal(layer.telemetry_rows, rows)
+    bad_bp = layer.seed_blueprint.clone()
+    bad_bp[1] = 99
+    layer.seed_blueprint = bad_bp  # a rebound, invalid seed table is checked too
+    snap = snapshot(layer)
+    with pytest.raises(ValueError, match="blueprint"), torch.no_grad():
+        layer(torch.randn(3, 24))
+    assert_unchanged(layer, snap)
