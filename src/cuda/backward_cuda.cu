@@ -886,7 +886,8 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   if (by_smem < groups) groups = by_smem;
   if (groups < 1) groups = 1;
   plan.threads = plan.group * static_cast<int>(groups);
-  const RowsChoice choice = select_rows_in_flight(false, dev, p.dtype, p.rows, p.hidden);
+  const RowsChoice choice =
+      select_rows_in_flight(false, dev, launch_knobs(dev, p.dtype, p.rows, p.hidden));
   plan.rows_in_flight = r.vector ? choice.rows : 1;
   plan.rows_source = r.vector ? choice.source : "scalar path";
   // No more rows in flight than a small batch fills (as the forward).

@@ -35,37 +35,45 @@ struct DeviceInfo {
 // The current device's facts (cached, thread-safe).
 const DeviceInfo& current_device_info();
 
-// The one selection point of the rows in flight (ops.hpp): a nonzero
-// CudaLaunchConfig field, else the tuned entry of (device, element size,
-// shape class), else the architecture's default; `source` names which.
+// What the one selection point of the launch knobs reads, read once per
+// call: the process's CudaLaunchConfig and the tuned entry of (device,
+// element size, shape class) (one lookup of the tuned table under its
+// mutex, not one per knob).
+struct LaunchKnobs {
+  CudaLaunchConfig set;
+  CudaTunedEntry tuned;
+  std::size_t elem_bytes;
+  ShapeClass shape;
+};
+LaunchKnobs launch_knobs(const DeviceInfo& dev, DType dtype, int64_t rows, int64_t hidden);
+
+// The rows in flight (ops.hpp): a nonzero CudaLaunchConfig field, else the
+// tuned entry, else the architecture's default; `source` names which.
 struct RowsChoice {
   int rows;
   const char* source;  // "set", "tuned" or "default"
 };
-RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, DType dtype, int64_t rows,
-                                 int64_t hidden);
+RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, const LaunchKnobs& k);
 
-// The one selection point of the forward variant and the TMA pipeline depth:
-// a CudaLaunchConfig field, else the tuned entry, else the architecture's
-// default for the shape class (tuning.hpp); stages 0 means "as many as the
-// tuning's stage budget holds".
+// The forward variant and the TMA pipeline depth: a CudaLaunchConfig field,
+// else the tuned entry, else the architecture's default for the shape class
+// (tuning.hpp); stages 0 means "as many as the tuning's stage budget holds".
 struct VariantChoice {
   CudaForwardVariant variant;
   int stages;
   const char* source;  // "set", "tuned" or "default"
 };
-VariantChoice select_forward_variant(const DeviceInfo& dev, DType dtype, int64_t rows,
-                                     int64_t hidden);
+VariantChoice select_forward_variant(const DeviceInfo& dev, const LaunchKnobs& k);
 
-// The one selection point of the forward's lanes per row: a nonzero
-// CudaLaunchConfig field, else the tuned entry, else the architecture's
-// default for the element size and the row's vectors (tuning.hpp). The plan
-// then caps it at the row's vectors rounded up to a power of two.
+// The forward's lanes per row: a nonzero CudaLaunchConfig field, else the
+// tuned entry, else the architecture's default for the element size and the
+// row's vectors (tuning.hpp). The plan then caps it at the row's vectors
+// rounded up to a power of two.
 struct GroupChoice {
   int group;
   const char* source;  // "set", "tuned" or "default"
 };
-GroupChoice select_forward_group(const DeviceInfo& dev, DType dtype, int64_t rows, int64_t hidden,
+GroupChoice select_forward_group(const DeviceInfo& dev, const LaunchKnobs& k,
                                  int64_t vectors_per_row, bool vector_path);
 
 // CTAs of `func` (launched with `threads` and `smem_bytes` dynamic shared

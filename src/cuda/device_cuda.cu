@@ -41,52 +41,48 @@ const DeviceInfo& current_device_info() {
   return *it->second;
 }
 
-RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, DType dtype, int64_t rows,
-                                 int64_t hidden) {
-  const CudaLaunchConfig set = cuda_launch_config();
-  const int configured = forward ? set.forward_rows_in_flight : set.backward_rows_in_flight;
+LaunchKnobs launch_knobs(const DeviceInfo& dev, DType dtype, int64_t rows, int64_t hidden) {
+  LaunchKnobs k{};
+  k.set = cuda_launch_config();
+  k.elem_bytes = dtype_size(dtype);
+  k.shape = shape_class(rows, hidden, k.elem_bytes);
+  k.tuned = cuda_tuned_lookup(dev.name, k.elem_bytes, k.shape);
+  return k;
+}
+
+RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, const LaunchKnobs& k) {
+  const int configured = forward ? k.set.forward_rows_in_flight : k.set.backward_rows_in_flight;
   if (configured != 0) return {configured, "set"};
-  const std::size_t esize = dtype_size(dtype);
-  const CudaTunedEntry tuned = cuda_tuned_lookup(dev.name, esize, shape_class(rows, hidden, esize));
-  const int from_table = forward ? tuned.forward_rows_in_flight : tuned.backward_rows_in_flight;
+  const int from_table = forward ? k.tuned.forward_rows_in_flight : k.tuned.backward_rows_in_flight;
   if (from_table != 0) return {from_table, "tuned"};
   const Tuning& t = tuning_for(dev.cc_major);
   if (!forward) return {t.backward_rows_in_flight, "default"};
-  return {esize == 4 ? t.forward_rows_in_flight_4byte : t.forward_rows_in_flight_2byte, "default"};
+  return {k.elem_bytes == 4 ? t.forward_rows_in_flight_4byte : t.forward_rows_in_flight_2byte,
+          "default"};
 }
 
-GroupChoice select_forward_group(const DeviceInfo& dev, DType dtype, int64_t rows, int64_t hidden,
+GroupChoice select_forward_group(const DeviceInfo& dev, const LaunchKnobs& k,
                                  int64_t vectors_per_row, bool vector_path) {
-  const int set = cuda_launch_config().forward_group;
-  if (set != 0) return {set, "set"};
-  const std::size_t elem_bytes = dtype_size(dtype);
-  const int tuned =
-      cuda_tuned_lookup(dev.name, elem_bytes, shape_class(rows, hidden, elem_bytes)).forward_group;
-  if (tuned != 0) return {tuned, "tuned"};
-  const Tuning& t = tuning_for(dev.cc_major);
+  if (k.set.forward_group != 0) return {k.set.forward_group, "set"};
+  if (k.tuned.forward_group != 0) return {k.tuned.forward_group, "tuned"};
   // The scalar path (odd C or pointers) keeps the widest group: its "vectors"
   // are single elements.
   if (!vector_path) return {kForwardGroupThreads, "default"};
-  return {forward_group_default(t, elem_bytes, vectors_per_row), "default"};
+  return {forward_group_default(tuning_for(dev.cc_major), k.elem_bytes, vectors_per_row), "default"};
 }
 
-VariantChoice select_forward_variant(const DeviceInfo& dev, DType dtype, int64_t rows,
-                                     int64_t hidden) {
-  const CudaLaunchConfig set = cuda_launch_config();
-  const std::size_t esize = dtype_size(dtype);
-  const ShapeClass shape = shape_class(rows, hidden, esize);
-  const CudaTunedEntry tuned = cuda_tuned_lookup(dev.name, esize, shape);
+VariantChoice select_forward_variant(const DeviceInfo& dev, const LaunchKnobs& k) {
   VariantChoice c{};
-  if (set.forward_variant != CudaForwardVariant::automatic) {
-    c.variant = set.forward_variant;
+  if (k.set.forward_variant != CudaForwardVariant::automatic) {
+    c.variant = k.set.forward_variant;
     c.source = "set";
-  } else if (tuned.forward_variant != CudaForwardVariant::automatic) {
-    c.variant = tuned.forward_variant;
+  } else if (k.tuned.forward_variant != CudaForwardVariant::automatic) {
+    c.variant = k.tuned.forward_variant;
     c.source = "tuned";
   } else {
     const Tuning& t = tuning_for(dev.cc_major);
-    const int* by_class = esize == 4 ? t.forward_variant_4byte : t.forward_variant_2byte;
-    c.variant = static_cast<CudaForwardVariant>(by_class[static_cast<int>(shape)]);
+    const int* by_class = k.elem_bytes == 4 ? t.forward_variant_4byte : t.forward_variant_2byte;
+    c.variant = static_cast<CudaForwardVariant>(by_class[static_cast<int>(k.shape)]);
     // The TMA kernel is sm_90a code: newer architectures share sm_90's
     // tuning otherwise, but keep the generic kernel by default.
     if (c.variant == CudaForwardVariant::tma && dev.cc_major != 9) {
@@ -94,7 +90,7 @@ VariantChoice select_forward_variant(const DeviceInfo& dev, DType dtype, int64_t
     }
     c.source = "default";
   }
-  c.stages = set.forward_stages != 0 ? set.forward_stages : tuned.forward_stages;
+  c.stages = k.set.forward_stages != 0 ? k.set.forward_stages : k.tuned.forward_stages;
   return c;
 }
 

@@ -179,8 +179,8 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   plan.vector = r.vector ? kVectorBytes / static_cast<int>(dtype_size(p.dtype)) : 1;
   // Lanes per row (select_forward_group): never more than the row has
   // vectors, so no lane of a group is idle for a whole row.
-  const GroupChoice gc =
-      select_forward_group(dev, p.dtype, p.rows, p.hidden, r.C / plan.vector, r.vector);
+  const LaunchKnobs knobs = launch_knobs(dev, p.dtype, p.rows, p.hidden);
+  const GroupChoice gc = select_forward_group(dev, knobs, r.C / plan.vector, r.vector);
   plan.group = gc.group;
   plan.group_source = gc.source;
   const int needed = next_pow2(ceil_div(r.C, plan.vector));
@@ -196,7 +196,7 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   if (plan.group > needed) plan.group = needed;
   plan.threads = t.block_threads;
   // The scalar path (a fallback for odd shapes and pointers) keeps one row.
-  const RowsChoice choice = select_rows_in_flight(true, dev, p.dtype, p.rows, p.hidden);
+  const RowsChoice choice = select_rows_in_flight(true, dev, knobs);
   plan.rows_in_flight = r.vector ? choice.rows : 1;
   plan.rows_source = r.vector ? choice.source : "scalar path";
   // 2-byte types at most 2: their 8-wide step with four rows spilled on
@@ -218,7 +218,7 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   plan.tiles = plan.tiles_max;  // refined by finish_plan() for the kernel that runs
   // The variant: TMA where selected and possible, with the generic kernel's
   // plan for 1 row in flight (the same passes, so the same bits).
-  const VariantChoice vc = select_forward_variant(dev, p.dtype, p.rows, p.hidden);
+  const VariantChoice vc = select_forward_variant(dev, knobs);
   plan.variant_source = vc.source;
   if (vc.variant == CudaForwardVariant::tma && allow_tma) {
     LaunchPlan one = plan;
