@@ -257,8 +257,16 @@ TEST_P(Validation, BackwardErrors) {
   cases.push_back({"dalpha overlaps alpha",
                    [](Problem&, BackwardParams& q) { q.dalpha = const_cast<float*>(q.seeds.alpha); },
                    {kValue, {"dalpha must not overlap seeds.alpha"}}});
+  // Both in one buffer of their own: grad_stats (3 S floats) placed at the
+  // problem's dalpha could also reach whichever output the heap put next,
+  // and that pair's message would come first.
   cases.push_back({"grad_stats overlap dalpha",
-                   [](Problem&, BackwardParams& q) { q.grad_stats = q.dalpha; },
+                   [](Problem& p, BackwardParams& q) {
+                     static std::vector<float> both;
+                     both.assign(static_cast<std::size_t>(4 * p.num_seeds), 0.0f);
+                     q.dalpha = both.data();
+                     q.grad_stats = both.data() + 1;
+                   },
                    {kValue, {"dalpha must not overlap grad_stats"}}});
   cases.push_back(
       {"dx overlaps x partly",
