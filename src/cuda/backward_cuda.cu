@@ -499,11 +499,13 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
       scale_d[u] = 1.0;
     }
     if constexpr (Clip) {
-      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G
-      // (squares of floats are exact in float64).
-      S ss[U];
+      // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G in
+      // float64 for every dtype (squares of floats are exact there, and
+      // bfloat16's range would overflow a float32 sum of squares, zeroing
+      // the very rows the clip is for).
+      double ss[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) ss[u] = S(0);
+      for (int u = 0; u < U; ++u) ss[u] = 0.0;
       for (int c = lane * V; c < C; c += span) {
         RawVec<T, V> rx[U], rg[U];
         rows.template load<V>(c, true, rx, rg);
@@ -514,13 +516,13 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
           prepare_step<T, V, M, Clamp>(rx[u], rg[u], rows.xr(u), rows.gr(u), c, C, sv, table,
                                        false, clo, chi, xs, g);
 #pragma unroll
-          for (int i = 0; i < V; ++i) ss[u] = fma(static_cast<S>(g[i]), static_cast<S>(g[i]), ss[u]);
+          for (int i = 0; i < V; ++i) ss[u] = fma(static_cast<double>(g[i]), g[i], ss[u]);
         }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         ss[u] = group_sum(ss[u], G);
-        scale_d[u] = clip_factor(static_cast<double>(ss[u]), args.clip_norm);
+        scale_d[u] = clip_factor(ss[u], args.clip_norm);
         scale[u] = static_cast<float>(scale_d[u]);
       }
     }
@@ -573,7 +575,7 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
             if (att) {
               through = cf * gi;
               contrib = gi * xi;
-              t_minus_x = xd * (cd - S(1));  // at most one float64 rounding
+              t_minus_x = xd * (cd - S(1));  // at most one rounding in float64
             } else if (mlp) {
               const float pre = xi * cf;
               through = pre > 0.0f ? sigma * cf * gi : 0.0f;

@@ -64,10 +64,11 @@ RowsChoice select_rows_in_flight(bool forward, const DeviceInfo& dev, const Laun
 GroupChoice select_forward_group(const DeviceInfo& dev, const LaunchKnobs& k,
                                  int64_t vectors_per_row, bool vector_path) {
   if (k.set.forward_group != 0) return {k.set.forward_group, "set"};
-  if (k.tuned.forward_group != 0) return {k.tuned.forward_group, "tuned"};
-  // The scalar path (odd C or pointers) keeps the widest group: its "vectors"
-  // are single elements.
+  // The scalar path (odd C or pointers) keeps the widest group by default:
+  // its "vectors" are single elements, and `kasmina tune` measures the
+  // vector path only.
   if (!vector_path) return {kForwardGroupThreads, "default"};
+  if (k.tuned.forward_group != 0) return {k.tuned.forward_group, "tuned"};
   return {forward_group_default(tuning_for(dev.cc_major), k.elem_bytes, vectors_per_row), "default"};
 }
 

@@ -214,12 +214,13 @@ struct PassRows {
 // sums were a quarter of the bfloat16 forward's time): with D = T - X, so
 // Y = X + a D, the float32 sums |X|^2, X.D and |D|^2, and
 //   1 - cos = a^2 (|X|^2 |D|^2 - (X.D)^2) / (r (r + X.Y)),  r = |X| |Y|
-// (Lagrange's identity: no cancellation in 1 - cos however small the drift;
-// for X.Y < 0 the plain 1 - X.Y / r, which has none either), all in
-// float32. A row whose
-// float32 sums cannot be trusted (a non-finite value, squares that overflow
-// or underflow float32, |Y| << |X|) is summed again in float64 the float32
-// way's predecessor does (drift_row_exact).
+// (Lagrange's identity: not the cancellation of 1 - cos against 1, however
+// small the drift; what is left cancels only as D turns parallel to X, at
+// float32 rounding of the sums; for X.Y < 0 the plain 1 - X.Y / r), all in
+// float32. A row whose float32 sums or finish cannot be trusted (a
+// non-finite value, squares or sums past float32's range or under 2^-100,
+// |Y| << |X|) is summed again in float64 as float32 inputs are
+// (drift_row_sums_exact).
 template <typename T>
 inline constexpr bool kDriftFloat32 = sizeof(T) == 2;
 
@@ -247,7 +248,8 @@ __device__ __forceinline__ bool one_minus_cos_lagrange(float xx, float xd, float
   if (!(isfinite(xx) && isfinite(xd) && isfinite(dd)) || xx < 0x1p-100f) return false;
   const float xy = fmaf(a, xd, xx);
   const float yy = fmaf(a, fmaf(a, dd, 2.0f * xd), xx);
-  if (!(yy > 0x1p-10f * xx)) return false;  // |Y| << |X|: cancellation in |Y|^2
+  // |Y| << |X| (cancellation in |Y|^2), or |Y|^2 past float32's range.
+  if (!(yy > 0x1p-10f * xx) || !isfinite(yy)) return false;
   const float ix = rsqrtf(xx);
   const float iy = rsqrtf(yy);
   const float c = xy * ix * iy;  // cos(X, Y)
@@ -257,10 +259,13 @@ __device__ __forceinline__ bool one_minus_cos_lagrange(float xx, float xd, float
     // (|X|^2 |D|^2 - (X.D)^2) / (|X|^2 |Y|^2) as |D|^2/|Y|^2 - (X.D/(|X||Y|))^2:
     // scaled first, so no product overflows float32.
     const float q = xd * ix * iy;
-    const float e = fmaxf(fmaf(dd * iy, iy, -q * q), 0.0f);
-    out = __fdividef(a * a * e, 1.0f + c);  // 1 + c in [1, 2]
+    const float e = fmaf(dd * iy, iy, -q * q);
+    // |D|^2 / |Y|^2 past float32's range (a tiny a with a huge D): the exact
+    // sums decide (fmaxf below would turn a NaN into 0).
+    if (!isfinite(e)) return false;
+    out = __fdividef(a * a * fmaxf(e, 0.0f), 1.0f + c);  // 1 + c in [1, 2]
   }
-  return true;
+  return isfinite(out);
 }
 
 // The float64 row sums X.Y, |X|^2, |Y|^2 of this lane's part of one row,

@@ -177,8 +177,8 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   const Tuning& t = tuning_for(dev.cc_major);
   LaunchPlan plan;
   plan.vector = r.vector ? kVectorBytes / static_cast<int>(dtype_size(p.dtype)) : 1;
-  // Lanes per row (select_forward_group): never more than the row has
-  // vectors, so no lane of a group is idle for a whole row.
+  // Lanes per row (select_forward_group): at most the row's vectors rounded
+  // up to a power of two, so no lane of a group is idle for a whole row.
   const LaunchKnobs knobs = launch_knobs(dev, p.dtype, p.rows, p.hidden);
   const GroupChoice gc = select_forward_group(dev, knobs, r.C / plan.vector, r.vector);
   plan.group = gc.group;

@@ -366,7 +366,8 @@ void check_tma_matches_generic(const ProblemOptions& o, int stages, bool misalig
     const std::string desc = describe_forward(d.forward_params(tma), Backend::cuda);
     const std::size_t at = desc.find(" lanes per row");
     ASSERT_NE(at, std::string::npos) << desc;
-    group = std::stoi(desc.substr(desc.rfind(' ', at - 1) + 1, at));
+    const std::size_t from = desc.rfind(' ', at - 1) + 1;
+    group = std::stoi(desc.substr(from, at - from));
   }
   c.forward_variant = CudaForwardVariant::generic;
   c.forward_stages = 0;
@@ -430,16 +431,19 @@ TEST_F(SmallCuda, DriftRowsOutsideFloat32Range) {
         ProblemOptions o = shape(300, 64, 4, dt, ++rng);
         o.only_stage = static_cast<int32_t>(Stage::grafting);
         Problem p = make_problem(o);
-        // bfloat16 has float32's range: 1e-30 squares underflow it, 1e19
-        // rows of 64 overflow its sums; float16's smallest values are
-        // denormals whose squares float32 holds.
+        // bfloat16 has float32's range: 1e-30 squares underflow it, rows of
+        // 64 values near 1e18-1e19 overflow its sums; float16's smallest
+        // values are denormals whose squares float32 holds.
         const double tiny = dt == DType::f16 ? 1e-7 : 1e-30;
         for (int64_t n = 0; n < p.rows; ++n) {
           for (int64_t j = 0; j < p.hidden; ++j) {
             const int64_t i = n * p.row_stride + j;
             const double v = p.x.get(i);
             if (overflow) {
+              // 1e19: |X|^2 itself overflows; 1.5e18: |X|^2 may stay finite
+              // while |Y|^2 or X.Y does not.
               if (n % 3 == 1) p.x.set(i, v * 1e19);
+              if (n % 3 == 2) p.x.set(i, v * 1.5e18);
               continue;
             }
             switch (n % 5) {
