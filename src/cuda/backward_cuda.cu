@@ -388,19 +388,6 @@ __device__ __forceinline__ void backward_copy_rows(const BackwardArgs& args, int
 // clamp or the clip. `wide` runs RESIDUAL, ATTENTION and MLP without the
 // coefficient table (C too wide for it), with the kind tested per element.
 
-// The coefficient of column j for mode M: the table's w_j or p_j,
-// computed for `wide`, none for CONV.
-template <Mode M>
-__device__ __forceinline__ float mode_coef(const SeedView& sv, const float* table, int j) {
-  if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
-    return table[j];
-  } else if constexpr (M == Mode::wide) {
-    return coef_at(sv, nullptr, j);
-  } else {
-    return 0.0f;
-  }
-}
-
 // One step of a row for mode M, from the raw vectors of X and G at the V
 // columns c..c+V-1: X in xs[2..V+1] (CONV: its two left neighbours in
 // xs[0..1], and with `halo` its two right ones in xs[V+2..V+3]) and G after

@@ -577,6 +577,19 @@ __device__ __forceinline__ float mode_transform(const SeedView& sv, float coef, 
   }
 }
 
+// The coefficient of column j for mode M: the table's w_j or p_j,
+// computed for `wide`, none for CONV.
+template <Mode M>
+__device__ __forceinline__ float mode_coef(const SeedView& sv, const float* table, int j) {
+  if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
+    return table[j];
+  } else if constexpr (M == Mode::wide) {
+    return coef_at(sv, nullptr, j);
+  } else {
+    return 0.0f;
+  }
+}
+
 // SPEC section 3's clamp; a NaN stays NaN, as in torch.clamp.
 __device__ __forceinline__ float clamp_output(bool enabled, float lo, float hi, float v) {
   if (!enabled) return v;

@@ -286,13 +286,7 @@ __device__ __forceinline__ void drift_row_sums_exact(const ForwardArgs& args, co
     }
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      float coef = 0.0f;
-      if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
-        coef = table[c + i];
-      } else if constexpr (M == Mode::wide) {
-        coef = coef_at(sv, nullptr, c + i);
-      }
-      const float t = mode_transform<M>(sv, coef, xv[i], xm1, xm2);
+      const float t = mode_transform<M>(sv, mode_coef<M>(sv, table, c + i), xv[i], xm1, xm2);
       xm2 = xm1;
       xm1 = xv[i];
       const double xd = xv[i], yd = a * t + b * xv[i];
@@ -342,16 +336,8 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
       } else {
         float yv[V];
         float coef[V];
-        if constexpr (M == Mode::residual || M == Mode::attention || M == Mode::mlp) {
 #pragma unroll
-          for (int i = 0; i < V; ++i) coef[i] = table[c + i];
-        } else if constexpr (M == Mode::wide) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) coef[i] = coef_at(sv, nullptr, c + i);
-        } else {
-#pragma unroll
-          for (int i = 0; i < V; ++i) coef[i] = 0.0f;
-        }
+        for (int i = 0; i < V; ++i) coef[i] = mode_coef<M>(sv, table, c + i);
         // CONV's two left neighbours (0 at the chunk start; cache hits, the
         // neighbour lane loaded them), then rolled along the vector.
         float xm2 = 0.0f, xm1 = 0.0f;
