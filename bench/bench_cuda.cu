@@ -12,12 +12,18 @@
 // kernel, kasmina::CudaLaunchConfig) and, for the small shape, the forward
 // replayed from a CUDA graph.
 //
-//   bench_cuda [--runs N] [--json FILE] [--no-candidates]
+// Last, the host side of one launch (small shape, float32, blending seeds):
+// host microseconds per kasmina::forward call and per empty kernel launch,
+// and an empty kernel's GPU time by the same events method (what any launch
+// pays before its first instruction).
+//
+//   bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...]
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -39,6 +45,8 @@ void check(cudaError_t status, const char* expr, int line) {
   }
 }
 #define CHECK(expr) check((expr), #expr, __LINE__)
+
+__global__ void empty_kernel() {}
 
 __global__ void spin_kernel(long long cycles) {
   const long long start = clock64();
@@ -332,6 +340,25 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
                           fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
         }
       }
+      // Threads per CTA (kasmina::CudaLaunchConfig::forward_block_threads)
+      // with the default of everything else, and with the generic kernel at
+      // 8 lanes per row.
+      for (int threads : {64, 128}) {
+        kasmina::CudaLaunchConfig c;
+        c.forward_block_threads = threads;
+        kasmina::set_cuda_launch_config(c);
+        double t = time_forward();
+        rows.push_back({"forward", dname, mode,
+                        "fwd default, " + std::to_string(threads) + " threads", shape, t,
+                        fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+        c.forward_variant = kasmina::CudaForwardVariant::generic;
+        c.forward_group = 8;
+        kasmina::set_cuda_launch_config(c);
+        t = time_forward();
+        rows.push_back({"forward", dname, mode,
+                        "fwd generic, 8 lanes per row, " + std::to_string(threads) + " threads",
+                        shape, t, fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+      }
       // The forward variants (sm_90: TMA at each pipeline depth; elsewhere
       // the generic kernel runs and the row says so).
       for (int stages : {2, 3, 4, 8}) {
@@ -444,6 +471,63 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
   CHECK(cudaFree(x));
 }
 
+// The host side of a launch: per-call host time of kasmina::forward on the
+// small shape (float32, blending seeds) and of an empty kernel launch, each
+// the median of 7 batches of kCalls calls enqueued back to back (the GPU
+// runs behind; the batch ends with a synchronize that is not counted), and
+// the GPU time of an empty kernel by the events method of every other row.
+void run_host_overhead(Bench& bench, std::vector<Row>& rows) {
+  constexpr int kCalls = 400;
+  const Shape shape{16, 4096, 64};
+  const int64_t numel = shape.rows * shape.hidden;
+  const std::size_t bytes = static_cast<std::size_t>(numel) * sizeof(float);
+  void *x = nullptr, *y = nullptr;
+  CHECK(cudaMalloc(&x, bytes));
+  CHECK(cudaMalloc(&y, bytes));
+  fill<float>(x, numel, 5);
+  DeviceLayer layer(shape, true);
+  kasmina::ForwardParams fp = forward_params_for(layer, shape, kasmina::DType::f32, x, bench.stream());
+  fp.y = y;
+  fp.telemetry = layer.telemetry;
+  fp.nonfinite_count = layer.nonfinite;
+  fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
+  CHECK(cudaMalloc(&fp.workspace, fp.workspace_bytes));
+  CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
+  CHECK(cudaDeviceSynchronize());
+  auto host_us = [&](auto op) {
+    for (int i = 0; i < 50; ++i) op();
+    CHECK(cudaStreamSynchronize(bench.stream()));
+    std::vector<float> per_call;
+    for (int b = 0; b < 7; ++b) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < kCalls; ++i) op();
+      const auto t1 = std::chrono::steady_clock::now();
+      CHECK(cudaStreamSynchronize(bench.stream()));
+      per_call.push_back(static_cast<float>(
+          std::chrono::duration<double, std::micro>(t1 - t0).count() / kCalls));
+    }
+    return median(per_call);
+  };
+  const std::string dname = "float32";
+  auto add = [&](const char* pass, const char* what, double us) {
+    rows.push_back({pass, dname, "blend-mixed", what, shape, us, 0.0, 0.0, 0.0});
+  };
+  add("host forward", "host us per kasmina::forward call (plan + checks + launch)",
+      host_us([&] { kasmina::forward(fp, kasmina::Backend::cuda); }));
+  add("host empty launch", "host us per empty kernel launch",
+      host_us([&] {
+        empty_kernel<<<1, 32, 0, bench.stream()>>>();
+        CHECK(cudaGetLastError());
+      }));
+  add("gpu empty kernel", "GPU us of an empty kernel (events method)", bench.time_us([&] {
+        empty_kernel<<<1, 32, 0, bench.stream()>>>();
+        CHECK(cudaGetLastError());
+      }));
+  CHECK(cudaFree(fp.workspace));
+  CHECK(cudaFree(x));
+  CHECK(cudaFree(y));
+}
+
 std::string json_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
@@ -459,6 +543,7 @@ int main(int argc, char** argv) {
   int runs = 50;
   bool candidates = true;
   std::string json_path;
+  std::vector<Shape> shapes = {{16384, 4096, 64}, {8192, 768, 16}, {16, 4096, 64}};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--runs" && i + 1 < argc) {
@@ -467,8 +552,27 @@ int main(int argc, char** argv) {
       json_path = argv[++i];
     } else if (a == "--no-candidates") {
       candidates = false;
+    } else if (a == "--shapes" && i + 1 < argc) {
+      shapes.clear();
+      std::stringstream list(argv[++i]);
+      std::string item;
+      while (std::getline(list, item, ',')) {
+        Shape sh{};
+        long long r = 0, h = 0;
+        int sd = 0;
+        if (std::sscanf(item.c_str(), "%lldx%lld:%d", &r, &h, &sd) != 3 || r < 0 || h <= 0 ||
+            sd <= 0 || h % sd != 0) {
+          std::fprintf(stderr, "bench_cuda: bad shape '%s' (want ROWSxHIDDEN:SEEDS)\n", item.c_str());
+          return 2;
+        }
+        sh.rows = r;
+        sh.hidden = h;
+        sh.seeds = sd;
+        shapes.push_back(sh);
+      }
     } else {
-      std::fprintf(stderr, "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates]\n");
+      std::fprintf(stderr,
+                   "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...]\n");
       return 2;
     }
   }
@@ -483,13 +587,17 @@ int main(int argc, char** argv) {
                 bench.prop().name, bench.prop().major, bench.prop().minor,
                 bench.prop().multiProcessorCount, runs);
     std::vector<Row> rows;
-    const Shape shapes[] = {{16384, 4096, 64}, {8192, 768, 16}, {16, 4096, 64}};
+    bool small = false;
     for (const Shape& s : shapes) {
+      small = small || (s.rows == 16 && s.hidden == 4096 && s.seeds == 64);
       for (kasmina::DType dt : {kasmina::DType::f32, kasmina::DType::bf16}) {
         run_shape(bench, s, dt, candidates, rows);
       }
     }
-    for (kasmina::DType dt : {kasmina::DType::f32, kasmina::DType::bf16}) run_streaming(bench, dt, rows);
+    if (small) {
+      for (kasmina::DType dt : {kasmina::DType::f32, kasmina::DType::bf16}) run_streaming(bench, dt, rows);
+      run_host_overhead(bench, rows);
+    }
     std::printf("%-17s %-9s %-16s %-12s %10s %9s %9s %7s\n", "pass", "dtype", "shape", "seeds",
                 "time_us", "GB/s", "floorGB/s", "%floor");
     for (const Row& r : rows) {
@@ -518,7 +626,7 @@ int main(int argc, char** argv) {
     std::printf("variants:\n");
     for (const Row& r : rows) {
       if (r.seeds_mode == "blend-mixed" && !r.candidate && r.pass != "forward (graph)" &&
-          r.pass.find(" x8 ") == std::string::npos) {
+          r.floor_gbps > 0.0) {
         std::printf("  %s\n", r.variant.c_str());
       }
     }

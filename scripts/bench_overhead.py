@@ -4,8 +4,9 @@
 A tiny input (8 rows x 64 features, 8 seeds, all GRAFTING) makes the kernel's
 own work negligible, so the median wall time per call is the cost of getting
 there. Rows, from the full module call down to the bare binding:
-- KasminaLayer.forward under no_grad (the eager path: no torch.library, the
-  binding called directly, telemetry written into the buffers);
+- KasminaLayer.forward under no_grad (the eager path: KasminaLayer.__call__
+  calls _C.layer_call, which runs nn.Module.__call__'s and forward's eager
+  checks, allocates y and launches; telemetry written into the buffers);
 - KasminaLayer.forward with gradients (through kasmina._ops.EagerForward, a
   torch.autograd.Function; forward only, no backward);
 - torch.ops.kasmina.forward (the registered custom op: torch.library's Python
@@ -82,6 +83,20 @@ def main():
                None, None, b, stream)
         binding_us = per_call_us(lambda: _C.forward(*raw), args.calls, args.repeats, sync)
         add_us = per_call_us(lambda: x + 1, args.calls, args.repeats, sync)
+        # Where the layer's time goes: its parts, each alone.
+        module_call = torch.nn.Module.__call__
+        parts = {
+            "nn.Module.__call__ + layer.forward": lambda: module_call(layer, x),
+            "layer.forward (no Module.__call__)": lambda: layer.forward(x),
+            "_C.layer_call (KasminaLayer.__call__)": lambda: _C.layer_call(layer, x),
+            "torch.empty_like(x)": lambda: torch.empty_like(x, memory_format=torch.contiguous_format),
+            "_ops.eager_ok(x, 3 params)": lambda: _ops.eager_ok(x, layer.alpha, layer.weights,
+                                                                layer.scales),
+            "_C.layer_forward (the binding)": lambda: _C.layer_forward(
+                x, y, layer.alpha, layer.weights, layer.scales, layer._buffers, layer._config,
+                "auto"),
+        }
+        part_us = {k: per_call_us(f, args.calls, args.repeats, sync) for k, f in parts.items()}
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"device: {dev} ({name}), torch {torch.__version__}, kasmina {kasmina.__version__}")
@@ -92,6 +107,9 @@ def main():
     print(f"kasmina._C.forward        {binding_us:8.2f} us/call")
     print(f"x + 1 (trivial torch op)  {add_us:8.2f} us/call")
     print(f"layer overhead vs x + 1:  {layer_us / add_us:8.1f}x")
+    print("parts (each alone, no_grad):")
+    for k, v in part_us.items():
+        print(f"  {k:34s} {v:8.2f} us/call")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ struct CudaLaunchConfig {
   // share the per-row work (the drift's row sums) among fewer lanes; never
   // more lanes than the row has vectors.
   int forward_group = 0;
+  // Threads per CTA of the forward: 0 (default), 64, 128 or 256. Fewer
+  // threads give a small batch fewer idle row groups and a shorter block
+  // reduction; more give a large one more bytes in flight per CTA.
+  int forward_block_threads = 0;
 };
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.
@@ -108,6 +112,7 @@ struct CudaTunedEntry {
   CudaForwardVariant forward_variant = CudaForwardVariant::automatic;  // automatic = keep the default
   int forward_stages = 0;
   int forward_group = 0;  // lanes per row; 0 = keep the default
+  int forward_block_threads = 0;  // threads per forward CTA; 0 = keep the default
 };
 void set_cuda_tuned_table(const std::vector<CudaTunedEntry>&);
 std::vector<CudaTunedEntry> cuda_tuned_table();

@@ -16,6 +16,7 @@ std::atomic<int> g_backward_rows{0};
 std::atomic<int> g_forward_variant{0};
 std::atomic<int> g_forward_stages{0};
 std::atomic<int> g_forward_group{0};
+std::atomic<int> g_forward_threads{0};
 
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
@@ -28,6 +29,8 @@ bool valid_variant(CudaForwardVariant v) {
 bool valid_stages(int v) { return v == 0 || (v >= 2 && v <= 8); }
 // Row groups of the forward reduce with at most three butterfly steps.
 bool valid_group(int v) { return v == 0 || v == 1 || v == 2 || v == 4 || v == 8; }
+// Whole warps, at most kMaxBlockThreads (tuning.hpp: the kernels' launch bounds).
+bool valid_threads(int v) { return v == 0 || v == 64 || v == 128 || v == 256; }
 }  // namespace
 
 std::string_view cuda_forward_variant_name(CudaForwardVariant v) {
@@ -55,11 +58,15 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   KASMINA_CHECK_VALUE(valid_group(config.forward_group),
                       "forward_group must be 0 (default), 1, 2, 4 or 8 (got ", config.forward_group,
                       ")");
+  KASMINA_CHECK_VALUE(valid_threads(config.forward_block_threads),
+                      "forward_block_threads must be 0 (default), 64, 128 or 256 (got ",
+                      config.forward_block_threads, ")");
   g_forward_rows.store(config.forward_rows_in_flight, std::memory_order_relaxed);
   g_backward_rows.store(config.backward_rows_in_flight, std::memory_order_relaxed);
   g_forward_variant.store(static_cast<int>(config.forward_variant), std::memory_order_relaxed);
   g_forward_stages.store(config.forward_stages, std::memory_order_relaxed);
   g_forward_group.store(config.forward_group, std::memory_order_relaxed);
+  g_forward_threads.store(config.forward_block_threads, std::memory_order_relaxed);
 }
 
 namespace {
@@ -111,6 +118,9 @@ void set_cuda_tuned_table(const std::vector<CudaTunedEntry>& entries) {
                         "tuned entry: forward_stages must be 0 or 2 to 8 (got ", e.forward_stages, ")");
     KASMINA_CHECK_VALUE(valid_group(e.forward_group),
                         "tuned entry: forward_group must be 0, 1, 2, 4 or 8 (got ", e.forward_group, ")");
+    KASMINA_CHECK_VALUE(valid_threads(e.forward_block_threads),
+                        "tuned entry: forward_block_threads must be 0, 64, 128 or 256 (got ",
+                        e.forward_block_threads, ")");
   }
   const std::lock_guard<std::mutex> lock(g_table_mutex);
   table() = entries;
@@ -143,6 +153,7 @@ CudaLaunchConfig cuda_launch_config() {
       static_cast<CudaForwardVariant>(g_forward_variant.load(std::memory_order_relaxed));
   c.forward_stages = g_forward_stages.load(std::memory_order_relaxed);
   c.forward_group = g_forward_group.load(std::memory_order_relaxed);
+  c.forward_block_threads = g_forward_threads.load(std::memory_order_relaxed);
   return c;
 }
 

@@ -75,6 +75,13 @@ struct GroupChoice {
 };
 GroupChoice select_forward_group(const DeviceInfo& dev, const LaunchKnobs& k,
                                  int64_t vectors_per_row, bool vector_path);
+// Threads per CTA of the forward: the set value, else the tuned entry, else
+// the architecture's block_threads (tuning.hpp).
+struct ThreadsChoice {
+  int threads;
+  const char* source;  // "set", "tuned" or "default"
+};
+ThreadsChoice select_forward_threads(const DeviceInfo& dev, const LaunchKnobs& k);
 
 // CTAs of `func` (launched with `threads` and `smem_bytes` dynamic shared
 // memory) one SM of the current device holds at once; cached per (kernel,
@@ -90,6 +97,7 @@ struct LaunchPlan {
   int rows_in_flight = 1;  // rows a thread loads before it computes on the first
   const char* rows_source = "default";  // select_rows_in_flight's source
   const char* group_source = "default";  // select_forward_group's source (forward)
+  const char* threads_source = "default";  // select_forward_threads's source (forward)
   int rows_per_pass = 1;  // rows a CTA covers per pass (row groups x rows in flight)
   int threads = 0;        // group * rows_per_pass
   int tiles_max = 1;      // row tiles per seed the workspace is sized for
@@ -472,6 +480,10 @@ struct SeedView {
   float w0, w1, w2;  // CONV taps (0 when C < 3 or not CONV)
   float att_max;     // ATTENTION: max_j w_j and sum_j exp(w_j - max)
   float att_sum;
+  // The forward's 16-bit drift sums D - drift_k X instead of D = T - X
+  // (DESIGN 28): drift_k near T's slope along X keeps the sums off the
+  // cancellation of a D nearly parallel to X. Set by the forward's setup.
+  float drift_k;
 };
 
 __device__ __forceinline__ SeedView load_seed_view(const SeedTable& table,
@@ -495,6 +507,7 @@ __device__ __forceinline__ SeedView load_seed_view(const SeedTable& table,
   v.w2 = conv ? v.w[2] : 0.0f;
   v.att_max = 0.0f;
   v.att_sum = 1.0f;
+  v.drift_k = 1.0f;
   return v;
 }
 

@@ -72,6 +72,12 @@ GroupChoice select_forward_group(const DeviceInfo& dev, const LaunchKnobs& k,
   return {forward_group_default(tuning_for(dev.cc_major), k.elem_bytes, vectors_per_row), "default"};
 }
 
+ThreadsChoice select_forward_threads(const DeviceInfo& dev, const LaunchKnobs& k) {
+  if (k.set.forward_block_threads != 0) return {k.set.forward_block_threads, "set"};
+  if (k.tuned.forward_block_threads != 0) return {k.tuned.forward_block_threads, "tuned"};
+  return {tuning_for(dev.cc_major).block_threads, "default"};
+}
+
 VariantChoice select_forward_variant(const DeviceInfo& dev, const LaunchKnobs& k) {
   VariantChoice c{};
   if (k.set.forward_variant != CudaForwardVariant::automatic) {

@@ -183,18 +183,20 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   const GroupChoice gc = select_forward_group(dev, knobs, r.C / plan.vector, r.vector);
   plan.group = gc.group;
   plan.group_source = gc.source;
+  const ThreadsChoice tc = select_forward_threads(dev, knobs);
+  plan.threads = tc.threads;
+  plan.threads_source = tc.source;
   const int needed = next_pow2(ceil_div(r.C, plan.vector));
   // A batch smaller than a pass keeps wider groups by default: its rows are
   // latency, and fewer lanes per row would only lengthen each lane's chain
   // (16x4096/64 float32: 9.5 us with 8 lanes, 10.6 with 4, 13.2 with 1).
   if (std::string_view(gc.source) == "default") {
     while (plan.group < kForwardGroupThreads && plan.group < needed &&
-           static_cast<int64_t>(t.block_threads / plan.group) > p.rows) {
+           static_cast<int64_t>(plan.threads / plan.group) > p.rows) {
       plan.group *= 2;
     }
   }
   if (plan.group > needed) plan.group = needed;
-  plan.threads = t.block_threads;
   // The scalar path (a fallback for odd shapes and pointers) keeps one row.
   const RowsChoice choice = select_rows_in_flight(true, dev, knobs);
   plan.rows_in_flight = r.vector ? choice.rows : 1;
@@ -467,7 +469,7 @@ std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
   }
   os << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
-     << " threads, " << launch
+     << " threads (" << plan.threads_source << "), " << launch
      << (plan.tiles == 1 ? " (one CTA per seed: no partials)" : "") << ", "
      << (plan.smem_bytes > 0 ? "coefficients in a shared-memory table"
                              : "coefficients computed per element (C too wide for the table)");

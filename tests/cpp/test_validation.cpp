@@ -387,11 +387,19 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
                  {ErrorKind::value, {"forward_group", "1, 2, 4 or 8", "got " + std::to_string(group)}},
                  "group");
   }
+  for (int threads : {-64, 32, 96, 512}) {
+    expect_error(
+        [threads] { set_cuda_launch_config({1, 1, CudaForwardVariant::generic, 0, 0, threads}); },
+        {ErrorKind::value, {"forward_block_threads", "64, 128 or 256", "got " + std::to_string(threads)}},
+        "threads");
+  }
   EXPECT_EQ(cuda_launch_config().forward_rows_in_flight, 2);
   EXPECT_EQ(cuda_launch_config().backward_rows_in_flight, 1);
+  EXPECT_EQ(cuda_launch_config().forward_block_threads, 0);
   EXPECT_EQ(cuda_launch_config().forward_variant, CudaForwardVariant::automatic);
   EXPECT_EQ(cuda_launch_config().forward_group, 0);
-  set_cuda_launch_config({1, 2, CudaForwardVariant::tma, 4, 2});
+  set_cuda_launch_config({1, 2, CudaForwardVariant::tma, 4, 2, 128});
+  EXPECT_EQ(cuda_launch_config().forward_block_threads, 128);
   EXPECT_EQ(cuda_launch_config().forward_variant, CudaForwardVariant::tma);
   EXPECT_EQ(cuda_launch_config().forward_stages, 4);
   EXPECT_EQ(cuda_launch_config().forward_group, 2);
@@ -475,6 +483,10 @@ TEST(Dispatch, TunedTableValidatesAndLooksUp) {
   bad.forward_group = 6;
   expect_error([&] { set_cuda_tuned_table({bad}); },
                {ErrorKind::value, {"forward_group", "got 6"}}, "tuned group 6");
+  bad = e;
+  bad.forward_block_threads = 192;
+  expect_error([&] { set_cuda_tuned_table({bad}); },
+               {ErrorKind::value, {"forward_block_threads", "got 192"}}, "tuned threads 192");
   ASSERT_EQ(cuda_tuned_table().size(), 1u);  // the refused tables changed nothing
   EXPECT_EQ(cuda_tuned_table()[0].device, "GPU A");
   set_cuda_tuned_table(saved);

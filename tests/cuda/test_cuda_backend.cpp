@@ -308,6 +308,7 @@ struct ConfigCase {
   int forward_rows, backward_rows;
   CudaForwardVariant variant = CudaForwardVariant::generic;
   int group = 0;  // the forward's lanes per row (0: the default)
+  int threads = 0;  // the forward's threads per CTA (0: the default)
 };
 // The TMA cases run the TMA forward where the device and shape allow it and
 // the generic one elsewhere (both checked against the reference). Every
@@ -318,13 +319,15 @@ constexpr ConfigCase kConfigs[] = {{1, 1, CudaForwardVariant::generic, 1},
                                    {4, 2},
                                    {1, 2, CudaForwardVariant::tma},
                                    {1, 1, CudaForwardVariant::tma, 2},
-                                   {2, 1, CudaForwardVariant::generic, 8}};
+                                   {2, 1, CudaForwardVariant::generic, 8},
+                                   {1, 1, CudaForwardVariant::generic, 8, 64},
+                                   {2, 2, CudaForwardVariant::tma, 2, 128}};
 
 std::string config_name(const ConfigCase& c) {
   return "rows in flight fwd " + std::to_string(c.forward_rows) + " bwd " +
          std::to_string(c.backward_rows) + " variant " +
          std::string(cuda_forward_variant_name(c.variant)) + " lanes per row " +
-         std::to_string(c.group);
+         std::to_string(c.group) + " threads " + std::to_string(c.threads);
 }
 
 CudaLaunchConfig config_of(const ConfigCase& c) {
@@ -333,6 +336,7 @@ CudaLaunchConfig config_of(const ConfigCase& c) {
   l.backward_rows_in_flight = c.backward_rows;
   l.forward_variant = c.variant;
   l.forward_group = c.group;
+  l.forward_block_threads = c.threads;
   return l;
 }
 
@@ -548,10 +552,12 @@ TEST_F(SmallCuda, TunedEntryIsSelectedAndNamed) {
   e.forward_rows_in_flight = 2;
   e.backward_rows_in_flight = 1;
   e.forward_group = 8;
+  e.forward_block_threads = 128;
   set_cuda_tuned_table({e});
   const std::string fwd = describe_forward(d.forward_params(p), Backend::cuda);
   EXPECT_NE(fwd.find("2 rows in flight per thread (tuned)"), std::string::npos) << fwd;
   EXPECT_NE(fwd.find("8 lanes per row (tuned)"), std::string::npos) << fwd;
+  EXPECT_NE(fwd.find("CTAs of 128 threads (tuned)"), std::string::npos) << fwd;
   const std::string bwd = describe_backward(d.backward_params(p), Backend::cuda);
   EXPECT_NE(bwd.find("1 rows in flight per thread (tuned)"), std::string::npos) << bwd;
   check_problem(o);
