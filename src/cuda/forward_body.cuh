@@ -211,13 +211,15 @@ struct PassRows {
 // The drift's row sums (DESIGN 28). Float32 inputs: X.Y, |X|^2 and |Y|^2 in
 // float64 (products of floats are exact there) and 1 - cos from them. 16-bit
 // inputs (their tolerance is 1e-2 / 2e-3, and the float64 conversions and
-// sums were a quarter of the bfloat16 forward's time): with D = T - X, so
-// Y = X + a D, the float32 sums |X|^2, X.D and |D|^2, and
-//   1 - cos = a^2 (|X|^2 |D|^2 - (X.D)^2) / (r (r + X.Y)),  r = |X| |Y|
+// sums were a quarter of the bfloat16 forward's time): with R = T - k X, so
+// Y = g X + a R (g = 1 + a (k - 1), k the seed's drift_k), the float32 sums
+// |X|^2, X.R and |R|^2, and
+//   1 - cos = a^2 (|X|^2 |R|^2 - (X.R)^2) / (r (r + X.Y)),  r = |X| |Y|
 // (Lagrange's identity: not the cancellation of 1 - cos against 1, however
-// small the drift; what is left cancels only as D turns parallel to X, at
-// float32 rounding of the sums; for X.Y < 0 the plain 1 - X.Y / r), all in
-// float32. A row whose float32 sums or finish cannot be trusted (a
+// small the drift; what is left cancels only as R turns parallel to X, at
+// float32 rounding of the sums, which k, T's slope along X, prevents for
+// ATTENTION, CONV and MLP, where T - X follows X; for X.Y < 0 the plain
+// 1 - X.Y / r), all in float32. A row whose float32 sums or finish cannot be trusted (a
 // non-finite value, squares or sums past float32's range or under 2^-100,
 // |Y| << |X|) is summed again in float64 as float32 inputs are
 // (drift_row_sums_exact).
@@ -235,19 +237,25 @@ __device__ __forceinline__ double one_minus_cos_exact(double dot, double xx, dou
   return unit ? 0.0 : 1.0 - dot * rsqrt(xx * yy);
 }
 
-// 1 - cos from the float32 sums |X|^2, X.D, |D|^2 and a (kDriftFloat32), in
-// float32 (two reciprocal square roots, no division by |X| |Y|: a float64
-// finish per row cost as much as the per-element float64 sums it replaced at
-// 8 values per lane and row); false where the row must be summed again in
-// float64. Its error (a few float32 ulps of the three sums and of the
-// approximate rsqrt) is far inside the 16-bit tolerances.
+// 1 - cos from the float32 sums |X|^2, X.R, |R|^2 of R = T - X - (k - 1) X,
+// a and k (kDriftFloat32), in float32 (two reciprocal square roots, no
+// division by |X| |Y|: a float64 finish per row cost as much as the
+// per-element float64 sums it replaced at 8 values per lane and row); false
+// where the row must be summed again in float64. With Y = g X + a R,
+// g = 1 + a (k - 1), Lagrange's |X|^2|R|^2 - (X.R)^2 is what cancels when R
+// turns parallel to X, at float32 rounding of the sums; k near T's slope
+// along X keeps R off X (DESIGN 28), and then the error (a few float32 ulps
+// of the three sums and of the approximate rsqrt) is far inside the 16-bit
+// tolerances.
 __device__ __forceinline__ bool one_minus_cos_lagrange(float xx, float xd, float dd, float a,
-                                                       float& out) {
+                                                       float k, float& out) {
   // 2^-100: below it float32 squares may have underflowed (a denormal or
   // zero row); non-finite: a NaN/Inf value or an overflowed square.
   if (!(isfinite(xx) && isfinite(xd) && isfinite(dd)) || xx < 0x1p-100f) return false;
-  const float xy = fmaf(a, xd, xx);
-  const float yy = fmaf(a, fmaf(a, dd, 2.0f * xd), xx);
+  const float g = fmaf(a, k - 1.0f, 1.0f);
+  const float gx = g * xx;
+  const float xy = fmaf(a, xd, gx);
+  const float yy = fmaf(a, fmaf(a, dd, 2.0f * g * xd), g * gx);
   // |Y| << |X| (cancellation in |Y|^2), or |Y|^2 past float32's range.
   if (!(yy > 0x1p-10f * xx) || !isfinite(yy)) return false;
   const float ix = rsqrtf(xx);
@@ -256,11 +264,11 @@ __device__ __forceinline__ bool one_minus_cos_lagrange(float xx, float xd, float
   if (xy < 0.0f) {
     out = 1.0f - c;
   } else {
-    // (|X|^2 |D|^2 - (X.D)^2) / (|X|^2 |Y|^2) as |D|^2/|Y|^2 - (X.D/(|X||Y|))^2:
+    // (|X|^2 |R|^2 - (X.R)^2) / (|X|^2 |Y|^2) as |R|^2/|Y|^2 - (X.R/(|X||Y|))^2:
     // scaled first, so no product overflows float32.
     const float q = xd * ix * iy;
     const float e = fmaf(dd * iy, iy, -q * q);
-    // |D|^2 / |Y|^2 past float32's range (a tiny a with a huge D): the exact
+    // |R|^2 / |Y|^2 past float32's range (a tiny a with a huge R): the exact
     // sums decide (fmaxf below would turn a NaN into 0).
     if (!isfinite(e)) return false;
     out = __fdividef(a * a * fmaxf(e, 0.0f), 1.0f + c);  // 1 + c in [1, 2]
@@ -310,12 +318,13 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
   const int C = args.C;
   const float a = sv.a;
   const float b = 1.0f - sv.a;
+  [[maybe_unused]] const float k = sv.drift_k;  // the 16-bit drift's R = T - k X
   const float clo = args.clamp.lo;
   const float chi = args.clamp.hi;
   const float thr = args.dead_threshold;
   const int step = args.group * V;
   // The drift's row sums: float64 X.Y, |X|^2, |Y|^2, or for 16-bit inputs
-  // float32 |X|^2, X.D, |D|^2 (see kDriftFloat32).
+  // float32 |X|^2, X.R, |R|^2 with R = T - k X (see kDriftFloat32).
   Acc s0[U], s1[U], s2[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) s0[u] = s1[u] = s2[u] = Acc(0);
@@ -357,7 +366,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
             xm1 = xi;
             yi = a * t + b * xi;
             if constexpr (kF32) {
-              const float d = t - xi;
+              const float d = fmaf(-k, xi, t);  // R = T - k X (DESIGN 28)
               s0[u] = fmaf(xi, xi, s0[u]);
               s1[u] = fmaf(xi, d, s1[u]);
               s2[u] = fmaf(d, d, s2[u]);
@@ -386,7 +395,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
       drift[u] = 0;
       redo[u] = false;
       if constexpr (kF32) {
-        redo[u] = r.active[u] && !one_minus_cos_lagrange(s0[u], s1[u], s2[u], a, drift[u]);
+        redo[u] = r.active[u] && !one_minus_cos_lagrange(s0[u], s1[u], s2[u], a, k, drift[u]);
         any_redo = any_redo || redo[u];
       } else {
         drift[u] = one_minus_cos_exact(s0[u], s1[u], s2[u]);
@@ -497,6 +506,15 @@ __device__ __forceinline__ CtaSeed setup_seed(const ForwardArgs& args, int s, fl
     } else {
       cs.mode = Mode::wide;
     }
+  }
+  // T's slope along X for the 16-bit drift sums (DESIGN 28): ATTENTION's
+  // T = p X with p averaging 1/C, CONV's centre tap, MLP's first weight
+  // (T = sigma w X on positive X); RESIDUAL's D = sigma w does not follow X.
+  switch (cs.mode) {
+    case Mode::attention: cs.sv.drift_k = 1.0f / static_cast<float>(C); break;
+    case Mode::conv: cs.sv.drift_k = cs.sv.sigma * cs.sv.w0; break;
+    case Mode::mlp: cs.sv.drift_k = cs.sv.sigma * cs.table[0]; break;
+    default: cs.sv.drift_k = 1.0f; break;
   }
   return cs;
 }
