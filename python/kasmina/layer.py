@@ -41,6 +41,8 @@ _STRATEGY_FIELDS = ("ramp_steps", "drift_threshold", "grad_norm_lower", "grad_no
 
 # Bound once: each saves a module attribute lookup (or a Python frame) per call.
 _eager_ok = _ops.eager_ok
+_is_compiling = torch.compiler.is_compiling
+_layer_call = _C.layer_call
 _grad_enabled = torch.is_grad_enabled
 _empty_like = torch.empty_like
 _CONTIGUOUS = torch.contiguous_format
@@ -158,7 +160,23 @@ class KasminaLayer(nn.Module):
                 f"max_blueprints={self.max_blueprints}, backend={self.backend!r}")
 
     # --- the op --------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        # The common eager call (one tensor, no hooks, no gradient, nothing
+        # tracing) is one binding call: _C.layer_call runs what
+        # nn.Module.__call__ and forward() would on that path, reading the
+        # module's dicts and torch's state at call time, and returns None for
+        # everything else, which nn.Module.__call__ then takes as usual
+        # (torch.compile never reaches the binding: is_compiling() is
+        # constant True while it traces). Per-call cost: docs/PYTHON.md.
+        if len(args) == 1 and not kwargs and not _is_compiling():
+            y = _layer_call(self, args[0])
+            if y is not None:
+                return y
+        return nn.Module.__call__(self, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"kasmina: x must be a tensor, got {type(x).__name__}")
         p = self._parameters
         alpha, weights, scales = p["alpha"], p["weights"], p["scales"]
         if _eager_ok(x, alpha, weights, scales):
@@ -466,6 +484,11 @@ class KasminaLayer(nn.Module):
         state["_core"] = core
         state["_rows_written"] = None
         super().__setstate__(state)
+
+
+# layer_call stands for this forward (and falls back where a subclass or an
+# instance replaces it).
+_C._set_layer_forward(KasminaLayer.forward)
 
 
 def _version(t: torch.Tensor):

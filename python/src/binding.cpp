@@ -611,6 +611,215 @@ nb::object layer_forward(nb::handle x, nb::handle y, nb::handle alpha, nb::handl
   return nb::int_(p.rows);
 }
 
+// KasminaLayer.__call__'s eager no-grad call in one binding call (layer.py):
+// what nn.Module.__call__, KasminaLayer.forward and its eager checks do on
+// that path, here, so a layer call costs one Python frame (the __call__ that
+// calls this) besides the binding and the launch. Returns y, or None, having
+// written nothing, for anything the Python path must see: hooks of the
+// module or global ones, Module.compile(), a forward overridden by a subclass
+// or an instance, a tracing or transform context (the same tests as
+// _ops.eager_ok), a gradient to record, a lazy negation view, a backend name
+// the layer would refuse, and whatever layer_forward leaves to Python. Each
+// test reads the module's dicts and torch's state at call time, so nothing
+// is cached that could go stale.
+struct CallKeys {
+  nb::object forward_hooks = interned("_forward_hooks"),
+             forward_pre_hooks = interned("_forward_pre_hooks"),
+             backward_hooks = interned("_backward_hooks"),
+             backward_pre_hooks = interned("_backward_pre_hooks"),
+             compiled_call_impl = interned("_compiled_call_impl"), forward = interned("forward"),
+             parameters = interned("_parameters"), buffers = interned("_buffers"),
+             config = interned("_config"), backend = interned("backend"),
+             rows_written = interned("_rows_written"), alpha = interned("alpha"),
+             weights = interned("weights"), scales = interned("scales"),
+             telemetry_rows = interned("telemetry_rows"), requires_grad = interned("requires_grad"),
+             version = interned("_version"), is_cuda = interned("is_cuda"),
+             is_neg = interned("is_neg"), note_rows = interned("_note_rows"),
+             auto_name = interned("auto");
+  nb::object global_hooks[4] = {interned("_global_forward_hooks"),
+                                interned("_global_forward_pre_hooks"),
+                                interned("_global_backward_hooks"),
+                                interned("_global_backward_pre_hooks")};
+  nb::object backend_names[3] = {interned("reference"), interned("cpu"), interned("cuda")};
+  nb::object module_dict;  // torch.nn.modules.module.__dict__ (the global hooks live there)
+  nb::object has_torch_function, dispatch_stack_len, functorch_peek, jit_tracing_state,
+      grad_enabled, empty_like, contiguous, capturing, memory_format_kw;
+  nb::object layer_forward_fn;  // KasminaLayer.forward, set by layer.py (None: disabled)
+  PyTypeObject* tensor_type = nullptr;  // torch.Tensor
+};
+
+CallKeys& call_keys() {
+  static CallKeys* keys = [] {
+    auto* k = new CallKeys;  // never destroyed: its Python objects must not outlive Python
+    nb::object torch = nb::module_::import_("torch");
+    nb::object torch_c = nb::module_::import_("torch._C");
+    k->module_dict = nb::borrow(PyModule_GetDict(nb::module_::import_("torch.nn.modules.module").ptr()));
+    k->has_torch_function = torch_c.attr("_has_torch_function");
+    k->dispatch_stack_len = torch_c.attr("_len_torch_dispatch_stack");
+    k->functorch_peek = torch_c.attr("_functorch").attr("peek_interpreter_stack");
+    k->jit_tracing_state = torch_c.attr("_get_tracing_state");
+    k->grad_enabled = torch_c.attr("is_grad_enabled");
+    k->empty_like = torch.attr("empty_like");
+    k->contiguous = torch.attr("contiguous_format");
+    k->capturing = nb::getattr(torch_c, "_cuda_isCurrentStreamCapturing", nb::none());
+    k->memory_format_kw = nb::steal(PyTuple_Pack(1, interned("memory_format").ptr()));
+    k->layer_forward_fn = nb::none();
+    nb::object tensor = torch.attr("Tensor");
+    k->tensor_type = reinterpret_cast<PyTypeObject*>(tensor.release().ptr());  // kept alive
+    return k;
+  }();
+  return *keys;
+}
+
+// Borrowed item of a dict (nullptr when absent); a lookup error propagates.
+PyObject* dict_item(PyObject* d, const nb::object& key) {
+  PyObject* v = PyDict_GetItemWithError(d, key.ptr());
+  if (v == nullptr && PyErr_Occurred()) throw nb::python_error();
+  return v;
+}
+
+bool empty_dict(PyObject* v) { return v != nullptr && PyDict_Check(v) && PyDict_GET_SIZE(v) == 0; }
+
+bool truthy(PyObject* o) {
+  if (o == nullptr) throw nb::python_error();
+  const int t = PyObject_IsTrue(o);
+  Py_DECREF(o);
+  if (t < 0) throw nb::python_error();
+  return t == 1;
+}
+
+nb::object call0(const nb::object& f) {
+  PyObject* r = PyObject_CallNoArgs(f.ptr());
+  if (r == nullptr) throw nb::python_error();
+  return nb::steal(r);
+}
+
+nb::object layer_call(nb::handle self, nb::handle x) {
+  CallKeys& k = call_keys();
+  if (k.layer_forward_fn.is_none()) return nb::none();
+  PyObject* dict_ptr = PyObject_GenericGetDict(self.ptr(), nullptr);
+  if (dict_ptr == nullptr) throw nb::python_error();
+  const nb::object dict = nb::steal(dict_ptr);
+  PyObject* d = dict.ptr();
+  // nn.Module.__call__'s fast path holds: no hooks, not compiled, and the
+  // forward it would call is KasminaLayer.forward.
+  for (const nb::object* key : {&k.forward_hooks, &k.forward_pre_hooks, &k.backward_hooks,
+                                &k.backward_pre_hooks}) {
+    if (!empty_dict(dict_item(d, *key))) return nb::none();
+  }
+  for (const nb::object& key : k.global_hooks) {
+    if (!empty_dict(dict_item(k.module_dict.ptr(), key))) return nb::none();
+  }
+  PyObject* compiled = dict_item(d, k.compiled_call_impl);
+  if (compiled != nullptr && compiled != Py_None) return nb::none();
+  if (dict_item(d, k.forward) != nullptr) return nb::none();  // an instance's own forward
+  {
+    PyObject* f = PyObject_GetAttr(reinterpret_cast<PyObject*>(Py_TYPE(self.ptr())), k.forward.ptr());
+    if (f == nullptr) throw nb::python_error();
+    const bool ours = f == k.layer_forward_fn.ptr();
+    Py_DECREF(f);
+    if (!ours) return nb::none();
+  }
+  PyObject* params = dict_item(d, k.parameters);
+  PyObject* buffers = dict_item(d, k.buffers);
+  PyObject* config = dict_item(d, k.config);
+  if (params == nullptr || buffers == nullptr || config == nullptr || !PyDict_Check(params) ||
+      !PyDict_Check(buffers))
+    return nb::none();
+  PyObject* alpha = dict_item(params, k.alpha);
+  PyObject* weights = dict_item(params, k.weights);
+  PyObject* scales = dict_item(params, k.scales);
+  if (alpha == nullptr || weights == nullptr || scales == nullptr) return nb::none();
+  // Tensors only (anything else gets the Python path's error).
+  for (PyObject* t : {x.ptr(), alpha, weights, scales}) {
+    if (!PyType_IsSubtype(Py_TYPE(t), k.tensor_type)) return nb::none();
+  }
+  // No gradient to record (else EagerForward, in Python): first, so that a
+  // training step's call leaves for nn.Module.__call__ soonest.
+  if (truthy(call0(k.grad_enabled).release().ptr())) {
+    for (PyObject* t : {x.ptr(), alpha, weights, scales}) {
+      if (truthy(PyObject_GetAttr(t, k.requires_grad.ptr()))) return nb::none();
+    }
+  }
+  // _ops.eager_ok: plain tensors, no mode, transform or trace.
+  {
+    const nb::object group = nb::steal(PyTuple_Pack(4, x.ptr(), alpha, weights, scales));
+    if (!group.is_valid()) throw nb::python_error();
+    if (truthy(PyObject_CallOneArg(k.has_torch_function.ptr(), group.ptr()))) return nb::none();
+  }
+  if (truthy(call0(k.dispatch_stack_len).release().ptr())) return nb::none();
+  if (!call0(k.functorch_peek).is_none()) return nb::none();
+  if (!call0(k.jit_tracing_state).is_none()) return nb::none();
+  if (truthy(PyObject_CallMethodNoArgs(x.ptr(), k.is_neg.ptr()))) return nb::none();  // Python raises
+  // The layer's backend: "auto" as is, a known name as its id, else Python's error.
+  PyObject* backend = dict_item(d, k.backend);
+  if (backend == nullptr) return nb::none();
+  nb::object backend_arg;
+  if (backend == k.auto_name.ptr() ||
+      (PyUnicode_Check(backend) && PyUnicode_Compare(backend, k.auto_name.ptr()) == 0)) {
+    backend_arg = k.auto_name;
+  } else {
+    for (int i = 0; i < 3 && !backend_arg.is_valid(); ++i) {
+      if (PyUnicode_Check(backend) && PyUnicode_Compare(backend, k.backend_names[i].ptr()) == 0)
+        backend_arg = nb::int_(i);
+    }
+    if (!backend_arg.is_valid()) return nb::none();
+  }
+  // y as layer.py allocates it, empty_like(x, memory_format=contiguous),
+  // spelled empty_like(x) where x is row-major already (then the same layout,
+  // and torch's argument parser is 0.5 us faster without the keyword).
+  bool row_major = true;
+  {
+    const View xv(x, "x");
+    int64_t expect = 1;
+    for (size_t i = xv.ndim(); i-- > 0;) {
+      if (xv.shape(i) != 1 && xv.stride(i) != expect) row_major = false;
+      expect *= xv.shape(i);
+    }
+  }
+  PyObject* args[2] = {x.ptr(), k.contiguous.ptr()};
+  PyObject* y_ptr = row_major ? PyObject_Vectorcall(k.empty_like.ptr(), args, 1, nullptr)
+                              : PyObject_Vectorcall(k.empty_like.ptr(), args, 1,
+                                                    k.memory_format_kw.ptr());
+  if (y_ptr == nullptr) throw nb::python_error();
+  const nb::object y = nb::steal(y_ptr);
+  const nb::object rows = layer_forward(x, y, nb::handle(alpha), nb::handle(weights),
+                                        nb::handle(scales), nb::handle(buffers), nb::handle(config),
+                                        backend_arg);
+  if (rows.is_none()) return nb::none();
+  // layer._note_rows, whose common case (this very buffer already holds
+  // rows, unchanged since: its version counter) is tested here.
+  PyObject* rows_buf = dict_item(buffers, k.telemetry_rows);
+  PyObject* last = dict_item(d, k.rows_written);
+  bool unchanged = false;
+  if (rows_buf != nullptr && last != nullptr && PyTuple_Check(last) && PyTuple_GET_SIZE(last) == 3 &&
+      PyTuple_GET_ITEM(last, 1) == rows_buf && PyTuple_GET_ITEM(last, 2) != Py_None) {
+    const int same_rows = PyObject_RichCompareBool(PyTuple_GET_ITEM(last, 0), rows.ptr(), Py_EQ);
+    if (same_rows < 0) throw nb::python_error();
+    PyObject* version = PyObject_GetAttr(rows_buf, k.version.ptr());
+    if (version == nullptr) {
+      PyErr_Clear();  // an inference tensor has none: never unchanged
+    } else {
+      const int same_version = PyObject_RichCompareBool(PyTuple_GET_ITEM(last, 2), version, Py_EQ);
+      Py_DECREF(version);
+      if (same_version < 0) throw nb::python_error();
+      unchanged = same_rows == 1 && same_version == 1;
+    }
+    if (unchanged && !k.capturing.is_none() && truthy(PyObject_GetAttr(x.ptr(), k.is_cuda.ptr())) &&
+        truthy(call0(k.capturing).release().ptr()))
+      unchanged = false;
+  }
+  if (!unchanged) {
+    if (rows_buf == nullptr) throw nb::python_error();  // a layer always has it; KeyError-free
+    PyObject* margs[4] = {self.ptr(), x.ptr(), rows.ptr(), rows_buf};
+    PyObject* r = PyObject_VectorcallMethod(k.note_rows.ptr(), margs,
+                                            4, nullptr);
+    if (r == nullptr) throw nb::python_error();
+    Py_DECREF(r);
+  }
+  return y;
+}
+
 std::string describe_forward(nb::handle x, nb::handle y, nb::handle telemetry,
                              nb::handle nonfinite, nb::handle stage, nb::handle kind,
                              nb::handle blueprint, nb::handle alpha, nb::handle weights,
@@ -812,6 +1021,12 @@ NB_MODULE(_C, m) {
   // Positional only, no defaults: nanobind's simple (fastest) call path.
   m.def("layer_forward", &layer_forward,
         "KasminaLayer's eager no-grad forward (layer.py): x's rows, or None for the Python path.");
+  m.def("layer_call", &layer_call,
+        "KasminaLayer.__call__'s eager no-grad call (layer.py): y, or None for nn.Module.__call__.");
+  m.def(
+      "_set_layer_forward", [](nb::handle f) { call_keys().layer_forward_fn = nb::borrow(f); },
+      "forward"_a.none(),
+      "layer.py: KasminaLayer.forward, which layer_call stands for (None turns layer_call off).");
   m.def("describe_forward", &describe_forward, "x"_a, "y"_a, "telemetry"_a, "nonfinite"_a,
         "stage"_a, "kind"_a, "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a,
         "workspace"_a.none(), "dead_threshold"_a, "clamp_lo"_a.none(), "clamp_hi"_a.none(),
@@ -863,17 +1078,19 @@ NB_MODULE(_C, m) {
   });
   m.def("format_profile", []() { return kasmina::format_profile(kasmina::profile_report()); });
   m.def("set_cuda_launch_config",
-        [](int forward_rows, int backward_rows, int variant, int stages, int group) {
+        [](int forward_rows, int backward_rows, int variant, int stages, int group, int threads) {
     kasmina::CudaLaunchConfig c;
     c.forward_rows_in_flight = forward_rows;
     c.backward_rows_in_flight = backward_rows;
     c.forward_variant = static_cast<kasmina::CudaForwardVariant>(variant);
     c.forward_stages = stages;
     c.forward_group = group;
+    c.forward_block_threads = threads;
     kasmina::set_cuda_launch_config(c);
   }, "forward_rows_in_flight"_a, "backward_rows_in_flight"_a, "forward_variant"_a = 0,
-     "forward_stages"_a = 0, "forward_group"_a = 0,
-     "forward_variant: 0 automatic, 1 generic, 2 tma (sm_90); forward_group: lanes per row.");
+     "forward_stages"_a = 0, "forward_group"_a = 0, "forward_block_threads"_a = 0,
+     "forward_variant: 0 automatic, 1 generic, 2 tma (sm_90); forward_group: lanes per row; "
+     "forward_block_threads: threads per forward CTA (64, 128 or 256).");
   m.def("cuda_launch_config", []() {
     const kasmina::CudaLaunchConfig c = kasmina::cuda_launch_config();
     nb::dict d;
@@ -882,6 +1099,7 @@ NB_MODULE(_C, m) {
     d["forward_variant"] = static_cast<int>(c.forward_variant);
     d["forward_stages"] = c.forward_stages;
     d["forward_group"] = c.forward_group;
+    d["forward_block_threads"] = c.forward_block_threads;
     return d;
   });
   m.def("set_cuda_tuned_table",

@@ -497,3 +497,124 @@ def test_no_grad_call_errors_write_nothing(bad, exc, match):
     with pytest.raises(ValueError, match="blueprint"), torch.no_grad():
         layer(torch.randn(3, 24))
     assert_unchanged(layer, snap)
+
+
+# --- KasminaLayer.__call__: the eager call in one binding call (_C.layer_call) ---
+# It stands for nn.Module.__call__ + forward only where those would do nothing
+# else; every other case must reach nn.Module.__call__ (None from layer_call).
+def test_layer_call_runs_the_plain_eager_call():
+    layer = make_layer(24, cycle(KINDS, 4), STAGE_MIX[:4])
+    x = torch.randn(3, 2, 24)
+    with torch.no_grad():
+        y = kasmina._C.layer_call(layer, x)
+        assert y is not None
+        tel = layer.telemetry.clone()
+        y_module = torch.nn.Module.__call__(layer, x)  # the Python path
+    assert torch.equal(y.view(torch.uint8), y_module.view(torch.uint8))
+    assert torch.equal(tel.view(torch.uint8), layer.telemetry.view(torch.uint8))
+    assert y.is_contiguous() and int(layer.telemetry_rows) == 6
+    # Strided rows (not row-major): y is allocated contiguous all the same.
+    xs = torch.randn(5, 48)[:, :24]
+    with torch.no_grad():
+        assert kasmina._C.layer_call(layer, xs).is_contiguous()
+    assert_call_matches_op(layer, xs)
+
+
+@pytest.mark.parametrize("register, runs_now", [
+    (lambda m, calls: m.register_forward_hook(lambda mod, args, out: calls.append(1)), True),
+    (lambda m, calls: m.register_forward_pre_hook(lambda mod, args: calls.append(1)), True),
+    (lambda m, calls: m.register_full_backward_pre_hook(lambda mod, g: calls.append(1)), False),
+    (lambda m, calls: torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: calls.append(1)), True),
+    (lambda m, calls: torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda mod, args: calls.append(1)), True),
+], ids=["forward hook", "forward pre-hook", "backward pre-hook", "global hook",
+        "global pre-hook"])
+def test_layer_call_leaves_hooks_to_module_call(register, runs_now):
+    layer = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    calls = []
+    handle = register(layer, calls)
+    x = torch.randn(4, 24)
+    try:
+        with torch.no_grad():
+            assert kasmina._C.layer_call(layer, x) is None
+            y = layer(x)
+        assert bool(calls) == runs_now
+        assert_call_matches_op(layer, x)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert kasmina._C.layer_call(layer, x) is not None
+    assert torch.equal(y, layer(x))
+
+
+def test_layer_call_leaves_other_forwards_to_module_call():
+    class Shifted(kasmina.KasminaLayer):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    x = torch.randn(4, 24)
+    base = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    sub = Shifted(24, 4)
+    sub.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        assert kasmina._C.layer_call(sub, x) is None
+        assert torch.equal(sub(x), base(x) + 1)
+        # An instance's own forward, and Module.compile()'s compiled call.
+        base.forward = lambda t: t * 0
+        assert kasmina._C.layer_call(base, x) is None
+        assert torch.equal(base(x), x * 0)
+        del base.forward
+        assert kasmina._C.layer_call(base, x) is not None
+        base._compiled_call_impl = lambda t: t * 2  # what Module.compile() sets
+        assert kasmina._C.layer_call(base, x) is None
+        assert torch.equal(base(x), x * 2)
+        base._compiled_call_impl = None
+        assert kasmina._C.layer_call(base, x) is not None
+        # Keywords and extra arguments go to nn.Module.__call__ (and forward).
+        assert torch.equal(base(x=x), base(x))
+        with pytest.raises(TypeError):
+            base(x, x)
+
+
+def test_layer_call_leaves_gradients_modes_and_transforms_to_module_call():
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    x = torch.randn(4, 24)
+    assert kasmina._C.layer_call(layer, x) is None  # grad enabled, parameters need it
+    y = layer(x)
+    assert y.requires_grad and y.grad_fn is not None
+    with torch.no_grad():
+        assert kasmina._C.layer_call(layer, x) is not None
+        assert kasmina._C.layer_call(layer, x.neg()._neg_view()) is None  # Python raises
+
+    class Fn(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Disp(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        for mode in (Fn(), Disp()):
+            with mode:
+                assert kasmina._C.layer_call(layer, x) is None
+                assert torch.equal(layer(x), torch.nn.Module.__call__(layer, x))
+    kasmina._C._set_layer_forward(None)  # off: every call takes nn.Module.__call__
+    try:
+        with torch.no_grad():
+            assert kasmina._C.layer_call(layer, x) is None
+            assert_call_matches_op(layer, x)
+    finally:
+        kasmina._C._set_layer_forward(kasmina.KasminaLayer.forward)
+
+
+def test_layer_call_leaves_non_tensors_to_module_call():
+    layer = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    with torch.no_grad():
+        assert kasmina._C.layer_call(layer, [1.0] * 24) is None
+        with pytest.raises(TypeError, match="x must be a tensor, got list"):
+            layer([1.0] * 24)
