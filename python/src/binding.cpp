@@ -618,10 +618,11 @@ nb::object layer_forward(nb::handle x, nb::handle y, nb::handle alpha, nb::handl
 // written nothing, for anything the Python path must see: hooks of the
 // module or global ones, Module.compile(), a forward overridden by a subclass
 // or an instance, a tracing or transform context (the same tests as
-// _ops.eager_ok), a gradient to record, a lazy negation view, a backend name
+// _ops.eager_ok), a lazy negation view, a backend name
 // the layer would refuse, and whatever layer_forward leaves to Python. Each
 // test reads the module's dicts and torch's state at call time, so nothing
-// is cached that could go stale.
+// is cached that could go stale. A call that records a gradient goes on as
+// forward would, to _forward_eager (EagerForward), and returns its y.
 struct CallKeys {
   nb::object forward_hooks = interned("_forward_hooks"),
              forward_pre_hooks = interned("_forward_pre_hooks"),
@@ -635,6 +636,7 @@ struct CallKeys {
              telemetry_rows = interned("telemetry_rows"), requires_grad = interned("requires_grad"),
              version = interned("_version"), is_cuda = interned("is_cuda"),
              is_neg = interned("is_neg"), note_rows = interned("_note_rows"),
+             forward_eager = interned("_forward_eager"),
              auto_name = interned("auto");
   nb::object global_hooks[4] = {interned("_global_forward_hooks"),
                                 interned("_global_forward_pre_hooks"),
@@ -734,13 +736,6 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   for (PyObject* t : {x.ptr(), alpha, weights, scales}) {
     if (!PyType_IsSubtype(Py_TYPE(t), k.tensor_type)) return nb::none();
   }
-  // No gradient to record (else EagerForward, in Python): first, so that a
-  // training step's call leaves for nn.Module.__call__ soonest.
-  if (truthy(call0(k.grad_enabled).release().ptr())) {
-    for (PyObject* t : {x.ptr(), alpha, weights, scales}) {
-      if (truthy(PyObject_GetAttr(t, k.requires_grad.ptr()))) return nb::none();
-    }
-  }
   // _ops.eager_ok: plain tensors, no mode, transform or trace.
   {
     const nb::object group = nb::steal(PyTuple_Pack(4, x.ptr(), alpha, weights, scales));
@@ -750,6 +745,20 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   if (truthy(call0(k.dispatch_stack_len).release().ptr())) return nb::none();
   if (!call0(k.functorch_peek).is_none()) return nb::none();
   if (!call0(k.jit_tracing_state).is_none()) return nb::none();
+  // A gradient to record: forward's own next step, EagerForward through
+  // _forward_eager (so a training step skips nn.Module.__call__ and forward too).
+  if (truthy(call0(k.grad_enabled).release().ptr())) {
+    bool needs_grad = false;
+    for (PyObject* t : {x.ptr(), alpha, weights, scales}) {
+      needs_grad = needs_grad || truthy(PyObject_GetAttr(t, k.requires_grad.ptr()));
+    }
+    if (needs_grad) {
+      PyObject* margs[7] = {self.ptr(), x.ptr(), alpha, weights, scales, buffers, Py_True};
+      PyObject* r = PyObject_VectorcallMethod(k.forward_eager.ptr(), margs, 7, nullptr);
+      if (r == nullptr) throw nb::python_error();
+      return nb::steal(r);
+    }
+  }
   if (truthy(PyObject_CallMethodNoArgs(x.ptr(), k.is_neg.ptr()))) return nb::none();  // Python raises
   // The layer's backend: "auto" as is, a known name as its id, else Python's error.
   PyObject* backend = dict_item(d, k.backend);

@@ -577,15 +577,28 @@ def test_layer_call_leaves_other_forwards_to_module_call():
             base(x, x)
 
 
-def test_layer_call_leaves_gradients_modes_and_transforms_to_module_call():
+def test_layer_call_takes_gradients_and_leaves_modes_and_transforms_to_module_call():
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     layer = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
     x = torch.randn(4, 24)
-    assert kasmina._C.layer_call(layer, x) is None  # grad enabled, parameters need it
-    y = layer(x)
+    # A gradient to record: layer_call goes on to EagerForward (_forward_eager)
+    # as forward would; the same y and the same gradients as nn.Module.__call__.
+    y = kasmina._C.layer_call(layer, x)
     assert y.requires_grad and y.grad_fn is not None
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [layer.alpha, layer.weights, layer.scales], g)
+    y_module = torch.nn.Module.__call__(layer, x)
+    grads_module = torch.autograd.grad(y_module, [layer.alpha, layer.weights, layer.scales], g)
+    assert torch.equal(y, y_module)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_module))
+    xg = x.clone().requires_grad_()
+    layer.requires_grad_(False)
+    yx = layer(xg)  # only x needs a gradient
+    (dx,) = torch.autograd.grad(yx, xg, g)
+    assert dx.shape == x.shape and yx.grad_fn is not None
+    layer.requires_grad_(True)
     with torch.no_grad():
         assert kasmina._C.layer_call(layer, x) is not None
         assert kasmina._C.layer_call(layer, x.neg()._neg_view()) is None  # Python raises
