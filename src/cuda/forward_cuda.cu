@@ -107,24 +107,6 @@ __device__ __forceinline__ void forward_cta(const ForwardArgs& args, int block) 
     }
   }
 
-  // With one tile per seed (a small batch: a chain of round trips) a small
-  // registry heads for L2 as well, so the blueprint row the seed view names
-  // is an L2 hit, not a second DRAM trip after the seed view's.
-  if (tiles == 1) {
-    constexpr int64_t kLine = 128;
-    const int64_t w_lines = (static_cast<int64_t>(args.registry.num_blueprints) * C *
-                                 static_cast<int64_t>(sizeof(float)) + kLine - 1) / kLine;
-    const int64_t s_lines = (static_cast<int64_t>(args.registry.num_blueprints) *
-                                 static_cast<int64_t>(sizeof(float)) + kLine - 1) / kLine;
-    const int64_t t = threadIdx.x;
-    if (w_lines + s_lines <= static_cast<int64_t>(blockDim.x)) {
-      if (t < w_lines) {
-        prefetch_l2(reinterpret_cast<const char*>(args.registry.weights) + t * kLine);
-      } else if (t < w_lines + s_lines) {
-        prefetch_l2(reinterpret_cast<const char*>(args.registry.scales) + (t - w_lines) * kLine);
-      }
-    }
-  }
   const CtaSeed cs = setup_seed(args, s, coef_smem);
   ThreadStats st = ThreadStats::identity();
   const int64_t col0 = static_cast<int64_t>(s) * C;
