@@ -39,6 +39,7 @@ inline __m256i tail_mask(int64_t rem) {
 
 struct FullLanes {
   __m256 load(const float* p) const { return _mm256_loadu_ps(p); }
+  __m256 load_masked(const float* p, __m256i m) const { return _mm256_maskload_ps(p, m); }
   void store(float* p, __m256 v) const { _mm256_storeu_ps(p, v); }
   __m256 keep(__m256 v) const { return v; }
   __m256 keep_or(__m256 v, __m256 /*fill*/) const { return v; }
@@ -47,6 +48,7 @@ struct FullLanes {
 struct TailLanes {
   __m256i mask;
   __m256 load(const float* p) const { return _mm256_maskload_ps(p, mask); }
+  __m256 load_masked(const float* p, __m256i m) const { return _mm256_maskload_ps(p, _mm256_and_si256(m, mask)); }
   void store(float* p, __m256 v) const { _mm256_maskstore_ps(p, mask, v); }
   __m256 keep(__m256 v) const { return _mm256_and_ps(v, _mm256_castsi256_ps(mask)); }
   __m256 keep_or(__m256 v, __m256 fill) const { return _mm256_blendv_ps(fill, v, _mm256_castsi256_ps(mask)); }
@@ -198,13 +200,24 @@ struct VecMlp {
     return _mm256_add_ps(_mm256_mul_ps(a, _mm256_mul_ps(sigma, relu)), _mm256_mul_ps(om, xv));
   }
 };
+// x needs no zero padding: the chunk's first vector reads x[-1], x[-2] as
+// zeros through masked loads (masked lanes neither load nor fault), so the
+// forward skips BlendConv's padded copy.
 struct VecConv {
   __m256 w0, w1, w2, a, om, sigma;
   template <typename L>
   __m256 operator()(__m256 xv, const float* x, int64_t j, const L& lanes) const {
-    const __m256 c = _mm256_add_ps(
-        _mm256_add_ps(_mm256_mul_ps(w0, xv), _mm256_mul_ps(w1, lanes.load(x + j - 1))),
-        _mm256_mul_ps(w2, lanes.load(x + j - 2)));
+    __m256 x1, x2;
+    if (j == 0) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      x1 = lanes.load_masked(x - 1, _mm256_cmpgt_epi32(lane, _mm256_setzero_si256()));
+      x2 = lanes.load_masked(x - 2, _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(1)));
+    } else {
+      x1 = lanes.load(x + j - 1);
+      x2 = lanes.load(x + j - 2);
+    }
+    const __m256 c = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(w0, xv), _mm256_mul_ps(w1, x1)),
+                                   _mm256_mul_ps(w2, x2));
     return _mm256_add_ps(_mm256_mul_ps(a, _mm256_mul_ps(sigma, c)), _mm256_mul_ps(om, xv));
   }
 };
@@ -285,6 +298,11 @@ static_assert(sizeof(ForwardSeedState) + sizeof(ForwardChunkRecord) + 5 * sizeof
 // processor overlaps instead of waiting on each chunk's tail. With a clamp,
 // the unclamped Y is gone by the row's end, so each chunk is finished at once.
 class Avx2ForwardChunks {
+ public:
+  // VecConv reads no padding (see there).
+  static constexpr bool kConvPadding = false;
+
+ private:
   // The transposed sums and the results of fast_drifts, one lane per seed.
   struct DriftLanes {
     __m256 sd, dd, k, blend, drift, next;

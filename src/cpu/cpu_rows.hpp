@@ -246,6 +246,8 @@ inline void blend_with_statistics(const Blend& t, const float* x, float* y, int6
 // The generic chunk kernels as the row loops' policy (see forward_rows): the
 // omp simd loops above, every row chunk's moments merged by Chan.
 struct GenericForwardChunks {
+  // CONV's blend reads x[-1], x[-2]: it needs the zero-padded copy.
+  static constexpr bool kConvPadding = true;
   float dead_threshold;
   GenericForwardChunks(const ForwardJob& job, float* /*block_scratch*/)
       : dead_threshold(job.params.dead_threshold) {}
@@ -339,7 +341,7 @@ void forward_rows(const ForwardJob& job, int64_t row_begin, int64_t row_end, Tel
       }
 
       const float* xb = x;
-      if (plan.kind == static_cast<int32_t>(Kind::conv)) {
+      if (Chunks::kConvPadding && plan.kind == static_cast<int32_t>(Kind::conv)) {
         // The chunk starts with zero padding: no value crosses a chunk boundary.
         std::memcpy(conv_x, x, static_cast<std::size_t>(C) * sizeof(float));
         xb = conv_x;
