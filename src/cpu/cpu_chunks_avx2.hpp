@@ -223,7 +223,7 @@ struct VecConv {
 };
 
 template <typename Fn>
-inline void with_vec_blend(const SeedPlan& p, Fn&& fn) {
+[[gnu::always_inline]] inline void with_vec_blend(const SeedPlan& p, Fn&& fn) {
   const __m256 a = _mm256_set1_ps(p.a), om = _mm256_set1_ps(p.one_minus_a);
   switch (p.kind) {
     case static_cast<int32_t>(Kind::residual): fn(VecResidual{p.vec, a, om}); break;
@@ -418,7 +418,7 @@ class Avx2ForwardChunks {
   }
 
   template <typename T>
-  static void blend_sweep(const T& t, const float* xb, float* y, int64_t n, __m256 kv, __m256 lv,
+  [[gnu::always_inline]] static void blend_sweep(const T& t, const float* xb, float* y, int64_t n, __m256 kv, __m256 lv,
                           __m256 threshold, ForwardChunkRecord& r) {
     __m256 sd = _mm256_setzero_ps(), dd = _mm256_setzero_ps();
     __m256 zz = _mm256_setzero_ps(), xz = _mm256_setzero_ps();
