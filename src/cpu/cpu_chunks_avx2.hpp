@@ -358,7 +358,11 @@ class Avx2ForwardChunks {
     const float lambda = lambda_[seed];
     r.lambda = finite(lambda) ? lambda : first_lambda(plan, n);
     const __m256 kv = _mm256_set1_ps(r.shift), lv = _mm256_set1_ps(r.lambda);
-    with_vec_blend(plan, [&](const auto& t) { blend_sweep(t, xb, y, n, kv, lv, threshold_, r); });
+    // always_inline on the lambda too: without it GCC keeps CONV's sweep out
+    // of line, a call per CONV chunk with the row loop's vectors spilled.
+    with_vec_blend(plan, [&](const auto& t) __attribute__((always_inline)) {
+      blend_sweep(t, xb, y, n, kv, lv, threshold_, r);
+    });
     if (!defer_) finish_chunk(seed, part);
   }
 
