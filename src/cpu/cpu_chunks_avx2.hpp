@@ -192,19 +192,19 @@ struct VecAttention {
 };
 struct VecMlp {
   const float* v;
-  __m256 a, om, sigma;
+  __m256 a_sigma, om;
   template <typename L>
   __m256 operator()(__m256 xv, const float* /*x*/, int64_t j, const L& lanes) const {
     const __m256 h = _mm256_mul_ps(xv, lanes.load(v + j));
     const __m256 relu = _mm256_and_ps(h, _mm256_cmp_ps(h, _mm256_setzero_ps(), _CMP_GT_OQ));
-    return _mm256_add_ps(_mm256_mul_ps(a, _mm256_mul_ps(sigma, relu)), _mm256_mul_ps(om, xv));
+    return _mm256_add_ps(_mm256_mul_ps(a_sigma, relu), _mm256_mul_ps(om, xv));
   }
 };
 // x needs no zero padding: the chunk's first vector reads x[-1], x[-2] as
 // zeros through masked loads (masked lanes neither load nor fault), so the
 // forward skips BlendConv's padded copy.
 struct VecConv {
-  __m256 w0, w1, w2, a, om, sigma;
+  __m256 c0, c1, c2, om;  // conv_taps
   template <typename L>
   __m256 operator()(__m256 xv, const float* x, int64_t j, const L& lanes) const {
     __m256 x1, x2;
@@ -216,9 +216,9 @@ struct VecConv {
       x1 = lanes.load(x + j - 1);
       x2 = lanes.load(x + j - 2);
     }
-    const __m256 c = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(w0, xv), _mm256_mul_ps(w1, x1)),
-                                   _mm256_mul_ps(w2, x2));
-    return _mm256_add_ps(_mm256_mul_ps(a, _mm256_mul_ps(sigma, c)), _mm256_mul_ps(om, xv));
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(c0, xv), _mm256_mul_ps(c1, x1)),
+                                   _mm256_mul_ps(c2, x2));
+    return _mm256_add_ps(t, _mm256_mul_ps(om, xv));
   }
 };
 
@@ -228,11 +228,12 @@ template <typename Fn>
   switch (p.kind) {
     case static_cast<int32_t>(Kind::residual): fn(VecResidual{p.vec, a, om}); break;
     case static_cast<int32_t>(Kind::attention): fn(VecAttention{p.vec, a, om}); break;
-    case static_cast<int32_t>(Kind::mlp): fn(VecMlp{p.vec, a, om, _mm256_set1_ps(p.sigma)}); break;
-    default:
-      fn(VecConv{_mm256_set1_ps(p.vec[0]), _mm256_set1_ps(p.vec[1]), _mm256_set1_ps(p.vec[2]), a, om,
-                 _mm256_set1_ps(p.sigma)});
+    case static_cast<int32_t>(Kind::mlp): fn(VecMlp{p.vec, _mm256_set1_ps(p.a * p.sigma), om}); break;
+    default: {
+      const ConvTaps c = conv_taps(p);
+      fn(VecConv{_mm256_set1_ps(c.c0), _mm256_set1_ps(c.c1), _mm256_set1_ps(c.c2), om});
       break;
+    }
   }
 }
 

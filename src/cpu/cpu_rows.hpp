@@ -77,7 +77,10 @@ inline void store_row(const float* src, typename S::raw* dst, int64_t n) {
 
 // T of each kind as a blend functor: Y = a*T + (1-a)*X. x must have two
 // readable zeros before x[0] for CONV. Forward and the backward clamp mask
-// both use these, so the mask sees the very bits the forward clamped.
+// both use these, so the mask sees the very bits the forward clamped. MLP and
+// CONV take a*sigma (and CONV a*sigma*w_k) as one factor per call instead of
+// two multiplications per value (conv_taps); 0 * Inf still gives NaN where
+// a, sigma or w_k is 0, as in a*(sigma*T).
 struct BlendResidual {
   const float* v;
   float a, om;
@@ -90,18 +93,28 @@ struct BlendAttention {
 };
 struct BlendMlp {
   const float* v;
-  float a, om, sigma;
+  float a_sigma, om;
   float operator()(const float* x, int64_t j) const {
     const float h = x[j] * v[j];
-    return a * (sigma * (h > 0.0f ? h : 0.0f)) + om * x[j];
+    return a_sigma * (h > 0.0f ? h : 0.0f) + om * x[j];
   }
 };
 struct BlendConv {
-  float w0, w1, w2, a, om, sigma;
+  float c0, c1, c2, om;  // conv_taps
   float operator()(const float* x, int64_t j) const {
-    return a * (sigma * (w0 * x[j] + w1 * x[j - 1] + w2 * x[j - 2])) + om * x[j];
+    return (c0 * x[j] + c1 * x[j - 1] + c2 * x[j - 2]) + om * x[j];
   }
 };
+
+// CONV's taps times a*sigma, the factors of BlendConv (and of the AVX2
+// VecConv, which must see the same bits).
+struct ConvTaps {
+  float c0, c1, c2;
+};
+inline ConvTaps conv_taps(const SeedPlan& p) {
+  const float a_sigma = p.a * p.sigma;
+  return {a_sigma * p.vec[0], a_sigma * p.vec[1], a_sigma * p.vec[2]};
+}
 
 // Calls fn with the blend functor of the plan's kind.
 template <typename Fn>
@@ -109,8 +122,12 @@ inline void with_blend(const SeedPlan& p, Fn&& fn) {
   switch (p.kind) {
     case static_cast<int32_t>(Kind::residual): fn(BlendResidual{p.vec, p.a, p.one_minus_a}); break;
     case static_cast<int32_t>(Kind::attention): fn(BlendAttention{p.vec, p.a, p.one_minus_a}); break;
-    case static_cast<int32_t>(Kind::mlp): fn(BlendMlp{p.vec, p.a, p.one_minus_a, p.sigma}); break;
-    default: fn(BlendConv{p.vec[0], p.vec[1], p.vec[2], p.a, p.one_minus_a, p.sigma}); break;
+    case static_cast<int32_t>(Kind::mlp): fn(BlendMlp{p.vec, p.a * p.sigma, p.one_minus_a}); break;
+    default: {
+      const ConvTaps c = conv_taps(p);
+      fn(BlendConv{c.c0, c.c1, c.c2, p.one_minus_a});
+      break;
+    }
   }
 }
 
