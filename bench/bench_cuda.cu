@@ -386,21 +386,6 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
         rows.push_back({"forward+backward", dname, mode, "bwd rows in flight " + std::to_string(u),
                         shape, t, both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
       }
-      // The backward's lanes per row (kasmina::CudaLaunchConfig::backward_group;
-      // the default gives each lane one vector of the row).
-      for (int g : {2, 4, 8}) {
-        for (int u : {1, 2}) {
-          kasmina::CudaLaunchConfig c;
-          c.backward_rows_in_flight = u;
-          c.backward_group = g;
-          kasmina::set_cuda_launch_config(c);
-          const double t = time_both();
-          rows.push_back({"forward+backward", dname, mode,
-                          "bwd " + std::to_string(g) + " lanes per row, rows in flight " +
-                              std::to_string(u),
-                          shape, t, both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
-        }
-      }
       kasmina::set_cuda_launch_config({});
     }
     // Small inputs: the forward replayed from a CUDA graph of kGraphCalls

@@ -83,10 +83,6 @@ struct CudaLaunchConfig {
   // threads give a small batch fewer idle row groups and a shorter block
   // reduction; more give a large one more bytes in flight per CTA.
   int forward_block_threads = 0;
-  // Lanes that share one row of a seed's chunk in the backward: 0 (default:
-  // as many as the row has 16-byte vectors, so each lane takes one), 1, 2,
-  // 4, 8, 16 or 32 (never more than that default).
-  int backward_group = 0;
 };
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.

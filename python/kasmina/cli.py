@@ -185,8 +185,7 @@ def _print_info(info: dict[str, Any]) -> None:
               f"{variants[v] if v in (0, 1, 2) else v}, TMA stages "
               f"{rows(launch.get('forward_stages', 0))}, lanes per row "
               f"{rows(launch.get('forward_group', 0))}, threads per CTA "
-              f"{rows(launch.get('forward_block_threads', 0))}; backward lanes per row "
-              f"{rows(launch.get('backward_group', 0))}; "
+              f"{rows(launch.get('forward_block_threads', 0))}; "
               f"{tuned if tuned is not None else '?'} tuned entries (kasmina tune)")
     if "profiling" in info:
         on = info.pop("profiling")

@@ -1087,8 +1087,7 @@ NB_MODULE(_C, m) {
   });
   m.def("format_profile", []() { return kasmina::format_profile(kasmina::profile_report()); });
   m.def("set_cuda_launch_config",
-        [](int forward_rows, int backward_rows, int variant, int stages, int group, int threads,
-           int backward_group) {
+        [](int forward_rows, int backward_rows, int variant, int stages, int group, int threads) {
     kasmina::CudaLaunchConfig c;
     c.forward_rows_in_flight = forward_rows;
     c.backward_rows_in_flight = backward_rows;
@@ -1096,14 +1095,11 @@ NB_MODULE(_C, m) {
     c.forward_stages = stages;
     c.forward_group = group;
     c.forward_block_threads = threads;
-    c.backward_group = backward_group;
     kasmina::set_cuda_launch_config(c);
   }, "forward_rows_in_flight"_a, "backward_rows_in_flight"_a, "forward_variant"_a = 0,
      "forward_stages"_a = 0, "forward_group"_a = 0, "forward_block_threads"_a = 0,
-     "backward_group"_a = 0,
      "forward_variant: 0 automatic, 1 generic, 2 tma (sm_90); forward_group: lanes per row; "
-     "forward_block_threads: threads per forward CTA (64, 128 or 256); backward_group: the "
-     "backward's lanes per row.");
+     "forward_block_threads: threads per forward CTA (64, 128 or 256).");
   m.def("cuda_launch_config", []() {
     const kasmina::CudaLaunchConfig c = kasmina::cuda_launch_config();
     nb::dict d;
@@ -1113,7 +1109,6 @@ NB_MODULE(_C, m) {
     d["forward_stages"] = c.forward_stages;
     d["forward_group"] = c.forward_group;
     d["forward_block_threads"] = c.forward_block_threads;
-    d["backward_group"] = c.backward_group;
     return d;
   });
   m.def("set_cuda_tuned_table",

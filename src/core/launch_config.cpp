@@ -17,7 +17,6 @@ std::atomic<int> g_forward_variant{0};
 std::atomic<int> g_forward_stages{0};
 std::atomic<int> g_forward_group{0};
 std::atomic<int> g_forward_threads{0};
-std::atomic<int> g_backward_group{0};
 
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
@@ -32,8 +31,6 @@ bool valid_stages(int v) { return v == 0 || (v >= 2 && v <= 8); }
 bool valid_group(int v) { return v == 0 || v == 1 || v == 2 || v == 4 || v == 8; }
 // Whole warps, at most kMaxBlockThreads (tuning.hpp: the kernels' launch bounds).
 bool valid_threads(int v) { return v == 0 || v == 64 || v == 128 || v == 256; }
-// The backward's row groups reduce with warp shuffles: at most a warp.
-bool valid_backward_group(int v) { return v == 0 || (v >= 1 && v <= 32 && (v & (v - 1)) == 0); }
 }  // namespace
 
 std::string_view cuda_forward_variant_name(CudaForwardVariant v) {
@@ -64,16 +61,12 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   KASMINA_CHECK_VALUE(valid_threads(config.forward_block_threads),
                       "forward_block_threads must be 0 (default), 64, 128 or 256 (got ",
                       config.forward_block_threads, ")");
-  KASMINA_CHECK_VALUE(valid_backward_group(config.backward_group),
-                      "backward_group must be 0 (default), 1, 2, 4, 8, 16 or 32 (got ",
-                      config.backward_group, ")");
   g_forward_rows.store(config.forward_rows_in_flight, std::memory_order_relaxed);
   g_backward_rows.store(config.backward_rows_in_flight, std::memory_order_relaxed);
   g_forward_variant.store(static_cast<int>(config.forward_variant), std::memory_order_relaxed);
   g_forward_stages.store(config.forward_stages, std::memory_order_relaxed);
   g_forward_group.store(config.forward_group, std::memory_order_relaxed);
   g_forward_threads.store(config.forward_block_threads, std::memory_order_relaxed);
-  g_backward_group.store(config.backward_group, std::memory_order_relaxed);
 }
 
 namespace {
@@ -161,7 +154,6 @@ CudaLaunchConfig cuda_launch_config() {
   c.forward_stages = g_forward_stages.load(std::memory_order_relaxed);
   c.forward_group = g_forward_group.load(std::memory_order_relaxed);
   c.forward_block_threads = g_forward_threads.load(std::memory_order_relaxed);
-  c.backward_group = g_backward_group.load(std::memory_order_relaxed);
   return c;
 }
 

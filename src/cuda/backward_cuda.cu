@@ -868,14 +868,6 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   LaunchPlan plan;
   plan.vector = r.vector ? kVectorBytes / static_cast<int>(dtype_size(p.dtype)) : 1;
   plan.group = next_pow2(ceil_div(r.C, plan.vector));
-  // Fewer lanes per row where set (each lane then takes several vectors of
-  // the row), never more than the row's vectors ask for.
-  const LaunchKnobs knobs = launch_knobs(dev, p.dtype, p.rows, p.hidden);
-  plan.group_source = "default";
-  if (knobs.set.backward_group != 0 && knobs.set.backward_group < plan.group) {
-    plan.group = knobs.set.backward_group;
-    plan.group_source = "set";
-  }
   const int64_t span = static_cast<int64_t>(plan.group) * plan.vector;
   const int64_t c_padded = ceil_div(r.C, span) * span;
   const int64_t by_smem = static_cast<int64_t>(t.smem_budget_bytes) / (c_padded * static_cast<int64_t>(sizeof(float)));
@@ -883,7 +875,8 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   if (by_smem < groups) groups = by_smem;
   if (groups < 1) groups = 1;
   plan.threads = plan.group * static_cast<int>(groups);
-  const RowsChoice choice = select_rows_in_flight(false, dev, knobs);
+  const RowsChoice choice =
+      select_rows_in_flight(false, dev, launch_knobs(dev, p.dtype, p.rows, p.hidden));
   plan.rows_in_flight = r.vector ? choice.rows : 1;
   plan.rows_source = r.vector ? choice.source : "scalar path";
   // No more rows in flight than a small batch fills (as the forward).
@@ -1033,7 +1026,7 @@ std::string describe_backward_cuda(const BackwardParams& p) {
   std::ostringstream os;
   os << "cuda.backward." << (r.vector ? "vec" : "scalar") << plan.vector << " "
      << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
-     << "): " << r.why << "; " << plan.group << " lanes per row (" << plan.group_source << "), " << plan.rows_in_flight
+     << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_in_flight
      << " rows in flight per thread (" << plan.rows_source << "), " << plan.rows_per_pass
      << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads

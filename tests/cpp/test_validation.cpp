@@ -393,20 +393,9 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
         {ErrorKind::value, {"forward_block_threads", "64, 128 or 256", "got " + std::to_string(threads)}},
         "threads");
   }
-  for (int group : {-1, 3, 64}) {
-    expect_error(
-        [group] {
-          CudaLaunchConfig c{1, 1};
-          c.backward_group = group;
-          set_cuda_launch_config(c);
-        },
-        {ErrorKind::value, {"backward_group", "16 or 32", "got " + std::to_string(group)}},
-        "backward group");
-  }
   EXPECT_EQ(cuda_launch_config().forward_rows_in_flight, 2);
   EXPECT_EQ(cuda_launch_config().backward_rows_in_flight, 1);
   EXPECT_EQ(cuda_launch_config().forward_block_threads, 0);
-  EXPECT_EQ(cuda_launch_config().backward_group, 0);
   EXPECT_EQ(cuda_launch_config().forward_variant, CudaForwardVariant::automatic);
   EXPECT_EQ(cuda_launch_config().forward_group, 0);
   set_cuda_launch_config({1, 2, CudaForwardVariant::tma, 4, 2, 128});

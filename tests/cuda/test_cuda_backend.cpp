@@ -309,7 +309,6 @@ struct ConfigCase {
   CudaForwardVariant variant = CudaForwardVariant::generic;
   int group = 0;  // the forward's lanes per row (0: the default)
   int threads = 0;  // the forward's threads per CTA (0: the default)
-  int backward_group = 0;  // the backward's lanes per row (0: the default)
 };
 // The TMA cases run the TMA forward where the device and shape allow it and
 // the generic one elsewhere (both checked against the reference). Every
@@ -321,17 +320,14 @@ constexpr ConfigCase kConfigs[] = {{1, 1, CudaForwardVariant::generic, 1},
                                    {1, 2, CudaForwardVariant::tma},
                                    {1, 1, CudaForwardVariant::tma, 2},
                                    {2, 1, CudaForwardVariant::generic, 8},
-                                   {1, 1, CudaForwardVariant::generic, 8, 64, 2},
-                                   {2, 2, CudaForwardVariant::tma, 2, 128, 4},
-                                   {1, 1, CudaForwardVariant::generic, 0, 0, 1},
-                                   {2, 2, CudaForwardVariant::generic, 0, 0, 8}};
+                                   {1, 1, CudaForwardVariant::generic, 8, 64},
+                                   {2, 2, CudaForwardVariant::tma, 2, 128}};
 
 std::string config_name(const ConfigCase& c) {
   return "rows in flight fwd " + std::to_string(c.forward_rows) + " bwd " +
          std::to_string(c.backward_rows) + " variant " +
          std::string(cuda_forward_variant_name(c.variant)) + " lanes per row " +
-         std::to_string(c.group) + " threads " + std::to_string(c.threads) +
-         " backward lanes per row " + std::to_string(c.backward_group);
+         std::to_string(c.group) + " threads " + std::to_string(c.threads);
 }
 
 CudaLaunchConfig config_of(const ConfigCase& c) {
@@ -341,7 +337,6 @@ CudaLaunchConfig config_of(const ConfigCase& c) {
   l.forward_variant = c.variant;
   l.forward_group = c.group;
   l.forward_block_threads = c.threads;
-  l.backward_group = c.backward_group;
   return l;
 }
 
