@@ -168,18 +168,18 @@ class KasminaLayer(nn.Module):
         # everything else, which nn.Module.__call__ then takes as usual
         # (torch.compile never reaches the binding: is_compiling() is
         # constant True while it traces). Per-call cost: docs/PYTHON.md.
-        if len(args) == 1 and not kwargs and not _is_compiling():
+        if len(args) == 1 and not kwargs and args[0] is not None and not _is_compiling():
             y = _layer_call(self, args[0])
             if y is not None:
                 return y
         return nn.Module.__call__(self, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"kasmina: x must be a tensor, got {type(x).__name__}")
         p = self._parameters
         alpha, weights, scales = p["alpha"], p["weights"], p["scales"]
         if _eager_ok(x, alpha, weights, scales):
+            if not isinstance(x, torch.Tensor):  # (an FX Proxy is not eager_ok)
+                raise TypeError(f"kasmina: x must be a tensor, got {type(x).__name__}")
             # The common eager call without a gradient is one binding call
             # (no torch.library, no further Python frames): _C.layer_forward
             # reads the buffers and settings from the module's dicts at call
@@ -488,7 +488,7 @@ class KasminaLayer(nn.Module):
 
 # layer_call stands for this forward (and falls back where a subclass or an
 # instance replaces it).
-_C._set_layer_forward(KasminaLayer.forward)
+_C._set_layer_forward(KasminaLayer.forward, nn.Module)
 
 
 def _version(t: torch.Tensor):

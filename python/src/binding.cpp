@@ -637,7 +637,8 @@ struct CallKeys {
              version = interned("_version"), is_cuda = interned("is_cuda"),
              is_neg = interned("is_neg"), note_rows = interned("_note_rows"),
              forward_eager = interned("_forward_eager"),
-             auto_name = interned("auto");
+             auto_name = interned("auto"), call_impl = interned("_call_impl"),
+             wrapped_call_impl = interned("_wrapped_call_impl"), dunder_call = interned("__call__");
   nb::object global_hooks[4] = {interned("_global_forward_hooks"),
                                 interned("_global_forward_pre_hooks"),
                                 interned("_global_backward_hooks"),
@@ -647,6 +648,10 @@ struct CallKeys {
   nb::object has_torch_function, dispatch_stack_len, functorch_peek, jit_tracing_state,
       grad_enabled, empty_like, contiguous, capturing, memory_format_kw;
   nb::object layer_forward_fn;  // KasminaLayer.forward, set by layer.py (None: disabled)
+  // nn.Module's own call machinery as layer.py found it at import: a
+  // subclass overriding them, or a patch of nn.Module.__call__ (profilers
+  // do that) after the import, makes layer_call step aside.
+  nb::object module_type, call_impl_fn, wrapped_call_impl_fn, module_call_fn;
   PyTypeObject* tensor_type = nullptr;  // torch.Tensor
 };
 
@@ -666,6 +671,7 @@ CallKeys& call_keys() {
     k->capturing = nb::getattr(torch_c, "_cuda_isCurrentStreamCapturing", nb::none());
     k->memory_format_kw = nb::steal(PyTuple_Pack(1, interned("memory_format").ptr()));
     k->layer_forward_fn = nb::none();
+    k->module_type = k->call_impl_fn = k->wrapped_call_impl_fn = k->module_call_fn = nb::none();
     nb::object tensor = torch.attr("Tensor");
     k->tensor_type = reinterpret_cast<PyTypeObject*>(tensor.release().ptr());  // kept alive
     return k;
@@ -716,22 +722,45 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   if (compiled != nullptr && compiled != Py_None) return nb::none();
   if (dict_item(d, k.forward) != nullptr) return nb::none();  // an instance's own forward
   {
-    PyObject* f = PyObject_GetAttr(reinterpret_cast<PyObject*>(Py_TYPE(self.ptr())), k.forward.ptr());
-    if (f == nullptr) throw nb::python_error();
-    const bool ours = f == k.layer_forward_fn.ptr();
-    Py_DECREF(f);
-    if (!ours) return nb::none();
+    // The forward, _call_impl and _wrapped_call_impl the class resolves to
+    // are nn.Module's / ours, and nn.Module.__call__ is unpatched.
+    PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(self.ptr()));
+    const std::pair<PyObject*, const nb::object*> expected[] = {
+        {type, &k.forward}, {type, &k.call_impl}, {type, &k.wrapped_call_impl},
+        {k.module_type.ptr(), &k.dunder_call}};
+    const nb::object* want[] = {&k.layer_forward_fn, &k.call_impl_fn, &k.wrapped_call_impl_fn,
+                                &k.module_call_fn};
+    for (int i = 0; i < 4; ++i) {
+      PyObject* f = PyObject_GetAttr(expected[i].first, expected[i].second->ptr());
+      if (f == nullptr) throw nb::python_error();
+      const bool same = f == want[i]->ptr();
+      Py_DECREF(f);
+      if (!same) return nb::none();
+    }
   }
-  PyObject* params = dict_item(d, k.parameters);
-  PyObject* buffers = dict_item(d, k.buffers);
-  PyObject* config = dict_item(d, k.config);
+  // Owned references from here on: the calls into torch below run Python,
+  // which could rebind (and so free) what the dicts held.
+  const nb::object params_o = nb::borrow(dict_item(d, k.parameters));
+  const nb::object buffers_o = nb::borrow(dict_item(d, k.buffers));
+  const nb::object config_o = nb::borrow(dict_item(d, k.config));
+  PyObject* params = params_o.ptr();
+  PyObject* buffers = buffers_o.ptr();
+  PyObject* config = config_o.ptr();
   if (params == nullptr || buffers == nullptr || config == nullptr || !PyDict_Check(params) ||
       !PyDict_Check(buffers))
     return nb::none();
-  PyObject* alpha = dict_item(params, k.alpha);
-  PyObject* weights = dict_item(params, k.weights);
-  PyObject* scales = dict_item(params, k.scales);
-  if (alpha == nullptr || weights == nullptr || scales == nullptr) return nb::none();
+  const nb::object alpha_o = nb::borrow(dict_item(params, k.alpha));
+  const nb::object weights_o = nb::borrow(dict_item(params, k.weights));
+  const nb::object scales_o = nb::borrow(dict_item(params, k.scales));
+  // layer._note_rows' buffer, looked up before anything runs (no buffer:
+  // the Python path's KeyError).
+  const nb::object rows_buf_o = nb::borrow(dict_item(buffers, k.telemetry_rows));
+  PyObject* alpha = alpha_o.ptr();
+  PyObject* weights = weights_o.ptr();
+  PyObject* scales = scales_o.ptr();
+  PyObject* rows_buf = rows_buf_o.ptr();
+  if (alpha == nullptr || weights == nullptr || scales == nullptr || rows_buf == nullptr)
+    return nb::none();
   // Tensors only (anything else gets the Python path's error).
   for (PyObject* t : {x.ptr(), alpha, weights, scales}) {
     if (!PyType_IsSubtype(Py_TYPE(t), k.tensor_type)) return nb::none();
@@ -761,7 +790,8 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   }
   if (truthy(PyObject_CallMethodNoArgs(x.ptr(), k.is_neg.ptr()))) return nb::none();  // Python raises
   // The layer's backend: "auto" as is, a known name as its id, else Python's error.
-  PyObject* backend = dict_item(d, k.backend);
+  const nb::object backend_o = nb::borrow(dict_item(d, k.backend));
+  PyObject* backend = backend_o.ptr();
   if (backend == nullptr) return nb::none();
   nb::object backend_arg;
   if (backend == k.auto_name.ptr() ||
@@ -782,7 +812,9 @@ nb::object layer_call(nb::handle self, nb::handle x) {
     const View xv(x, "x");
     int64_t expect = 1;
     for (size_t i = xv.ndim(); i-- > 0;) {
-      if (xv.shape(i) != 1 && xv.stride(i) != expect) row_major = false;
+      // Size-1 dimensions too: empty_like(x) copies x's strides, and y must
+      // come out as the keyword spelling would make it.
+      if (xv.stride(i) != expect) row_major = false;
       expect *= xv.shape(i);
     }
   }
@@ -798,10 +830,10 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   if (rows.is_none()) return nb::none();
   // layer._note_rows, whose common case (this very buffer already holds
   // rows, unchanged since: its version counter) is tested here.
-  PyObject* rows_buf = dict_item(buffers, k.telemetry_rows);
-  PyObject* last = dict_item(d, k.rows_written);
+  const nb::object last_o = nb::borrow(dict_item(d, k.rows_written));
+  PyObject* last = last_o.ptr();
   bool unchanged = false;
-  if (rows_buf != nullptr && last != nullptr && PyTuple_Check(last) && PyTuple_GET_SIZE(last) == 3 &&
+  if (last != nullptr && PyTuple_Check(last) && PyTuple_GET_SIZE(last) == 3 &&
       PyTuple_GET_ITEM(last, 1) == rows_buf && PyTuple_GET_ITEM(last, 2) != Py_None) {
     const int same_rows = PyObject_RichCompareBool(PyTuple_GET_ITEM(last, 0), rows.ptr(), Py_EQ);
     if (same_rows < 0) throw nb::python_error();
@@ -819,7 +851,6 @@ nb::object layer_call(nb::handle self, nb::handle x) {
       unchanged = false;
   }
   if (!unchanged) {
-    if (rows_buf == nullptr) throw nb::python_error();  // a layer always has it; KeyError-free
     PyObject* margs[4] = {self.ptr(), x.ptr(), rows.ptr(), rows_buf};
     PyObject* r = PyObject_VectorcallMethod(k.note_rows.ptr(), margs,
                                             4, nullptr);
@@ -1033,9 +1064,18 @@ NB_MODULE(_C, m) {
   m.def("layer_call", &layer_call,
         "KasminaLayer.__call__'s eager no-grad call (layer.py): y, or None for nn.Module.__call__.");
   m.def(
-      "_set_layer_forward", [](nb::handle f) { call_keys().layer_forward_fn = nb::borrow(f); },
-      "forward"_a.none(),
-      "layer.py: KasminaLayer.forward, which layer_call stands for (None turns layer_call off).");
+      "_set_layer_forward",
+      [](nb::handle f, nb::handle module_type) {
+        CallKeys& k = call_keys();
+        k.layer_forward_fn = nb::borrow(f);
+        k.module_type = nb::borrow(module_type);
+        k.call_impl_fn = k.module_type.attr("_call_impl");
+        k.wrapped_call_impl_fn = k.module_type.attr("_wrapped_call_impl");
+        k.module_call_fn = k.module_type.attr("__call__");
+      },
+      "forward"_a.none(), "module_type"_a,
+      "layer.py: KasminaLayer.forward, which layer_call stands for (None turns layer_call off), "
+      "and torch.nn.Module, whose call machinery it must find unchanged.");
   m.def("describe_forward", &describe_forward, "x"_a, "y"_a, "telemetry"_a, "nonfinite"_a,
         "stage"_a, "kind"_a, "blueprint"_a, "alpha"_a, "weights"_a, "scales"_a,
         "workspace"_a.none(), "dead_threshold"_a, "clamp_lo"_a.none(), "clamp_hi"_a.none(),

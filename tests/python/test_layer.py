@@ -616,13 +616,13 @@ def test_layer_call_takes_gradients_and_leaves_modes_and_transforms_to_module_ca
             with mode:
                 assert kasmina._C.layer_call(layer, x) is None
                 assert torch.equal(layer(x), torch.nn.Module.__call__(layer, x))
-    kasmina._C._set_layer_forward(None)  # off: every call takes nn.Module.__call__
+    kasmina._C._set_layer_forward(None, torch.nn.Module)  # off: nn.Module.__call__ always
     try:
         with torch.no_grad():
             assert kasmina._C.layer_call(layer, x) is None
             assert_call_matches_op(layer, x)
     finally:
-        kasmina._C._set_layer_forward(kasmina.KasminaLayer.forward)
+        kasmina._C._set_layer_forward(kasmina.KasminaLayer.forward, torch.nn.Module)
 
 
 def test_layer_call_leaves_non_tensors_to_module_call():
@@ -631,3 +631,66 @@ def test_layer_call_leaves_non_tensors_to_module_call():
         assert kasmina._C.layer_call(layer, [1.0] * 24) is None
         with pytest.raises(TypeError, match="x must be a tensor, got list"):
             layer([1.0] * 24)
+
+
+def test_layer_call_keeps_module_call_semantics_at_the_edges():
+    layer = make_layer(12, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    # y has the strides the Python path gives it, size-1 dimensions included.
+    x = torch.randn(48).as_strided((4, 1, 12), (12, 7, 1))
+    with torch.no_grad():
+        y = layer(x)
+        y_module = torch.nn.Module.__call__(layer, x)
+    assert y.stride() == y_module.stride() and torch.equal(y, y_module)
+    # None reaches the pre-hooks, which may replace it.
+    handle = layer.register_forward_pre_hook(lambda mod, args: (torch.ones(2, 12),))
+    try:
+        with torch.no_grad():
+            assert layer(None).shape == (2, 12)
+    finally:
+        handle.remove()
+    # A missing buffer is the Python path's KeyError, not a crash.
+    rows = layer._buffers.pop("telemetry_rows")
+    try:
+        with torch.no_grad():
+            assert kasmina._C.layer_call(layer, torch.randn(3, 12)) is None
+            with pytest.raises(KeyError):
+                layer(torch.randn(3, 12))
+    finally:
+        layer._buffers["telemetry_rows"] = rows
+    # A patched nn.Module.__call__ (a profiler's) and a subclass's own call
+    # machinery are honoured.
+    calls = []
+    original = torch.nn.Module.__call__
+
+    def patched(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    torch.nn.Module.__call__ = patched
+    try:
+        with torch.no_grad():
+            assert kasmina._C.layer_call(layer, torch.randn(3, 12)) is None
+    finally:
+        torch.nn.Module.__call__ = original
+
+    class OwnCall(kasmina.KasminaLayer):
+        def _call_impl(self, *args, **kwargs):
+            calls.append("own")
+            return super()._call_impl(*args, **kwargs)
+
+    own = OwnCall(12, 4)
+    with torch.no_grad():
+        assert kasmina._C.layer_call(own, torch.randn(3, 12)) is None
+        own(torch.randn(3, 12))
+    assert "own" in calls
+    with torch.no_grad():
+        assert kasmina._C.layer_call(layer, torch.randn(3, 12)) is not None
+
+
+def test_fx_symbolic_trace_records_the_op():
+    layer = make_layer(12, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
+    gm = torch.fx.symbolic_trace(layer)
+    assert any("kasmina" in str(n.target) for n in gm.graph.nodes)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        assert torch.equal(gm(x), layer(x))
