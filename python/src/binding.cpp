@@ -686,6 +686,9 @@ PyObject* dict_item(PyObject* d, const nb::object& key) {
   return v;
 }
 
+// The same as an owned reference (null when absent).
+nb::object owned_item(PyObject* d, const nb::object& key) { return nb::borrow(dict_item(d, key)); }
+
 bool empty_dict(PyObject* v) { return v != nullptr && PyDict_Check(v) && PyDict_GET_SIZE(v) == 0; }
 
 bool truthy(PyObject* o) {
@@ -740,25 +743,19 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   }
   // Owned references from here on: the calls into torch below run Python,
   // which could rebind (and so free) what the dicts held.
-  const nb::object params_o = nb::borrow(dict_item(d, k.parameters));
-  const nb::object buffers_o = nb::borrow(dict_item(d, k.buffers));
-  const nb::object config_o = nb::borrow(dict_item(d, k.config));
-  PyObject* params = params_o.ptr();
-  PyObject* buffers = buffers_o.ptr();
-  PyObject* config = config_o.ptr();
+  const nb::object params_o = owned_item(d, k.parameters), buffers_o = owned_item(d, k.buffers),
+                   config_o = owned_item(d, k.config);
+  PyObject *params = params_o.ptr(), *buffers = buffers_o.ptr(), *config = config_o.ptr();
   if (params == nullptr || buffers == nullptr || config == nullptr || !PyDict_Check(params) ||
       !PyDict_Check(buffers))
     return nb::none();
-  const nb::object alpha_o = nb::borrow(dict_item(params, k.alpha));
-  const nb::object weights_o = nb::borrow(dict_item(params, k.weights));
-  const nb::object scales_o = nb::borrow(dict_item(params, k.scales));
-  // layer._note_rows' buffer, looked up before anything runs (no buffer:
-  // the Python path's KeyError).
-  const nb::object rows_buf_o = nb::borrow(dict_item(buffers, k.telemetry_rows));
-  PyObject* alpha = alpha_o.ptr();
-  PyObject* weights = weights_o.ptr();
-  PyObject* scales = scales_o.ptr();
-  PyObject* rows_buf = rows_buf_o.ptr();
+  // rows_buf: layer._note_rows' buffer, looked up before anything runs (no
+  // buffer: the Python path's KeyError).
+  const nb::object alpha_o = owned_item(params, k.alpha), weights_o = owned_item(params, k.weights),
+                   scales_o = owned_item(params, k.scales),
+                   rows_buf_o = owned_item(buffers, k.telemetry_rows);
+  PyObject *alpha = alpha_o.ptr(), *weights = weights_o.ptr(), *scales = scales_o.ptr(),
+           *rows_buf = rows_buf_o.ptr();
   if (alpha == nullptr || weights == nullptr || scales == nullptr || rows_buf == nullptr)
     return nb::none();
   // Tensors only (anything else gets the Python path's error).
@@ -790,7 +787,7 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   }
   if (truthy(PyObject_CallMethodNoArgs(x.ptr(), k.is_neg.ptr()))) return nb::none();  // Python raises
   // The layer's backend: "auto" as is, a known name as its id, else Python's error.
-  const nb::object backend_o = nb::borrow(dict_item(d, k.backend));
+  const nb::object backend_o = owned_item(d, k.backend);
   PyObject* backend = backend_o.ptr();
   if (backend == nullptr) return nb::none();
   nb::object backend_arg;
@@ -830,7 +827,7 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   if (rows.is_none()) return nb::none();
   // layer._note_rows, whose common case (this very buffer already holds
   // rows, unchanged since: its version counter) is tested here.
-  const nb::object last_o = nb::borrow(dict_item(d, k.rows_written));
+  const nb::object last_o = owned_item(d, k.rows_written);
   PyObject* last = last_o.ptr();
   bool unchanged = false;
   if (last != nullptr && PyTuple_Check(last) && PyTuple_GET_SIZE(last) == 3 &&
