@@ -514,6 +514,11 @@ __device__ __forceinline__ CtaSeed setup_seed(const ForwardArgs& args, int s, fl
     case Mode::attention: cs.sv.drift_k = 1.0f / static_cast<float>(C); break;
     case Mode::conv: cs.sv.drift_k = cs.sv.sigma * cs.sv.w0; break;
     case Mode::mlp: cs.sv.drift_k = cs.sv.sigma * cs.table[0]; break;
+    case Mode::wide:  // no table: the same slopes from the seed's view
+      cs.sv.drift_k = cs.sv.kind == static_cast<int>(Kind::attention) ? 1.0f / static_cast<float>(C)
+                      : cs.sv.kind == static_cast<int>(Kind::mlp)     ? cs.sv.sigma * cs.sv.w[0]
+                                                                      : 1.0f;
+      break;
     default: cs.sv.drift_k = 1.0f; break;
   }
   return cs;

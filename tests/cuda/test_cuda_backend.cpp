@@ -494,8 +494,9 @@ TEST_F(SmallCuda, DriftOfNearlyParallelBlends) {
   uint64_t rng = 900;
   for (DType dt : {DType::bf16, DType::f16}) {
     for (Kind kind : {Kind::attention, Kind::conv, Kind::mlp}) {
-      for (int64_t chunk : {64, 1000}) {
-        ProblemOptions o = shape(33, chunk, 3, dt, ++rng);
+      // 12288: wider than the coefficient table (the `wide` mode).
+      for (int64_t chunk : {64, 1000, 12288}) {
+        ProblemOptions o = shape(chunk > 1000 ? 5 : 33, chunk, chunk > 1000 ? 2 : 3, dt, ++rng);
         o.only_kind = static_cast<int32_t>(kind);
         o.only_stage = static_cast<int32_t>(Stage::grafting);
         Problem p = make_problem(o);
