@@ -265,6 +265,52 @@ __device__ __forceinline__ unsigned pack2_rn<__half>(float lo, float hi) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
+// Two T values packed in 32 bits (element 0 low): their min / max in one
+// instruction (min.{bf16x2,f16x2}: exact, and -0 below +0 as fminf), the
+// halves as floats, and the packed +-infinity that start a running min /
+// max. Float32 has none (never called; the constants only fill the fields).
+template <typename T>
+struct Packed2 {
+  static constexpr unsigned kPosInf = 0u;
+  static constexpr unsigned kNegInf = 0u;
+};
+template <>
+struct Packed2<__nv_bfloat16> {
+  static constexpr unsigned kPosInf = 0x7f807f80u;
+  static constexpr unsigned kNegInf = 0xff80ff80u;
+  __device__ __forceinline__ static unsigned min2(unsigned a, unsigned b) {
+    const __nv_bfloat162 r = __hmin2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const unsigned*>(&r);
+  }
+  __device__ __forceinline__ static unsigned max2(unsigned a, unsigned b) {
+    const __nv_bfloat162 r = __hmax2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const unsigned*>(&r);
+  }
+  __device__ __forceinline__ static float low(unsigned v) { return __uint_as_float(v << 16); }
+  __device__ __forceinline__ static float high(unsigned v) {
+    return __uint_as_float(v & 0xffff0000u);
+  }
+};
+template <>
+struct Packed2<__half> {
+  static constexpr unsigned kPosInf = 0x7c007c00u;
+  static constexpr unsigned kNegInf = 0xfc00fc00u;
+  __device__ __forceinline__ static unsigned min2(unsigned a, unsigned b) {
+    const __half2 r = __hmin2(*reinterpret_cast<const __half2*>(&a),
+                              *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const unsigned*>(&r);
+  }
+  __device__ __forceinline__ static unsigned max2(unsigned a, unsigned b) {
+    const __half2 r = __hmax2(*reinterpret_cast<const __half2*>(&a),
+                              *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const unsigned*>(&r);
+  }
+  __device__ __forceinline__ static float low(unsigned v) { return half_bits_to_float<__half>(v & 0xffffu); }
+  __device__ __forceinline__ static float high(unsigned v) { return half_bits_to_float<__half>(v >> 16); }
+};
+
 // The V values of a raw access as floats (element 0 in the lowest bits).
 template <typename T, int V>
 __device__ __forceinline__ void decode_vec(const RawVec<T, V>& raw, float (&out)[V]) {
@@ -276,6 +322,14 @@ __device__ __forceinline__ void decode_vec(const RawVec<T, V>& raw, float (&out)
     if constexpr (sizeof(T) == 4) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) out[k] = __uint_as_float(w[k]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      // A bfloat16 is the high half of its float32: one shift or one mask
+      // per value (the compiler's conversion of the high half shifts twice).
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        out[2 * k] = __uint_as_float(w[k] << 16);
+        out[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+      }
     } else {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -600,6 +654,29 @@ __device__ __forceinline__ float mode_coef(const SeedView& sv, const float* tabl
     return coef_at(sv, nullptr, j);
   } else {
     return 0.0f;
+  }
+}
+
+// The coefficients of columns c .. c+V-1 for mode M: from the table as
+// 16-byte shared loads where V is a multiple of 4 (the vector path: c is a
+// multiple of V, and both kernels place the table 16-byte aligned), else
+// one at a time. The same values as mode_coef, fewer instructions.
+template <Mode M, int V>
+__device__ __forceinline__ void mode_coefs(const SeedView& sv, const float* table, int c,
+                                           float (&coef)[V]) {
+  if constexpr ((M == Mode::residual || M == Mode::attention || M == Mode::mlp) && V % 4 == 0) {
+    const float4* t4 = reinterpret_cast<const float4*>(table + c);
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      const float4 f = t4[q];
+      coef[4 * q] = f.x;
+      coef[4 * q + 1] = f.y;
+      coef[4 * q + 2] = f.z;
+      coef[4 * q + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) coef[i] = mode_coef<M>(sv, table, c + i);
   }
 }
 

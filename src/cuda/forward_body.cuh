@@ -81,9 +81,17 @@ struct ThreadStats {
   unsigned dead;
   unsigned nonfinite;
   double drift_sum;
+  // 16-bit inputs: the running min / max of the vectors without a
+  // non-finite value, two packed T lanes each (one min2 / max2 per two
+  // values instead of a float min / max per value; the same result, as the
+  // values are exact in T). Folded into lo / hi by widen<T>().
+  unsigned lo2;
+  unsigned hi2;
 
+  template <typename T>
   __device__ __forceinline__ static ThreadStats identity() {
-    return {{0u, 0.0f, 0.0f}, 0u, 0.0f, 0.0f, 0.0f, INFINITY, -INFINITY, 0.0f, 0u, 0u, 0.0};
+    return {{0u, 0.0f, 0.0f}, 0u,  0.0f, 0.0f, 0.0f, INFINITY, -INFINITY, 0.0f, 0u, 0u, 0.0,
+            Packed2<T>::kPosInf, Packed2<T>::kNegInf};
   }
   // The pending batch as (count, mean, M2) into the moments (Chan): one exact
   // division per flush. sum/cnt is the batch mean of x - K, and
@@ -102,8 +110,14 @@ struct ThreadStats {
     sq = 0.0f;
   }
   // Call after the last flush().
+  template <typename T>
   __device__ __forceinline__ FwdStats widen() const {
-    return {mom.to_moments(), lo, hi, dead, nonfinite, drift_sum};
+    float l = lo, h = hi;
+    if constexpr (sizeof(T) == 2) {
+      l = fminf(l, fminf(Packed2<T>::low(lo2), Packed2<T>::high(lo2)));
+      h = fmaxf(h, fmaxf(Packed2<T>::low(hi2), Packed2<T>::high(hi2)));
+    }
+    return {mom.to_moments(), l, h, dead, nonfinite, drift_sum};
   }
 };
 
@@ -111,9 +125,11 @@ struct ThreadStats {
 // the shifted values is non-finite when any value is NaN or Inf (or, rarely,
 // when it overflows); then the exact per-value path runs, else the values
 // go into the shifted sums, min/max and the dead count without a test.
-template <int V>
-__device__ __forceinline__ void add_values(ThreadStats& st, const float (&xv)[V],
-                                           float dead_threshold) {
+template <typename T, int V>
+__device__ __forceinline__ void add_values(ThreadStats& st, const RawVec<T, V>& raw,
+                                           const float (&xv)[V], float dead_threshold) {
+  // 16-bit vectors: min / max on the packed values (Packed2).
+  constexpr bool kPacked = sizeof(T) == 2 && V == 8;
   if (st.cnt == 0) st.shift = isfinite(xv[0]) ? xv[0] : 0.0f;  // nothing pending: any K is exact
   const float shift = st.shift;
   float d[V];
@@ -131,11 +147,21 @@ __device__ __forceinline__ void add_values(ThreadStats& st, const float (&xv)[V]
   if (isfinite(part[0])) {
     st.cnt += static_cast<unsigned>(V);
     st.sum += part[0];
+    if constexpr (kPacked) {
+      const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        st.lo2 = Packed2<T>::min2(st.lo2, w[k]);
+        st.hi2 = Packed2<T>::max2(st.hi2, w[k]);
+      }
+    }
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       st.sq = fmaf(d[i], d[i], st.sq);
-      st.lo = fminf(st.lo, xv[i]);
-      st.hi = fmaxf(st.hi, xv[i]);
+      if constexpr (!kPacked) {
+        st.lo = fminf(st.lo, xv[i]);
+        st.hi = fmaxf(st.hi, xv[i]);
+      }
       st.dead_pending += fabsf(xv[i]) <= dead_threshold ? 1.0f : 0.0f;
     }
   } else {
@@ -345,8 +371,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
       } else {
         float yv[V];
         float coef[V];
-#pragma unroll
-        for (int i = 0; i < V; ++i) coef[i] = mode_coef<M>(sv, table, c + i);
+        mode_coefs<M, V>(sv, table, c, coef);
         // CONV's two left neighbours (0 at the chunk start; cache hits, the
         // neighbour lane loaded them), then rolled along the vector.
         float xm2 = 0.0f, xm1 = 0.0f;
@@ -381,7 +406,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
         }
         store_vec<T, V>(r.y[u] + c, yv);
       }
-      add_values<V>(st, xv, thr);
+      add_values<T, V>(st, raw[u], xv, thr);
     }
   }
   if constexpr (kBlend) {
@@ -528,13 +553,14 @@ __device__ __forceinline__ CtaSeed setup_seed(const ForwardArgs& args, int s, fl
 // last CTA of the seed (integer ticket after a __threadfence) merges the
 // seed's partials in index order, writes the telemetry row and leaves the
 // partials and the ticket zero. Every thread of the CTA calls it.
+template <typename T>
 __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int tile, bool blends,
                                             ThreadStats& st) {
   __shared__ FwdStats red_scratch[8];
   __shared__ int is_last;
   const int tiles = args.tiles;
   st.flush();
-  const FwdStats cta = block_reduce(st.widen(), red_scratch);
+  const FwdStats cta = block_reduce(st.widen<T>(), red_scratch);
   if (tiles == 1) {
     // The seed's only CTA: its statistics are the seed's (no partials, no
     // ticket: a small batch pays no second round trip through L2).

@@ -79,7 +79,9 @@ __device__ __forceinline__ void forward_rows(const ForwardArgs& args, const CtaS
 // runs several in one launch (forward_many).
 template <typename T, int V, int U>
 __device__ __forceinline__ void forward_cta(const ForwardArgs& args, int block) {
-  extern __shared__ float coef_smem[];  // [C] when args.coef_table
+  // [C] when args.coef_table; float4 for 16-byte alignment (mode_coefs).
+  extern __shared__ float4 coef_smem4[];
+  float* const coef_smem = reinterpret_cast<float*>(coef_smem4);
   const int tiles = args.tiles;
   const int s = block / tiles;
   const int tile = block - s * tiles;
@@ -108,13 +110,13 @@ __device__ __forceinline__ void forward_cta(const ForwardArgs& args, int block) 
   }
 
   const CtaSeed cs = setup_seed(args, s, coef_smem);
-  ThreadStats st = ThreadStats::identity();
+  ThreadStats st = ThreadStats::identity<T>();
   const int64_t col0 = static_cast<int64_t>(s) * C;
   with_mode(cs.mode, args.clamp.enabled, [&](auto m, auto clamp) {
     forward_rows<T, V, U, decltype(m)::value, decltype(clamp)::value>(args, cs, col0, tile, lane,
                                                                       group, st);
   });
-  finish_seed(args, s, tile, cs.sv.blends, st);
+  finish_seed<T>(args, s, tile, cs.sv.blends, st);
 }
 
 template <typename T, int V, int U>

@@ -124,6 +124,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   const int stage_bytes = targs.stage_bytes;
   // TMA destinations 128-byte aligned whatever the dynamic base.
   unsigned char* ring = tma_smem + ((128u - (smem_u32(tma_smem) & 127u)) & 127u);
+  // 16-byte aligned (mode_coefs): a stage is rows x C elements of 16-byte rows.
   float* table_mem = reinterpret_cast<float*>(ring + static_cast<std::size_t>(stages) * stage_bytes);
 
   const int tiles = args.tiles;
@@ -153,7 +154,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   __syncthreads();
 
   const CtaSeed cs = setup_seed(args, s, table_mem);
-  ThreadStats st = ThreadStats::identity();
+  ThreadStats st = ThreadStats::identity<T>();
   const int64_t col0 = static_cast<int64_t>(s) * C;
   T* y = static_cast<T*>(args.y);
   with_mode(cs.mode, args.clamp.enabled, [&](auto m, auto clamp) {
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
       if (threadIdx.x == 0 && i + stages < count) issue(i + stages);
     }
   });
-  finish_seed(args, s, tile, cs.sv.blends, st);
+  finish_seed<T>(args, s, tile, cs.sv.blends, st);
 #else
   // No sm_90 code in this build (e.g. only compute_80 PTX, JIT-compiled on a
   // Hopper): the host refuses TMA then (forward_tma_refusal); never run empty.
