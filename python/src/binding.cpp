@@ -653,6 +653,11 @@ struct CallKeys {
   // do that) after the import, makes layer_call step aside.
   nb::object module_type, call_impl_fn, wrapped_call_impl_fn, module_call_fn;
   PyTypeObject* tensor_type = nullptr;  // torch.Tensor
+  // The last class whose lookups passed, at this version tag (layer_call).
+  // Compared by address and tag only: a new class at a freed address has
+  // another tag.
+  PyTypeObject* checked_type = nullptr;
+  unsigned int checked_tag = 0;
 };
 
 CallKeys& call_keys() {
@@ -724,10 +729,15 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   PyObject* compiled = dict_item(d, k.compiled_call_impl);
   if (compiled != nullptr && compiled != Py_None) return nb::none();
   if (dict_item(d, k.forward) != nullptr) return nb::none();  // an instance's own forward
-  {
-    // The forward, _call_impl and _wrapped_call_impl the class resolves to
-    // are nn.Module's / ours, and nn.Module.__call__ is unpatched.
-    PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(self.ptr()));
+  // The forward, _call_impl and _wrapped_call_impl the class resolves to
+  // are nn.Module's / ours, and nn.Module.__call__ is unpatched: looked up
+  // once per version of the class. CPython's type version tag changes
+  // (or goes to 0, never reused) whenever an attribute of the type or of
+  // any base is set or deleted, nn.Module's __call__ included.
+  PyTypeObject* const self_type = Py_TYPE(self.ptr());
+  if (!(k.checked_type == self_type && self_type->tp_version_tag != 0 &&
+        self_type->tp_version_tag == k.checked_tag)) {
+    PyObject* type = reinterpret_cast<PyObject*>(self_type);
     const std::pair<PyObject*, const nb::object*> expected[] = {
         {type, &k.forward}, {type, &k.call_impl}, {type, &k.wrapped_call_impl},
         {k.module_type.ptr(), &k.dunder_call}};
@@ -740,6 +750,8 @@ nb::object layer_call(nb::handle self, nb::handle x) {
       Py_DECREF(f);
       if (!same) return nb::none();
     }
+    k.checked_type = self_type;  // the lookups above assigned its tag (0: none, not cached)
+    k.checked_tag = self_type->tp_version_tag;
   }
   // Owned references from here on: the calls into torch below run Python,
   // which could rebind (and so free) what the dicts held.

@@ -686,6 +686,28 @@ def test_layer_call_keeps_module_call_semantics_at_the_edges():
     with torch.no_grad():
         assert kasmina._C.layer_call(layer, torch.randn(3, 12)) is not None
 
+    # A class changed after a call that passed (layer_call remembers the
+    # class's lookups per version of the class) is looked at again.
+    class Late(kasmina.KasminaLayer):
+        pass
+
+    late = Late(12, 4)
+    x3 = torch.randn(3, 12)
+    with torch.no_grad():
+        assert kasmina._C.layer_call(late, x3) is not None
+        Late.forward = lambda self, t: t * 3
+        try:
+            assert kasmina._C.layer_call(late, x3) is None
+            assert torch.equal(late(x3), x3 * 3)
+        finally:
+            del Late.forward
+        assert kasmina._C.layer_call(late, x3) is not None
+        kasmina.KasminaLayer._call_impl = torch.nn.Module._call_impl  # a base changed, same value
+        try:
+            assert kasmina._C.layer_call(late, x3) is not None
+        finally:
+            del kasmina.KasminaLayer._call_impl
+
 
 def test_fx_symbolic_trace_records_the_op():
     layer = make_layer(12, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
