@@ -32,25 +32,30 @@ import kasmina
 from kasmina import _C, _ops
 
 
-# The fastest repeat of the latest measurement: on a noisy host (other
-# tenants, frequency changes) the median moves by tens of percent between
-# runs, the best repeat much less.
-BEST = [0.0]
+def measure(rows, calls, repeats, sync):
+    """Median and best us per call of each row's function, interleaved.
 
-
-def per_call_us(fn, calls, repeats, sync):
-    for _ in range(200):
-        fn()
+    rows: name -> (fn, grad). The rows take turns within each repeat (one
+    batch of `calls` calls of each row, then the next repeat), so a change of
+    the host's speed during the run (other tenants, frequency) moves every
+    row alike instead of whichever row ran then; the median of the repeats
+    and the fastest repeat are reported.
+    """
+    for fn, grad in rows.values():
+        with torch.set_grad_enabled(grad):
+            for _ in range(200):
+                fn()
     sync()
-    medians = []
+    times = {name: [] for name in rows}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        medians.append((time.perf_counter() - t0) / calls * 1e6)
-    BEST[0] = min(medians)
-    return statistics.median(medians)
+        for name, (fn, grad) in rows.items():
+            with torch.set_grad_enabled(grad):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                sync()
+                times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def main():
@@ -70,58 +75,57 @@ def main():
     layer.to(dev)
     x = torch.randn(8, 64, device=dev)
 
-    grad_us = per_call_us(lambda: layer(x), args.calls, args.repeats, sync)
-    grad_best = BEST[0]
-    with torch.no_grad():
-        layer_us = per_call_us(lambda: layer(x), args.calls, args.repeats, sync)
-        layer_best = BEST[0]
-        op_args = (x, layer.seed_stage, layer.seed_kind, layer.seed_blueprint, layer.alpha,
-                   layer.weights, layer.scales,
-                   layer.workspace if dev.type == "cuda" else None, None, 1e-6, None, None, None,
-                   "auto")
-        op_us = per_call_us(lambda: torch.ops.kasmina.forward(*op_args), args.calls,
-                            args.repeats, sync)
-        y = torch.empty_like(x)
-        tel = torch.empty(8, 8, device=dev)
-        nf = torch.empty(8, dtype=torch.int64, device=dev)
-        b = _ops.resolve_backend("auto", x)
-        stream = None  # the binding asks PyTorch for the current stream
-        ws = layer.workspace if dev.type == "cuda" else None
-        raw = (x, y, tel, nf, layer.seed_stage, layer.seed_kind, layer.seed_blueprint,
-               layer.alpha.detach(), layer.weights.detach(), layer.scales.detach(), ws, 1e-6,
-               None, None, b, stream)
-        binding_us = per_call_us(lambda: _C.forward(*raw), args.calls, args.repeats, sync)
-        binding_best = BEST[0]
-        add_us = per_call_us(lambda: x + 1, args.calls, args.repeats, sync)
-        add_best = BEST[0]
+    op_args = (x, layer.seed_stage, layer.seed_kind, layer.seed_blueprint, layer.alpha,
+               layer.weights, layer.scales,
+               layer.workspace if dev.type == "cuda" else None, None, 1e-6, None, None, None,
+               "auto")
+    y = torch.empty_like(x)
+    tel = torch.empty(8, 8, device=dev)
+    nf = torch.empty(8, dtype=torch.int64, device=dev)
+    b = _ops.resolve_backend("auto", x)
+    stream = None  # the binding asks PyTorch for the current stream
+    ws = layer.workspace if dev.type == "cuda" else None
+    raw = (x, y, tel, nf, layer.seed_stage, layer.seed_kind, layer.seed_blueprint,
+           layer.alpha.detach(), layer.weights.detach(), layer.scales.detach(), ws, 1e-6,
+           None, None, b, stream)
+    module_call = torch.nn.Module.__call__
+    # name -> (function, gradients enabled); every row but the second runs
+    # under no_grad.
+    rows = {
+        "layer": (lambda: layer(x), False),
+        "layer_grad": (lambda: layer(x), True),
+        "op": (lambda: torch.ops.kasmina.forward(*op_args), False),
+        "binding": (lambda: _C.forward(*raw), False),
+        "add": (lambda: x + 1, False),
         # Where the layer's time goes: its parts, each alone.
-        module_call = torch.nn.Module.__call__
-        parts = {
-            "nn.Module.__call__ + layer.forward": lambda: module_call(layer, x),
-            "layer.forward (no Module.__call__)": lambda: layer.forward(x),
-            "_C.layer_call (KasminaLayer.__call__)": lambda: _C.layer_call(layer, x),
-            "torch.empty_like(x)": lambda: torch.empty_like(x, memory_format=torch.contiguous_format),
-            "_ops.eager_ok(x, 3 params)": lambda: _ops.eager_ok(x, layer.alpha, layer.weights,
-                                                                layer.scales),
-            "_C.layer_forward (the binding)": lambda: _C.layer_forward(
-                x, y, layer.alpha, layer.weights, layer.scales, layer._buffers, layer._config,
-                "auto"),
-        }
-        part_us = {k: per_call_us(f, args.calls, args.repeats, sync) for k, f in parts.items()}
+        "nn.Module.__call__ + layer.forward": (lambda: module_call(layer, x), False),
+        "layer.forward (no Module.__call__)": (lambda: layer.forward(x), False),
+        "_C.layer_call (KasminaLayer.__call__)": (lambda: _C.layer_call(layer, x), False),
+        "torch.empty_like(x)": (
+            lambda: torch.empty_like(x, memory_format=torch.contiguous_format), False),
+        "_ops.eager_ok(x, 3 params)": (
+            lambda: _ops.eager_ok(x, layer.alpha, layer.weights, layer.scales), False),
+        "_C.layer_forward (the binding)": (
+            lambda: _C.layer_forward(x, y, layer.alpha, layer.weights, layer.scales,
+                                     layer._buffers, layer._config, "auto"), False),
+    }
+    r = measure(rows, args.calls, args.repeats, sync)
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"device: {dev} ({name}), torch {torch.__version__}, kasmina {kasmina.__version__}")
     print(f"DLPack C exchange API: {_C.has_exchange_api(x)}")
-    print(f"(median of {args.repeats} repeats of {args.calls} calls; best repeat in brackets)")
-    print(f"KasminaLayer.forward      {layer_us:8.2f} us/call (no_grad)   [{layer_best:.2f}]")
-    print(f"KasminaLayer.forward      {grad_us:8.2f} us/call (params require grad)   [{grad_best:.2f}]")
-    print(f"torch.ops.kasmina.forward {op_us:8.2f} us/call")
-    print(f"kasmina._C.forward        {binding_us:8.2f} us/call   [{binding_best:.2f}]")
-    print(f"x + 1 (trivial torch op)  {add_us:8.2f} us/call   [{add_best:.2f}]")
-    print(f"layer overhead vs x + 1:  {layer_us / add_us:8.1f}x")
+    print(f"(median of {args.repeats} repeats of {args.calls} calls, rows interleaved; "
+          "best repeat in brackets)")
+    print(f"KasminaLayer.forward      {r['layer'][0]:8.2f} us/call (no_grad)   [{r['layer'][1]:.2f}]")
+    print(f"KasminaLayer.forward      {r['layer_grad'][0]:8.2f} us/call (params require grad)   "
+          f"[{r['layer_grad'][1]:.2f}]")
+    print(f"torch.ops.kasmina.forward {r['op'][0]:8.2f} us/call   [{r['op'][1]:.2f}]")
+    print(f"kasmina._C.forward        {r['binding'][0]:8.2f} us/call   [{r['binding'][1]:.2f}]")
+    print(f"x + 1 (trivial torch op)  {r['add'][0]:8.2f} us/call   [{r['add'][1]:.2f}]")
+    print(f"layer overhead vs x + 1:  {r['layer'][0] / r['add'][0]:8.1f}x")
     print("parts (each alone, no_grad):")
-    for k, v in part_us.items():
-        print(f"  {k:34s} {v:8.2f} us/call")
+    for k in list(rows)[5:]:
+        print(f"  {k:38s} {r[k][0]:8.2f} us/call   [{r[k][1]:.2f}]")
 
 
 if __name__ == "__main__":
