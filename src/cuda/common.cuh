@@ -267,12 +267,14 @@ __device__ __forceinline__ unsigned pack2_rn<__half>(float lo, float hi) {
 
 // Two T values packed in 32 bits (element 0 low): their min / max in one
 // instruction (min.{bf16x2,f16x2}: exact, and -0 below +0 as fminf), the
-// halves as floats, and the packed +-infinity that start a running min /
-// max. Float32 has none (never called; the constants only fill the fields).
+// dead test |x| <= threshold as a lane mask, the halves as floats, and the
+// packed +-infinity that start a running min / max. Float32 has none (never
+// called; the constants only fill the fields).
 template <typename T>
 struct Packed2 {
   static constexpr unsigned kPosInf = 0u;
   static constexpr unsigned kNegInf = 0u;
+  __device__ __forceinline__ static unsigned splat_rd(float) { return 0u; }
 };
 template <>
 struct Packed2<__nv_bfloat16> {
@@ -287,6 +289,17 @@ struct Packed2<__nv_bfloat16> {
     const __nv_bfloat162 r = __hmax2(*reinterpret_cast<const __nv_bfloat162*>(&a),
                                      *reinterpret_cast<const __nv_bfloat162*>(&b));
     return *reinterpret_cast<const unsigned*>(&r);
+  }
+  // |a| <= t per lane as a 0xffff / 0 mask (t: splat_rd's packed bound).
+  __device__ __forceinline__ static unsigned abs_le_mask(unsigned a, unsigned t) {
+    return __hle2_mask(__habs2(*reinterpret_cast<const __nv_bfloat162*>(&a)),
+                       *reinterpret_cast<const __nv_bfloat162*>(&t));
+  }
+  // The largest bfloat16 <= v in both lanes: for a bfloat16 x,
+  // |x| <= v exactly when |x| <= splat_rd(v) (NaN: never).
+  __device__ __forceinline__ static unsigned splat_rd(float v) {
+    const unsigned b = __bfloat16_as_ushort(__float2bfloat16_rd(v));
+    return b | (b << 16);
   }
   __device__ __forceinline__ static float low(unsigned v) { return __uint_as_float(v << 16); }
   __device__ __forceinline__ static float high(unsigned v) {
@@ -306,6 +319,14 @@ struct Packed2<__half> {
     const __half2 r = __hmax2(*reinterpret_cast<const __half2*>(&a),
                               *reinterpret_cast<const __half2*>(&b));
     return *reinterpret_cast<const unsigned*>(&r);
+  }
+  __device__ __forceinline__ static unsigned abs_le_mask(unsigned a, unsigned t) {
+    return __hle2_mask(__habs2(*reinterpret_cast<const __half2*>(&a)),
+                       *reinterpret_cast<const __half2*>(&t));
+  }
+  __device__ __forceinline__ static unsigned splat_rd(float v) {
+    const unsigned b = __half_as_ushort(__float2half_rd(v));
+    return b | (b << 16);
   }
   __device__ __forceinline__ static float low(unsigned v) { return half_bits_to_float<__half>(v & 0xffffu); }
   __device__ __forceinline__ static float high(unsigned v) { return half_bits_to_float<__half>(v >> 16); }
