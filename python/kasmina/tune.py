@@ -2,9 +2,10 @@
 
 The CUDA kernels take run-time knobs that change speed only: how many rows
 each thread loads before it computes (``rows in flight``, docs/DESIGN.md 37),
-how many lanes share a row in the forward (``lanes per row``, DESIGN 46)
-and, on sm_90, the forward's variant (generic, or TMA copies into a
-shared-memory pipeline of 2 to 8 stages, docs/DESIGN.md 44).
+how many lanes share a row in the forward (``lanes per row``, DESIGN 46),
+the forward's threads per CTA (block size, DESIGN 48) and, on sm_90, the
+forward's variant (generic, or TMA copies into a shared-memory pipeline of
+2 to 8 stages, docs/DESIGN.md 44).
 ``kasmina tune`` measures the candidates on this machine's GPU for each
 element size (float32; bfloat16 for the 2-byte types) and shape class (small,
 medium, large: ``kasmina._C.shape_class``) with the same timer as
@@ -45,6 +46,9 @@ VARIANTS = ("automatic", "generic", "tma")
 TMA_STAGES = (2, 4, 8)
 # Lanes per row of the forward (1 lost everywhere it was measured).
 GROUPS = (2, 4, 8)
+# Threads per forward CTA, measured at the best of the candidates above
+# (which run at the default, 256): a second round, not a product.
+BLOCK_THREADS = (256, 128, 64)
 
 
 def cache_path() -> Path:
@@ -55,7 +59,10 @@ def cache_path() -> Path:
     return Path(base) / "kasmina" / f"tune-v{VERSION}.json"
 
 
-def _check_entry(e: Any) -> tuple[str, int, int, int, int, int, int, int]:
+Entry = tuple[str, int, int, int, int, int, int, int, int]
+
+
+def _check_entry(e: Any) -> Entry:
     if not isinstance(e, dict):
         raise ValueError(f"entry is not an object: {e!r}")
     device = e.get("device")
@@ -85,11 +92,17 @@ def _check_entry(e: Any) -> tuple[str, int, int, int, int, int, int, int]:
     if (not isinstance(group, int) or isinstance(group, bool)
             or group not in (0, 1, 2, 4, 8)):
         raise ValueError(f"entry with forward_group {group!r}, want 0, 1, 2, 4 or 8: {e!r}")
+    # Optional (entries written before the block-size candidates have none).
+    threads = e.get("forward_block_threads", 0)
+    if (not isinstance(threads, int) or isinstance(threads, bool)
+            or threads not in (0, 64, 128, 256)):
+        raise ValueError(f"entry with forward_block_threads {threads!r}, "
+                         f"want 0, 64, 128 or 256: {e!r}")
     return (device, elem, SHAPE_CLASSES.index(shape), fwd, bwd, VARIANTS.index(variant), stages,
-            group)
+            group, threads)
 
 
-def read_cache(path: Path) -> list[tuple[str, int, int, int, int, int, int, int]]:
+def read_cache(path: Path) -> list[Entry]:
     """The entries of a cache file; ValueError for a file that is not a
     kasmina tune cache of this version (or has a bad entry)."""
     try:
@@ -106,7 +119,7 @@ def read_cache(path: Path) -> list[tuple[str, int, int, int, int, int, int, int]
     return [_check_entry(e) for e in entries]
 
 
-def apply(entries: list[tuple[str, int, int, int, int, int, int, int]]) -> None:
+def apply(entries: list[Entry]) -> None:
     """Hand the entries to the dispatcher (validated there: a bad value
     raises ValueError and changes nothing)."""
     _C.set_cuda_tuned_table(entries)
@@ -175,19 +188,29 @@ def _measure_class(shape, dtype, elem, timer, progress) -> dict[str, Any]:
         u, variant, stages, g = c
         return (f"rows {u}" if variant == generic else f"tma {stages}") + f", {g} lanes"
 
-    out: dict[str, Any] = {"forward_us": {}, "forward_backward_us": {}}
+    out: dict[str, Any] = {"forward_us": {}, "forward_block_threads_us": {},
+                           "forward_backward_us": {}}
     before = _C.cuda_launch_config()
     try:
         for cand in candidates:
             u, variant, stages, g = cand
-            _C.set_cuda_launch_config(u, 0, variant, stages, g)
+            _C.set_cuda_launch_config(u, 0, variant, stages, g, BLOCK_THREADS[0])
             name = name_of(cand)
             out["forward_us"][name] = 1e3 * timer(fwd)
             progress(f"  forward {name}: {out['forward_us'][name]:.1f} us")
         best_name = min(out["forward_us"], key=out["forward_us"].get)
         best_f = next(c for c in candidates if name_of(c) == best_name)
+        # The block size at the winner (the first candidate is the winner's
+        # own run, timed again so that all sizes come from one round).
+        for threads in BLOCK_THREADS:
+            _C.set_cuda_launch_config(best_f[0], 0, best_f[1], best_f[2], best_f[3], threads)
+            out["forward_block_threads_us"][threads] = 1e3 * timer(fwd)
+            progress(f"  forward {best_name}, {threads} threads per CTA: "
+                     f"{out['forward_block_threads_us'][threads]:.1f} us")
+        best_threads = min(out["forward_block_threads_us"],
+                           key=out["forward_block_threads_us"].get)
         for u in BACKWARD_CANDIDATES:
-            _C.set_cuda_launch_config(best_f[0], u, best_f[1], best_f[2], best_f[3])
+            _C.set_cuda_launch_config(best_f[0], u, best_f[1], best_f[2], best_f[3], best_threads)
             out["forward_backward_us"][u] = 1e3 * timer(both)
             progress(f"  forward+backward, backward rows in flight {u}: "
                      f"{out['forward_backward_us'][u]:.1f} us")
@@ -195,11 +218,13 @@ def _measure_class(shape, dtype, elem, timer, progress) -> dict[str, Any]:
         _C.set_cuda_launch_config(before["forward_rows_in_flight"],
                                   before["backward_rows_in_flight"],
                                   before["forward_variant"], before["forward_stages"],
-                                  before.get("forward_group", 0))
+                                  before.get("forward_group", 0),
+                                  before.get("forward_block_threads", 0))
     out["forward_rows_in_flight"] = best_f[0]
     out["forward_variant"] = VARIANTS[best_f[1]]
     out["forward_stages"] = best_f[2]
     out["forward_group"] = best_f[3]
+    out["forward_block_threads"] = best_threads
     out["backward_rows_in_flight"] = min(out["forward_backward_us"],
                                          key=out["forward_backward_us"].get)
     return out
@@ -234,8 +259,11 @@ def run_tune(*, out: Path | None = None, quick: bool = False,
                                 forward_variant=m["forward_variant"],
                                 forward_stages=m["forward_stages"],
                                 forward_group=m["forward_group"],
+                                forward_block_threads=m["forward_block_threads"],
                                 shape=list(shape), dtype=dname,
                                 forward_us={str(k): v for k, v in m["forward_us"].items()},
+                                forward_block_threads_us={
+                                    str(k): v for k, v in m["forward_block_threads_us"].items()},
                                 forward_backward_us={str(k): v for k, v in
                                                      m["forward_backward_us"].items()}))
     # Other devices' entries stay, those that still validate.

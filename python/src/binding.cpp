@@ -1161,9 +1161,9 @@ NB_MODULE(_C, m) {
     return d;
   });
   m.def("set_cuda_tuned_table",
-        [](const std::vector<std::tuple<std::string, int, int, int, int, int, int, int>>& rows) {
+        [](const std::vector<std::tuple<std::string, int, int, int, int, int, int, int, int>>& rows) {
     std::vector<kasmina::CudaTunedEntry> entries;
-    for (const auto& [device, elem_bytes, shape, fwd, bwd, variant, stages, group] : rows) {
+    for (const auto& [device, elem_bytes, shape, fwd, bwd, variant, stages, group, threads] : rows) {
       KASMINA_CHECK_VALUE(shape >= 0 && shape <= 2, "tuned entry: shape class must be 0, 1 or 2 (got ",
                           shape, ")");
       kasmina::CudaTunedEntry e;
@@ -1175,18 +1175,19 @@ NB_MODULE(_C, m) {
       e.forward_variant = static_cast<kasmina::CudaForwardVariant>(variant);
       e.forward_stages = stages;
       e.forward_group = group;
+      e.forward_block_threads = threads;
       entries.push_back(e);
     }
     kasmina::set_cuda_tuned_table(entries);
   }, "entries"_a, "Entries (device, elem_bytes, shape_class 0/1/2, forward rows, backward rows, "
-     "forward variant 0/1/2, forward stages, forward lanes per row).");
+     "forward variant 0/1/2, forward stages, forward lanes per row, forward threads per CTA).");
   m.def("cuda_tuned_table", []() {
     nb::list out;
     for (const kasmina::CudaTunedEntry& e : kasmina::cuda_tuned_table()) {
       out.append(nb::make_tuple(e.device, e.elem_bytes, static_cast<int>(e.shape),
                                 e.forward_rows_in_flight, e.backward_rows_in_flight,
                                 static_cast<int>(e.forward_variant), e.forward_stages,
-                                e.forward_group));
+                                e.forward_group, e.forward_block_threads));
     }
     return out;
   });

@@ -31,17 +31,18 @@ def test_round_trip_and_load(tmp_path, clean_table):
     tune.write_cache(path, [_entry(), _entry(elem_bytes=2, shape_class="small",
                                              forward_rows_in_flight=1),
                             _entry(shape_class="medium", forward_rows_in_flight=1,
-                                   forward_variant="tma", forward_stages=4, forward_group=2)],
+                                   forward_variant="tma", forward_stages=4, forward_group=2,
+                                   forward_block_threads=128)],
                      {"created": "now"})
     assert not (tmp_path / "sub" / "tune.json.tmp").exists()
     doc = json.loads(path.read_text())
     assert doc["format"] == "kasmina-tune" and doc["version"] == tune.VERSION
     assert tune.load(path) == 3
-    # Entries without a variant or lanes per row (written before they
-    # existed) keep the defaults.
-    assert sorted(_C.cuda_tuned_table()) == sorted([("GPU A", 4, 2, 4, 2, 0, 0, 0),
-                                                    ("GPU A", 2, 0, 1, 2, 0, 0, 0),
-                                                    ("GPU A", 4, 1, 1, 2, 2, 4, 2)])
+    # Entries without a variant, lanes per row or block size (written before
+    # they existed) keep the defaults.
+    assert sorted(_C.cuda_tuned_table()) == sorted([("GPU A", 4, 2, 4, 2, 0, 0, 0, 0),
+                                                    ("GPU A", 2, 0, 1, 2, 0, 0, 0, 0),
+                                                    ("GPU A", 4, 1, 1, 2, 2, 4, 2, 128)])
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -56,6 +57,8 @@ def test_round_trip_and_load(tmp_path, clean_table):
     (lambda d: d["entries"][0].update(forward_stages=9), "forward_stages"),
     (lambda d: d["entries"][0].update(forward_group=3), "forward_group"),
     (lambda d: d["entries"][0].update(forward_group=True), "forward_group"),
+    (lambda d: d["entries"][0].update(forward_block_threads=96), "forward_block_threads"),
+    (lambda d: d["entries"][0].update(forward_block_threads=512), "forward_block_threads"),
 ])
 def test_bad_cache_is_ignored_with_a_warning(tmp_path, clean_table, mutate, message):
     path = tmp_path / "tune.json"
@@ -97,7 +100,7 @@ def test_tune_without_a_gpu_says_why(capsys, tmp_path):
 
 
 def test_info_counts_tuned_entries(clean_table):
-    _C.set_cuda_tuned_table([("GPU A", 4, 2, 1, 2, 0, 0, 0)])
+    _C.set_cuda_tuned_table([("GPU A", 4, 2, 1, 2, 0, 0, 0, 0)])
     assert kasmina.info(hidden=32, num_seeds=4, rows=8)["cuda_tuned_entries"] == 1
 
 
