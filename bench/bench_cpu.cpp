@@ -5,7 +5,11 @@
 // timed repetition; the figure is the median.
 //
 //   bench_cpu [--json] [--shapes NxH:S,...] [--dtypes f32,bf16,f16] [--reps R] [--threads T]
+//             [--no-flush]   (no cache flush between repetitions: the compute cost of
+//                             inputs that fit in cache, not a memory-floor ratio)
 #include <omp.h>
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -36,12 +40,13 @@ struct Options {
   std::vector<DType> dtypes;  // empty: each shape's default
   int reps = 15;
   int threads = 0;
+  bool flush = true;
 };
 
 [[noreturn]] void usage(const std::string& why) {
   std::fprintf(stderr,
                "bench_cpu: %s\nusage: bench_cpu [--json] [--shapes NxH:S,...] "
-               "[--dtypes f32,bf16,f16] [--reps R] [--threads T]\n",
+               "[--dtypes f32,bf16,f16] [--reps R] [--threads T] [--no-flush]\n",
                why.c_str());
   std::exit(2);
 }
@@ -95,6 +100,8 @@ Options parse(int argc, char** argv) {
     } else if (arg == "--reps") {
       o.reps = std::atoi(value().c_str());
       if (o.reps < 1) usage("--reps must be >= 1");
+    } else if (arg == "--no-flush") {
+      o.flush = false;
     } else if (arg == "--threads") {
       o.threads = std::atoi(value().c_str());
       if (o.threads < 0) usage("--threads must be >= 0");
@@ -107,9 +114,21 @@ Options parse(int argc, char** argv) {
 }
 
 // Writing a buffer larger than the last-level cache between repetitions, so
-// every repetition reads its inputs from memory as a training step would.
+// every repetition reads its inputs from memory as a training step would:
+// twice the L3 the system reports (at least 128 MiB, at most 2 GiB; a VM may
+// report its host's whole L3).
+std::size_t flush_bytes() {
+  long l3 = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+  const std::size_t lo = std::size_t{128} << 20, hi = std::size_t{2} << 30;
+  const std::size_t want = l3 > 0 ? 2 * static_cast<std::size_t>(l3) : lo;
+  return std::min(std::max(want, lo), hi);
+}
+
 void flush_caches() {
-  static std::vector<uint8_t> junk(std::size_t{128} << 20);
+  static std::vector<uint8_t> junk(flush_bytes());
   static uint8_t tick = 0;
   ++tick;
   std::memset(junk.data(), tick, junk.size());
@@ -121,11 +140,13 @@ struct Timing {
 
 // The median is the figure; the best repetition is printed beside it because
 // on a shared machine other processes inflate the median, never the best.
+bool g_flush = true;  // Options::flush
+
 Timing time_reps(int reps, const std::function<void()>& fn) {
   for (int i = 0; i < 2; ++i) fn();  // warm-up: page faults, thread pool start
   std::vector<double> times;
   for (int i = 0; i < reps; ++i) {
-    flush_caches();
+    if (g_flush) flush_caches();
     const auto t0 = std::chrono::steady_clock::now();
     fn();
     const auto t1 = std::chrono::steady_clock::now();
@@ -288,6 +309,7 @@ void add_floor(Problem& p, int threads) {
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
+  g_flush = o.flush;
   std::vector<Result> results;
   for (const Shape& shape : o.shapes) {
     const std::vector<DType>& dtypes = o.dtypes.empty() ? shape.dtypes : o.dtypes;
@@ -315,7 +337,8 @@ int main(int argc, char** argv) {
   }
 
   if (o.json) {
-    std::printf("{\"threads\": %d, \"reps\": %d, \"results\": [\n", o.threads, o.reps);
+    std::printf("{\"threads\": %d, \"reps\": %d, \"flush\": %s, \"results\": [\n", o.threads, o.reps,
+                o.flush ? "true" : "false");
     for (std::size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
       std::printf(
@@ -337,9 +360,10 @@ int main(int argc, char** argv) {
                   r.bytes / r.time.median / 1e9, r.floor.median * 1e3, r.floor.best * 1e3,
                   r.bytes / r.floor.median / 1e9, r.time.median / r.floor.median, r.time.best / r.floor.best);
     }
-    std::printf("threads: %d, median (and best) of %d after a cache flush; GB/s from the median; "
+    std::printf("threads: %d, median (and best) of %d %s; GB/s from the median; "
                 "floor = the same bytes read+written\n",
-                o.threads, o.reps);
+                o.threads, o.reps,
+                o.flush ? "after a cache flush" : "WITHOUT a cache flush (in-cache compute cost)");
   }
   return 0;
 }
