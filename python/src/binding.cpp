@@ -1076,6 +1076,8 @@ NB_MODULE(_C, m) {
       "_set_layer_forward",
       [](nb::handle f, nb::handle module_type) {
         CallKeys& k = call_keys();
+        k.checked_type = nullptr;  // the class lookups compare against what is set here
+        k.checked_tag = 0;
         k.layer_forward_fn = nb::borrow(f);
         k.module_type = nb::borrow(module_type);
         k.call_impl_fn = k.module_type.attr("_call_impl");
