@@ -127,11 +127,19 @@ std::size_t flush_bytes() {
   return std::min(std::max(want, lo), hi);
 }
 
+// Written by every thread, so that each core's own L3 slice (or CCX's L3)
+// is overwritten, not only the main thread's.
 void flush_caches() {
   static std::vector<uint8_t> junk(flush_bytes());
   static uint8_t tick = 0;
   ++tick;
-  std::memset(junk.data(), tick, junk.size());
+  const int64_t chunk = int64_t{1} << 20;
+  const int64_t chunks = static_cast<int64_t>(junk.size()) / chunk;
+  uint8_t* base = junk.data();
+  const uint8_t value = tick;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) std::memset(base + c * chunk, value, static_cast<std::size_t>(chunk));
+  std::memset(base + chunks * chunk, value, junk.size() - static_cast<std::size_t>(chunks * chunk));
 }
 
 struct Timing {
