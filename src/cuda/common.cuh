@@ -276,30 +276,38 @@ struct Packed2 {
   static constexpr unsigned kNegInf = 0u;
   __device__ __forceinline__ static unsigned splat_rd(float) { return 0u; }
 };
-template <>
-struct Packed2<__nv_bfloat16> {
-  static constexpr unsigned kPosInf = 0x7f807f80u;
-  static constexpr unsigned kNegInf = 0xff80ff80u;
-  __device__ __forceinline__ static unsigned min2(unsigned a, unsigned b) {
-    const __nv_bfloat162 r = __hmin2(*reinterpret_cast<const __nv_bfloat162*>(&a),
-                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
+// The operations on the packed pair type V2 (__nv_bfloat162, __half2) that
+// both 16-bit types share.
+template <typename V2>
+struct Packed2Ops {
+  __device__ __forceinline__ static V2 pair(const unsigned& a) {
+    return *reinterpret_cast<const V2*>(&a);
+  }
+  __device__ __forceinline__ static unsigned bits(const V2& r) {
     return *reinterpret_cast<const unsigned*>(&r);
   }
+  __device__ __forceinline__ static unsigned min2(unsigned a, unsigned b) {
+    return bits(__hmin2(pair(a), pair(b)));
+  }
   __device__ __forceinline__ static unsigned max2(unsigned a, unsigned b) {
-    const __nv_bfloat162 r = __hmax2(*reinterpret_cast<const __nv_bfloat162*>(&a),
-                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const unsigned*>(&r);
+    return bits(__hmax2(pair(a), pair(b)));
   }
   // |a| <= t per lane as a 0xffff / 0 mask (t: splat_rd's packed bound).
   __device__ __forceinline__ static unsigned abs_le_mask(unsigned a, unsigned t) {
-    return __hle2_mask(__habs2(*reinterpret_cast<const __nv_bfloat162*>(&a)),
-                       *reinterpret_cast<const __nv_bfloat162*>(&t));
+    return __hle2_mask(__habs2(pair(a)), pair(t));
   }
+  __device__ __forceinline__ static unsigned splat(unsigned short b) {
+    return static_cast<unsigned>(b) | (static_cast<unsigned>(b) << 16);
+  }
+};
+template <>
+struct Packed2<__nv_bfloat16> : Packed2Ops<__nv_bfloat162> {
+  static constexpr unsigned kPosInf = 0x7f807f80u;
+  static constexpr unsigned kNegInf = 0xff80ff80u;
   // The largest bfloat16 <= v in both lanes: for a bfloat16 x,
   // |x| <= v exactly when |x| <= splat_rd(v) (NaN: never).
   __device__ __forceinline__ static unsigned splat_rd(float v) {
-    const unsigned b = __bfloat16_as_ushort(__float2bfloat16_rd(v));
-    return b | (b << 16);
+    return splat(__bfloat16_as_ushort(__float2bfloat16_rd(v)));
   }
   __device__ __forceinline__ static float low(unsigned v) { return __uint_as_float(v << 16); }
   __device__ __forceinline__ static float high(unsigned v) {
@@ -307,26 +315,11 @@ struct Packed2<__nv_bfloat16> {
   }
 };
 template <>
-struct Packed2<__half> {
+struct Packed2<__half> : Packed2Ops<__half2> {
   static constexpr unsigned kPosInf = 0x7c007c00u;
   static constexpr unsigned kNegInf = 0xfc00fc00u;
-  __device__ __forceinline__ static unsigned min2(unsigned a, unsigned b) {
-    const __half2 r = __hmin2(*reinterpret_cast<const __half2*>(&a),
-                              *reinterpret_cast<const __half2*>(&b));
-    return *reinterpret_cast<const unsigned*>(&r);
-  }
-  __device__ __forceinline__ static unsigned max2(unsigned a, unsigned b) {
-    const __half2 r = __hmax2(*reinterpret_cast<const __half2*>(&a),
-                              *reinterpret_cast<const __half2*>(&b));
-    return *reinterpret_cast<const unsigned*>(&r);
-  }
-  __device__ __forceinline__ static unsigned abs_le_mask(unsigned a, unsigned t) {
-    return __hle2_mask(__habs2(*reinterpret_cast<const __half2*>(&a)),
-                       *reinterpret_cast<const __half2*>(&t));
-  }
   __device__ __forceinline__ static unsigned splat_rd(float v) {
-    const unsigned b = __half_as_ushort(__float2half_rd(v));
-    return b | (b << 16);
+    return splat(__half_as_ushort(__float2half_rd(v)));
   }
   __device__ __forceinline__ static float low(unsigned v) { return half_bits_to_float<__half>(v & 0xffffu); }
   __device__ __forceinline__ static float high(unsigned v) { return half_bits_to_float<__half>(v >> 16); }
