@@ -273,7 +273,15 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     bp.dalpha = layer.dalpha;
     bp.grad_stats = layer.grad_stats;
     bp.stream = bench.stream();
-    fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
+    // Sized for the flat telemetry reduction too (a candidate below), the
+    // largest workspace any forward variant asks for.
+    {
+      kasmina::CudaLaunchConfig flat;
+      flat.forward_flat_reduction = true;
+      kasmina::set_cuda_launch_config(flat);
+      fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
+      kasmina::set_cuda_launch_config({});
+    }
     bp.workspace_bytes = kasmina::backward_workspace_bytes(bp, kasmina::Backend::cuda);
     CHECK(cudaMalloc(&fp.workspace, fp.workspace_bytes));
     CHECK(cudaMalloc(&bp.workspace, bp.workspace_bytes));
@@ -380,6 +388,25 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
                           tb, both_bytes / (tb * 1e3), floor_gbps, pct(both_bytes, tb), true});
         }
       }
+      // Issue 7's hierarchical-reduction claim: the same forward with the
+      // telemetry reduced flat (every thread's statistics through the
+      // workspace), with the default plan and with the plain generic kernel
+      // (1 row in flight, no TMA): the second is the path with none of the
+      // seed document's forward optimisations, for the cumulative claim.
+      {
+        kasmina::CudaLaunchConfig c;
+        c.forward_flat_reduction = true;
+        kasmina::set_cuda_launch_config(c);
+        double t = time_forward();
+        rows.push_back({"forward", dname, mode, "fwd default, flat reduction", shape, t,
+                        fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+        c.forward_variant = kasmina::CudaForwardVariant::generic;
+        c.forward_rows_in_flight = 1;
+        kasmina::set_cuda_launch_config(c);
+        t = time_forward();
+        rows.push_back({"forward", dname, mode, "fwd generic, rows in flight 1, flat reduction",
+                        shape, t, fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+      }
       for (int u : {1, 2}) {
         kasmina::set_cuda_launch_config({0, u});
         const double t = time_both();
@@ -439,7 +466,15 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
     CHECK(cudaMalloc(&tel, sizeof(float) * shape.seeds * 8));
     fp.y = y;
     fp.telemetry = static_cast<float*>(tel);
-    fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
+    // Sized for the flat telemetry reduction too (a candidate below), the
+    // largest workspace any forward variant asks for.
+    {
+      kasmina::CudaLaunchConfig flat;
+      flat.forward_flat_reduction = true;
+      kasmina::set_cuda_launch_config(flat);
+      fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
+      kasmina::set_cuda_launch_config({});
+    }
     CHECK(cudaMalloc(&ws, fp.workspace_bytes));
     CHECK(cudaMemset(ws, 0, fp.workspace_bytes));
     fp.workspace = ws;

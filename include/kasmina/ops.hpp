@@ -83,6 +83,15 @@ struct CudaLaunchConfig {
   // threads give a small batch fewer idle row groups and a shorter block
   // reduction; more give a large one more bytes in flight per CTA.
   int forward_block_threads = 0;
+  // The forward's telemetry reduction without its shared-memory stage
+  // (issue 7's "hierarchical reduction" claim, measured against this): every
+  // thread writes its statistics to the workspace and the seed's last CTA
+  // merges them all, in index order. A measurement variant, not a default:
+  // the workspace it needs is kMaxBlockThreads times larger, and
+  // forward_workspace_bytes, asked while it is set, says so. Results stay
+  // within SPEC section 9 and deterministic, with other bits than the
+  // hierarchical reduction's (another merge order). forward_many ignores it.
+  bool forward_flat_reduction = false;
 };
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.

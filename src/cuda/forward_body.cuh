@@ -206,7 +206,8 @@ struct ForwardArgs {
   float* telemetry;
   int64_t* nonfinite_count;
   unsigned* tickets;    // [S], zero between launches
-  FwdStats* partials;   // [S, tiles]
+  FwdStats* partials;   // [S, tiles] (flat: [S, tiles, blockDim.x])
+  bool flat;            // CudaLaunchConfig::forward_flat_reduction
 };
 
 // group_sum of three drift sums over a row group of G <= 8 lanes
@@ -556,6 +557,40 @@ __device__ __forceinline__ CtaSeed setup_seed(const ForwardArgs& args, int s, fl
   return cs;
 }
 
+// The flat variant of a CTA's end (CudaLaunchConfig::forward_flat_reduction,
+// issue 7): no reduction inside the CTA before the global one. Every thread
+// writes its statistics to the workspace; the seed's last CTA (the same
+// integer ticket) has each of its threads merge the partials at its index
+// stride, in index order, then combines its threads with the block
+// reduction, writes the telemetry row and clears what it read. Every thread
+// of the CTA calls it.
+__device__ __forceinline__ void finish_seed_flat(const ForwardArgs& args, int s, int tile,
+                                                 bool blends, const FwdStats& mine,
+                                                 FwdStats* red_scratch, int* is_last) {
+  const int64_t per_seed = static_cast<int64_t>(args.tiles) * blockDim.x;
+  FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * per_seed;
+  seed_partials[static_cast<int64_t>(tile) * blockDim.x + threadIdx.x] = mine;
+  __threadfence();
+  __syncthreads();  // every thread's partial is written and fenced before the ticket
+  if (threadIdx.x == 0) {
+    const unsigned ticket = atomicAdd(&args.tickets[s], 1u);
+    *is_last = ticket == static_cast<unsigned>(args.tiles - 1);
+  }
+  __syncthreads();
+  if (!*is_last) return;
+  __threadfence();
+  FwdStats acc = FwdStats::identity();
+  for (int64_t i = threadIdx.x; i < per_seed; i += blockDim.x) {
+    acc.merge(load_partial(seed_partials + i));
+  }
+  acc = block_reduce(acc, red_scratch);  // its barriers order the reads before the clears
+  for (int64_t i = threadIdx.x; i < per_seed; i += blockDim.x) seed_partials[i] = FwdStats{};
+  if (threadIdx.x == 0) {
+    write_telemetry(args, s, acc, blends);
+    args.tickets[s] = 0u;
+  }
+}
+
 // The end of a CTA: its threads' statistics reduced in a fixed order; the
 // last CTA of the seed (integer ticket after a __threadfence) merges the
 // seed's partials in index order, writes the telemetry row and leaves the
@@ -567,6 +602,10 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
   __shared__ int is_last;
   const int tiles = args.tiles;
   st.flush();
+  if (args.flat) {
+    finish_seed_flat(args, s, tile, blends, st.widen<T>(), red_scratch, &is_last);
+    return;
+  }
   const FwdStats cta = block_reduce(st.widen<T>(), red_scratch);
   if (tiles == 1) {
     // The seed's only CTA: its statistics are the seed's (no partials, no

@@ -253,11 +253,15 @@ std::size_t tickets_bytes(int32_t num_seeds) {
   return align_up(static_cast<std::size_t>(num_seeds) * sizeof(unsigned), 256);
 }
 
-std::size_t workspace_bytes(const ForwardParams& p, const DeviceInfo& dev) {
+// flat: CudaLaunchConfig::forward_flat_reduction (one partial per thread).
+std::size_t workspace_bytes(const ForwardParams& p, const DeviceInfo& dev, bool flat) {
+  const std::size_t per_tile = flat ? static_cast<std::size_t>(kMaxBlockThreads) : 1;
   return tickets_bytes(p.num_seeds) + static_cast<std::size_t>(p.num_seeds) *
                                           static_cast<std::size_t>(tiles_max_for(p.num_seeds, dev)) *
-                                          sizeof(FwdStats);
+                                          per_tile * sizeof(FwdStats);
 }
+
+bool flat_reduction() { return kasmina::cuda_launch_config().forward_flat_reduction; }
 
 template <typename T, int V, int U>
 LaunchPlan finish_plan(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev) {
@@ -314,22 +318,23 @@ LaunchPlan dispatch(const LaunchPlan& plan, const ForwardParams& p, const Device
 
 // Every CUDA forward's checks before anything runs (SPEC section 8 errors
 // the dispatcher cannot see: the dtype the backend takes, the workspace).
-void check_cuda_forward(const ForwardParams& p, const DeviceInfo& dev) {
+void check_cuda_forward(const ForwardParams& p, const DeviceInfo& dev, bool flat) {
   KASMINA_CHECK_TYPE(p.dtype == DType::f32 || p.dtype == DType::bf16 || p.dtype == DType::f16,
                      "the CUDA backend takes float32, bfloat16 or float16 (got ",
                      dtype_name(p.dtype), ")");
-  const std::size_t need = workspace_bytes(p, dev);
+  const std::size_t need = workspace_bytes(p, dev, flat);
   KASMINA_CHECK_VALUE(p.workspace != nullptr && p.workspace_bytes >= need,
                       "forward workspace too small: need ", need, " bytes (",
-                      "forward_workspace_bytes), got ", p.workspace_bytes, " bytes at ",
-                      p.workspace);
+                      "forward_workspace_bytes", flat ? ", asked with forward_flat_reduction set" : "",
+                      "), got ", p.workspace_bytes, " bytes at ", p.workspace);
   KASMINA_CHECK_VALUE(aligned16(p.workspace), "forward workspace must be 16-byte aligned (got ",
                       p.workspace, ")");
 }
 
-ForwardArgs make_args(const ForwardParams& p, const LaunchPlan& plan) {
+ForwardArgs make_args(const ForwardParams& p, const LaunchPlan& plan, bool flat = false) {
   const Resolved r = resolve(p);
   ForwardArgs args{};
+  args.flat = flat;
   args.x = p.x;
   args.y = p.y;
   args.rows = p.rows;
@@ -399,15 +404,16 @@ void stream_dispatch(const std::vector<LaunchPlan>& plans, const ForwardParams* 
 namespace kasmina::detail {
 
 std::size_t forward_workspace_bytes_cuda(const ForwardParams& p) {
-  return cuda::workspace_bytes(p, cuda::current_device_info());
+  return cuda::workspace_bytes(p, cuda::current_device_info(), cuda::flat_reduction());
 }
 
 void forward_cuda(const ForwardParams& p) {
   using namespace kasmina::cuda;
   const DeviceInfo& dev = current_device_info();
-  check_cuda_forward(p, dev);
+  const bool flat = flat_reduction();
+  check_cuda_forward(p, dev, flat);
   const LaunchPlan plan = plan_forward(p, dev);
-  ForwardArgs args = make_args(p, plan);
+  ForwardArgs args = make_args(p, plan, flat);
   dispatch(plan, p, dev, &args);
 }
 
@@ -424,7 +430,7 @@ std::vector<cuda::LaunchPlan> stream_plans(const ForwardParams* ps, int count,
   std::vector<LaunchPlan> plans;
   for (int i = 0; i < count; ++i) {
     const ForwardParams& p = ps[i];
-    check_cuda_forward(p, dev);
+    check_cuda_forward(p, dev, false);
     KASMINA_CHECK_TYPE(p.dtype == ps[0].dtype, "forward_many: every problem must have one dtype (",
                        dtype_name(ps[0].dtype), " and ", dtype_name(p.dtype), ")");
     KASMINA_CHECK_VALUE(p.stream == ps[0].stream, "forward_many: every problem must use one stream");
@@ -450,7 +456,7 @@ void forward_stream_cuda(const ForwardParams* ps, int count) {
 
 namespace {
 std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
-                           const cuda::DeviceInfo& dev, const char* launch) {
+                           const cuda::DeviceInfo& dev, const char* launch, bool flat) {
   using namespace kasmina::cuda;
   const Resolved r = resolve(p);
   std::ostringstream os;
@@ -472,7 +478,11 @@ std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
   os << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
      << " threads (" << plan.threads_source << "), " << launch
-     << (plan.tiles == 1 ? " (one CTA per seed: no partials)" : "") << ", "
+     << (flat ? ", telemetry reduced flat (every thread's statistics through the workspace: "
+                "forward_flat_reduction)"
+         : plan.tiles == 1 ? " (one CTA per seed: no partials)"
+                           : "")
+     << ", "
      << (plan.smem_bytes > 0 ? "coefficients in a shared-memory table"
                              : "coefficients computed per element (C too wide for the table)");
   return os.str();
@@ -483,7 +493,8 @@ std::string describe_forward_cuda(const ForwardParams& p) {
   using namespace kasmina::cuda;
   if (!cuda_available()) return "cuda.forward: unavailable (" + cuda_unavailable_reason() + ")";
   const DeviceInfo& dev = current_device_info();
-  return format_forward(p, dispatch(plan_forward(p, dev), p, dev, nullptr), dev, "one launch");
+  return format_forward(p, dispatch(plan_forward(p, dev), p, dev, nullptr), dev, "one launch",
+                        flat_reduction());
 }
 
 std::string describe_forward_stream_cuda(const ForwardParams* ps, int count) {
@@ -492,7 +503,7 @@ std::string describe_forward_stream_cuda(const ForwardParams* ps, int count) {
   const DeviceInfo& dev = current_device_info();
   std::vector<LaunchPlan> plans = stream_plans(ps, count, dev);
   const LaunchPlan plan = dispatch(plans[0], ps[0], dev, nullptr);
-  return format_forward(ps[0], plan, dev, "problem 0 of one streamed launch");
+  return format_forward(ps[0], plan, dev, "problem 0 of one streamed launch", false);
 }
 
 }  // namespace kasmina::detail

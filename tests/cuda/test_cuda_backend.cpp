@@ -109,7 +109,8 @@ struct DeviceProblem {
     dscales = DeviceBuffer(p.dscales.size() * sizeof(float));
     dalpha = DeviceBuffer(p.dalpha.size() * sizeof(float));
     grad_stats = DeviceBuffer(p.grad_stats.size() * sizeof(float));
-    // The sizes depend on shapes only: the host params of the problem do.
+    // The sizes depend on shapes (and the forward's on forward_flat_reduction
+    // when the buffers are made): the host params of the problem do.
     const std::size_t fw = forward_workspace_bytes(p.forward_params(), Backend::cuda);
     const std::size_t bw = backward_workspace_bytes(p.backward_params(), Backend::cuda);
     fwd_workspace = DeviceBuffer(fw);
@@ -997,6 +998,53 @@ TEST_F(CudaBackend, GraphReplayLarge) {
   o.clamp = true;
   o.clip = true;
   graph_replay(o);
+}
+
+// The flat telemetry reduction (CudaLaunchConfig::forward_flat_reduction,
+// issue 7's baseline for the hierarchical one): against the reference, bit
+// for bit across two runs, the workspace left zero, on the generic and (on
+// sm_90) the TMA kernel, one tile and many; the description names it; a
+// workspace sized for the hierarchical reduction is refused, nothing written.
+TEST_F(SmallCuda, FlatReductionMatchesReference) {
+  uint64_t rng = 500;
+  for (CudaForwardVariant v : {CudaForwardVariant::generic, CudaForwardVariant::tma}) {
+    CudaLaunchConfig c;
+    c.forward_variant = v;
+    c.forward_flat_reduction = true;
+    SCOPED_TRACE(std::string("flat reduction, variant ") + std::string(cuda_forward_variant_name(v)));
+    for (DType dt : {DType::f32, DType::bf16}) {
+      for (int64_t rows : {1, 37, 3000}) {
+        ProblemOptions o = shape(rows, rows == 37 ? 65 : 48, 3, dt, ++rng);
+        o.clamp = rows == 37;
+        const LaunchConfigGuard guard(c);
+        check_problem(o, {false, false, false});
+        Problem p = make_problem(o);
+        const DeviceProblem d(p, false);
+        const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
+        EXPECT_NE(desc.find("reduced flat"), std::string::npos) << desc;
+        run_cuda(p, d, false);
+        std::vector<uint8_t> fw(d.fwd_workspace.bytes());
+        d.fwd_workspace.download(fw.data(), fw.size());
+        EXPECT_TRUE(all_bytes(fw, 0)) << "flat: forward workspace not zero, " << describe(o);
+      }
+    }
+  }
+  Problem p = make_problem(shape(300, 48, 3, DType::f32, 599));
+  const DeviceProblem d(p, false);  // sized for the hierarchical reduction
+  CudaLaunchConfig c;
+  c.forward_flat_reduction = true;
+  const LaunchConfigGuard guard(c);
+  d.poison();
+  try {
+    forward(d.forward_params(p), Backend::cuda);
+    ADD_FAILURE() << "a workspace too small for the flat reduction was taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("forward_flat_reduction"), std::string::npos) << e.what();
+  }
+  CUDA_OK(cudaDeviceSynchronize());
+  d.download_forward(p);
+  EXPECT_TRUE(all_bytes(p.y.bytes, 0xFF)) << "y was written";
+  EXPECT_TRUE(all_bytes(p.telemetry, 0xFF)) << "telemetry was written";
 }
 
 TEST_F(SmallCuda, WorkspaceTooSmallWritesNothing) {
