@@ -176,11 +176,12 @@ struct DeviceLayer {
         *grad_stats = nullptr;
   int64_t* nonfinite = nullptr;
 
-  DeviceLayer(const Shape& s, bool blending) : S(s.seeds), C(s.hidden / s.seeds) {
+  // conv_only: every seed a blending CONV seed (issue 7's halo backward).
+  DeviceLayer(const Shape& s, bool blending, bool conv_only = false) : S(s.seeds), C(s.hidden / s.seeds) {
     std::vector<int32_t> st(S), kd(S), bp(S);
     std::vector<float> al(S, 0.5f), w(static_cast<std::size_t>(B * C)), sc(B, 1.0f);
     for (int32_t i = 0; i < S; ++i) {
-      kd[i] = (C >= 3) ? i % 4 : i % 3;
+      kd[i] = conv_only ? 3 : (C >= 3) ? i % 4 : i % 3;
       st[i] = blending ? 3 + i % 4 : 0;
       bp[i] = blending ? 1 + kd[i] : 0;
     }
@@ -252,8 +253,11 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
   });
   const double floor_gbps = 2.0 * static_cast<double>(bytes) / (copy_us * 1e3);
 
-  for (bool blending : {true, false}) {
-    DeviceLayer layer(shape, blending);
+  for (int seeds_mode : {0, 1, 2}) {  // blend-mixed, dormant, blend-conv
+    const bool blending = seeds_mode != 1;
+    const bool conv_only = seeds_mode == 2;
+    if (conv_only && (shape.hidden / shape.seeds < 3 || !candidates)) continue;
+    DeviceLayer layer(shape, blending, conv_only);
     kasmina::ForwardParams fp = forward_params_for(layer, shape, dtype, x, bench.stream());
     fp.y = y;
     fp.telemetry = layer.telemetry;
@@ -288,7 +292,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
     CHECK(cudaMemset(bp.workspace, 0, bp.workspace_bytes));
 
-    const std::string mode = blending ? "blend-mixed" : "dormant";
+    const std::string mode = conv_only ? "blend-conv" : blending ? "blend-mixed" : "dormant";
     const std::string dname(kasmina::dtype_name(dtype));
     const double fwd_bytes = 2.0 * static_cast<double>(bytes);
     const double both_bytes = 5.0 * static_cast<double>(bytes);
@@ -302,6 +306,26 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
       });
     };
     auto pct = [&](double moved, double us) { return 100.0 * (moved / floor_gbps / 1e3) / us; };
+    // Every seed CONV: the backward with its neighbours from L1 and from the
+    // shared-memory halo (CudaLaunchConfig::backward_conv_halo, one row in
+    // flight), same run; nothing else for this layer.
+    if (conv_only) {
+      for (int halo : {0, 1}) {
+        kasmina::CudaLaunchConfig c;
+        c.backward_rows_in_flight = 1;
+        c.backward_conv_halo = halo == 1;
+        kasmina::set_cuda_launch_config(c);
+        const double t = time_both();
+        rows.push_back({"forward+backward", dname, mode,
+                        halo ? "bwd CONV halo in shared memory, rows in flight 1"
+                             : "bwd CONV neighbours from L1, rows in flight 1",
+                        shape, t, both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
+      }
+      kasmina::set_cuda_launch_config({});
+      CHECK(cudaFree(fp.workspace));
+      CHECK(cudaFree(bp.workspace));
+      continue;
+    }
     // The default launch configuration (the architecture's tuning).
     kasmina::set_cuda_launch_config({});
     const double fwd_us = time_forward();

@@ -92,6 +92,13 @@ struct CudaLaunchConfig {
   // within SPEC section 9 and deterministic, with other bits than the
   // hierarchical reduction's (another merge order). forward_many ignores it.
   bool forward_flat_reduction = false;
+  // The backward's CONV seeds read their neighbours from a shared-memory halo
+  // (issue 7's "shared-memory backward with halos"): each row group stages
+  // its rows' chunks of X and the masked G in shared memory in one sweep,
+  // then reads the two neighbours each side there; without it they are
+  // scalar loads that hit L1. The same bits either way; where the halo does
+  // not fit the shared memory the L1 path runs and describe_backward says so.
+  bool backward_conv_halo = false;
 };
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.

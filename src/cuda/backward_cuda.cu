@@ -445,18 +445,86 @@ __device__ __forceinline__ void prepare_step(const RawVec<T, V>& rx, const RawVe
   }
 }
 
+// The shared-memory halo of a CONV row (CudaLaunchConfig::backward_conv_halo,
+// issue 7's "shared-memory backward with halos"): per row in flight, X at
+// hx[4 + j] with zeros at hx[2..3] (X[-2], X[-1]) and hx[C+4..C+5], then
+// the clamp-masked G at hg[j] with zeros at hg[C..C+1]; hx and hg start at
+// 16-byte boundaries, so a lane's own V values are aligned vector accesses.
+__host__ __device__ constexpr int halo_x_floats(int C) { return (C + 6 + 3) / 4 * 4; }
+__host__ __device__ constexpr int halo_row_floats(int C) {
+  return halo_x_floats(C) + (C + 2 + 3) / 4 * 4;
+}
+
+// The lanes of this thread's row group (G lanes, a power of two <= 32, so
+// inside one warp).
+__device__ __forceinline__ unsigned group_lanes(int G) {
+  if (G >= 32) return 0xffffffffu;
+  const unsigned lane_in_warp = threadIdx.x & 31u;
+  return ((1u << G) - 1u) << (lane_in_warp & ~static_cast<unsigned>(G - 1));
+}
+
+template <int V>
+__device__ __forceinline__ void smem_store_vec(float* p, const float (&v)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = v[i];
+  }
+}
+template <int V>
+__device__ __forceinline__ void smem_load_vec(const float* p, float* v) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      const float4 q = *reinterpret_cast<const float4*>(p + i);
+      v[i] = q.x;
+      v[i + 1] = q.y;
+      v[i + 2] = q.z;
+      v[i + 3] = q.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = p[i];
+  }
+}
+
+// One CONV step from the halo: what prepare_step gives with `halo` (X with
+// its two left neighbours in xs, the masked G with its two right ones in g),
+// read from shared memory; the same values, so the same bits.
+template <int V>
+__device__ __forceinline__ void halo_step(const float* hx, const float* hg, int c,
+                                          float (&xs)[V + 4], float (&g)[V + 2]) {
+  xs[0] = hx[c + 2];
+  xs[1] = hx[c + 3];
+  smem_load_vec<V>(hx + 4 + c, xs + 2);
+  xs[V + 2] = 0.0f;  // only the clamp mask reads these, and it ran at staging
+  xs[V + 3] = 0.0f;
+  smem_load_vec<V>(hg + c, g);
+  g[V] = hg[c + V];
+  g[V + 1] = hg[c + V + 1];
+}
+
 // Rows of one CTA for one mode (a seed that blends or trains): dX, its
 // per-thread statistics, the scalar sums in st and the dW column sums in
 // this row group's shared row (acc = its slot of column lane*V; column
 // lane*V + i + k*G*V is acc[k*G*V + i*G], acc_slot's layout). The row group
 // takes U rows per pass and loads X and G of all U before it computes on the
 // first; the U rows add into the shared row in row order.
-template <typename T, int V, int U, Mode M, bool Clamp, bool Clip>
+// Halo (CONV only): the rows' chunks are staged in `acc`'s shared row first
+// (halo_row_floats per row in flight): one sweep of X and G from global
+// memory, the clamp mask and the clip's norm from shared memory, then the
+// step reads its neighbours there instead of from L1.
+template <typename T, int V, int U, Mode M, bool Clamp, bool Clip, bool Halo = false>
 __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const SeedView& sv,
                                               const float* table, float* acc, bool grads,
                                               int tile, int lane, int group, int64_t col0,
                                               BwdStats& st, GradThreadStats& gs) {
   constexpr bool kConv = M == Mode::conv;
+  static_assert(!Halo || kConv, "the shared-memory halo is CONV's");
   using S = ScalarSum<T>;
   const int C = args.C;
   const int G = args.group;
@@ -485,7 +553,78 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
       scale[u] = 1.0f;
       scale_d[u] = 1.0;
     }
-    if constexpr (Clip) {
+    // The halo rows of this group: acc is its shared row at column lane*V's
+    // slot; the row starts `lane` floats earlier.
+    float* const hrow = acc - lane;
+    if constexpr (Halo) {
+      const int rowf = halo_row_floats(C);
+      const int xf = halo_x_floats(C);
+      for (int c = lane * V; c < C; c += span) {
+        RawVec<T, V> rx[U], rg[U];
+        rows.template load<V>(c, true, rx, rg);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (!rows.active[u]) continue;
+          float xv[V], gv[V];
+          decode_vec<T, V>(rx[u], xv);
+          decode_vec<T, V>(rg[u], gv);
+          smem_store_vec<V>(hrow + u * rowf + 4 + c, xv);
+          smem_store_vec<V>(hrow + u * rowf + xf + c, gv);
+        }
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          float* hx = hrow + u * rowf;
+          hx[2] = hx[3] = hx[C + 4] = hx[C + 5] = 0.0f;
+          hx[xf + C] = hx[xf + C + 1] = 0.0f;
+        }
+      }
+      __syncwarp(group_lanes(G));
+      if constexpr (Clamp) {
+        // DESIGN 4's mask, column by column as prepare_step forms it, into
+        // G in place (each lane its own columns; X is only read).
+        for (int c = lane * V; c < C; c += span) {
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if (!rows.active[u]) continue;
+            const float* hx = hrow + u * rowf;
+            float* hg = hrow + u * rowf + xf;
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+              const float xk = hx[4 + c + i];
+              const float t = mode_transform<M>(sv, mode_coef<M>(sv, table, c + i), xk,
+                                                hx[3 + c + i], hx[2 + c + i]);
+              const float yk = sv.blends ? a * t + b * xk : xk;
+              const bool pass = clo <= yk && yk <= chi;
+              hg[c + i] = pass ? hg[c + i] : 0.0f;
+            }
+          }
+        }
+        __syncwarp(group_lanes(G));
+      }
+      if constexpr (Clip) {
+        double ss[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) ss[u] = 0.0;
+        for (int c = lane * V; c < C; c += span) {
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if (!rows.active[u]) continue;
+            float g[V];
+            smem_load_vec<V>(hrow + u * rowf + xf + c, g);
+#pragma unroll
+            for (int i = 0; i < V; ++i) ss[u] = fma(static_cast<double>(g[i]), g[i], ss[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          ss[u] = group_sum(ss[u], G);
+          scale_d[u] = clip_factor(ss[u], args.clip_norm);
+          scale[u] = static_cast<float>(scale_d[u]);
+        }
+      }
+    } else if constexpr (Clip) {
       // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G in
       // float64 for every dtype (squares of floats are exact there, and
       // bfloat16's range would overflow a float32 sum of squares, zeroing
@@ -516,13 +655,18 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
     float* accp = acc;
     for (int c = lane * V; c < C; c += span, accp += span) {
       RawVec<T, V> rx[U], rg[U];
-      rows.template load<V>(c, true, rx, rg);
+      if constexpr (!Halo) rows.template load<V>(c, true, rx, rg);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (!rows.active[u]) continue;
         float xs[V + 4], g[V + 2];
-        prepare_step<T, V, M, Clamp>(rx[u], rg[u], rows.xr(u), rows.gr(u), c, C, sv, table, halo,
-                                     clo, chi, xs, g);
+        if constexpr (Halo) {
+          const int rowf = halo_row_floats(C);
+          halo_step<V>(hrow + u * rowf, hrow + u * rowf + halo_x_floats(C), c, xs, g);
+        } else {
+          prepare_step<T, V, M, Clamp>(rx[u], rg[u], rows.xr(u), rows.gr(u), c, C, sv, table,
+                                       halo, clo, chi, xs, g);
+        }
         // g stays unscaled: the float64 terms take the exact factor; the
         // float32 path scales each value where it is used.
         const float sc = scale[u];
@@ -590,30 +734,31 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Se
 #pragma unroll
     for (int u = 0; u < U; ++u) ps[u].add_to(st);
     if (gs.cnt >= kFlushCount) gs.flush();
+    if constexpr (Halo) __syncwarp(group_lanes(G));  // the next pass restages the rows
   }
 }
 
-template <typename T, int V, int U, Mode M>
+template <typename T, int V, int U, Mode M, bool Halo = false>
 __device__ __forceinline__ void backward_rows_cc(const BackwardArgs& args, const SeedView& sv,
                                                  const float* table, float* acc, bool grads,
                                                  int tile, int lane, int group, int64_t col0,
                                                  BwdStats& st, GradThreadStats& gs) {
   if (args.clamp.enabled) {
     if (args.clip_enabled) {
-      backward_rows<T, V, U, M, true, true>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows<T, V, U, M, true, true, Halo>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
     } else {
-      backward_rows<T, V, U, M, true, false>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows<T, V, U, M, true, false, Halo>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
     }
   } else {
     if (args.clip_enabled) {
-      backward_rows<T, V, U, M, false, true>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows<T, V, U, M, false, true, Halo>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
     } else {
-      backward_rows<T, V, U, M, false, false>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
+      backward_rows<T, V, U, M, false, false, Halo>(args, sv, table, acc, grads, tile, lane, group, col0, st, gs);
     }
   }
 }
 
-template <typename T, int V, int U>
+template <typename T, int V, int U, bool Halo = false>
 __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T), U))
     backward_kernel(const BackwardArgs args) {
   extern __shared__ float smem[];  // [table_floats] coefficients, [row_groups, C_padded] sums
@@ -669,7 +814,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T
     if (!sv.blends && !grads) {
       backward_copy_rows<T, V, U>(args, tile, lane, group, col0, gs);
     } else if (is_conv) {
-      backward_rows_cc<T, V, U, Mode::conv>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
+      // The halo kernel (CudaLaunchConfig::backward_conv_halo) runs one row
+      // in flight: with two, the float32 instance spilled.
+      static_assert(!Halo || U == 1, "the CONV halo runs one row in flight");
+      backward_rows_cc<T, V, U, Mode::conv, Halo>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
     } else if (table == nullptr) {
       backward_rows_cc<T, V, U, Mode::wide>(args, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
     } else if (sv.kind == static_cast<int>(Kind::attention)) {
@@ -869,8 +1017,25 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   plan.vector = r.vector ? kVectorBytes / static_cast<int>(dtype_size(p.dtype)) : 1;
   plan.group = next_pow2(ceil_div(r.C, plan.vector));
   const int64_t span = static_cast<int64_t>(plan.group) * plan.vector;
-  const int64_t c_padded = ceil_div(r.C, span) * span;
-  const int64_t by_smem = static_cast<int64_t>(t.smem_budget_bytes) / (c_padded * static_cast<int64_t>(sizeof(float)));
+  int64_t c_padded = ceil_div(r.C, span) * span;
+  // CONV's shared-memory halo (CudaLaunchConfig::backward_conv_halo): each
+  // group's shared row holds its row of X and G, where that fits (one row in
+  // flight, set below).
+  plan.conv_halo = false;
+  if (kasmina::cuda_launch_config().backward_conv_halo) {
+    const int64_t halo = halo_row_floats(static_cast<int>(r.C));
+    const int64_t table = static_cast<int64_t>(align_up(static_cast<std::size_t>(r.C) * sizeof(float), 16));
+    if (halo * static_cast<int64_t>(sizeof(float)) + table <= static_cast<int64_t>(t.smem_budget_bytes)) {
+      plan.conv_halo = true;
+      if (halo > c_padded) c_padded = halo;
+    } else {
+      plan.conv_halo_refusal = "the chunk's halo rows do not fit the shared memory";
+    }
+  }
+  // With the halo, the coefficient table is kept room for (the halo rows
+  // must not push RESIDUAL/ATTENTION/MLP seeds off the table).
+  const int64_t reserve = plan.conv_halo ? static_cast<int64_t>(align_up(static_cast<std::size_t>(r.C) * sizeof(float), 16)) : 0;
+  const int64_t by_smem = (static_cast<int64_t>(t.smem_budget_bytes) - reserve) / (c_padded * static_cast<int64_t>(sizeof(float)));
   int64_t groups = t.block_threads / plan.group;
   if (by_smem < groups) groups = by_smem;
   if (groups < 1) groups = 1;
@@ -879,6 +1044,10 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
       select_rows_in_flight(false, dev, launch_knobs(dev, p.dtype, p.rows, p.hidden));
   plan.rows_in_flight = r.vector ? choice.rows : 1;
   plan.rows_source = r.vector ? choice.source : "scalar path";
+  if (plan.conv_halo) {
+    plan.rows_in_flight = 1;
+    plan.rows_source = "CONV halo";
+  }
   // No more rows in flight than a small batch fills (as the forward).
   while (plan.rows_in_flight > 1 && groups * (plan.rows_in_flight / 2) >= p.rows) {
     plan.rows_in_flight /= 2;
@@ -912,21 +1081,21 @@ Layout layout(const BackwardParams& p, const DeviceInfo& dev) {
   return l;
 }
 
-template <typename T, int V, int U>
+template <typename T, int V, int U, bool Halo = false>
 LaunchPlan finish_plan(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev) {
-  plan.tiles = tiles_for_kernel(reinterpret_cast<const void*>(&backward_kernel<T, V, U>), plan,
+  plan.tiles = tiles_for_kernel(reinterpret_cast<const void*>(&backward_kernel<T, V, U, Halo>), plan,
                                 p.rows, p.num_seeds, dev.sm_count);
   return plan;
 }
 
-template <typename T, int V, int U>
+template <typename T, int V, int U, bool Halo = false>
 LaunchPlan plan_and_launch(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev,
                            BackwardArgs* args) {
-  plan = finish_plan<T, V, U>(plan, p, dev);
+  plan = finish_plan<T, V, U, Halo>(plan, p, dev);
   if (args == nullptr) return plan;
   args->tiles = plan.tiles;
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
-  backward_kernel<T, V, U><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes,
+  backward_kernel<T, V, U, Halo><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes,
                              static_cast<cudaStream_t>(p.stream)>>>(*args);
   KASMINA_CUDA_CHECK(cudaGetLastError());
   return plan;
@@ -938,6 +1107,12 @@ template <typename T>
 LaunchPlan dispatch_dtype(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev,
                           BackwardArgs* args) {
   constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
+  // CONV's shared-memory halo: its own kernel instances (one row in flight),
+  // so the default ones keep their registers and occupancy.
+  if (plan.conv_halo) {
+    return plan.vector != kVec ? plan_and_launch<T, 1, 1, true>(plan, p, dev, args)
+                               : plan_and_launch<T, kVec, 1, true>(plan, p, dev, args);
+  }
   if (plan.vector != kVec) return plan_and_launch<T, 1, 1>(plan, p, dev, args);
   // 1 or 2 (four rows of X and G in flight spill past 128 registers).
   return plan.rows_in_flight == 1 ? plan_and_launch<T, kVec, 1>(plan, p, dev, args)
@@ -1032,7 +1207,13 @@ std::string describe_backward_cuda(const BackwardParams& p) {
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
      << " threads, " << plan.smem_bytes << " B shared memory (dW column sums"
      << (plan.table_floats > 0 ? " + coefficient table)" : ", no coefficient table)")
-     << (p.clip_enabled ? ", two sweeps per row (clip)" : ", one sweep per row");
+     << (p.clip_enabled ? ", two sweeps per row (clip)" : ", one sweep per row")
+     << (plan.conv_halo ? "; CONV neighbours from a shared-memory halo (backward_conv_halo: "
+                          "one sweep of global memory per row, clip included)"
+         : plan.conv_halo_refusal != nullptr
+             ? std::string("; CONV neighbours from L1 (backward_conv_halo refused: ") +
+                   plan.conv_halo_refusal + ")"
+             : std::string("; CONV neighbours from L1"));
   return os.str();
 }
 

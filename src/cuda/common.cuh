@@ -110,6 +110,10 @@ struct LaunchPlan {
   int stages = 0;
   const char* variant_source = "default";
   const char* tma_refusal = nullptr;
+  // Backward only: CONV's neighbours from a shared-memory halo
+  // (CudaLaunchConfig::backward_conv_halo), or why it was asked for and not.
+  bool conv_halo = false;
+  const char* conv_halo_refusal = nullptr;
 };
 
 inline bool aligned16(const void* p) {

@@ -1047,6 +1047,76 @@ TEST_F(SmallCuda, FlatReductionMatchesReference) {
   EXPECT_TRUE(all_bytes(p.telemetry, 0xFF)) << "telemetry was written";
 }
 
+// The backward's CONV halo through shared memory (CudaLaunchConfig::
+// backward_conv_halo, issue 7): against the reference, bit for bit across
+// two runs, and bit for bit against the L1 path at one row in flight where
+// both plans run the same rows per pass and CTAs (the halo's shared rows can
+// leave a wide chunk fewer row groups); the description names the halo.
+// "R rows per pass, T tiles x S seeds = K CTAs of N" of a description.
+std::string plan_shape(const std::string& desc) {
+  const std::size_t at = desc.find(" rows per pass");
+  if (at == std::string::npos) return desc;
+  const std::size_t from = desc.rfind(", ", at) + 2;
+  return desc.substr(from, desc.find(" threads", at) - from);
+}
+
+void check_conv_halo(const ProblemOptions& o, bool misalign) {
+  Problem l1 = make_problem(o);
+  Problem halo = l1;
+  const std::string ctx = std::string("conv halo") + (misalign ? " misaligned " : " ") + describe(o);
+  SCOPED_TRACE(ctx);
+  const DeviceProblem d(l1, misalign);
+  CudaLaunchConfig c;
+  c.backward_rows_in_flight = 1;
+  std::string l1_desc, halo_desc;
+  {
+    const LaunchConfigGuard guard(c);
+    l1_desc = describe_backward(d.backward_params(l1), Backend::cuda);
+    run_cuda(l1, d);
+  }
+  c.backward_conv_halo = true;
+  {
+    const LaunchConfigGuard guard(c);
+    halo_desc = describe_backward(d.backward_params(halo), Backend::cuda);
+    ASSERT_NE(halo_desc.find("shared-memory halo"), std::string::npos) << halo_desc;
+    run_cuda(halo, d);
+    Problem again = halo;
+    run_cuda(again, d);
+    expect_backward_bits_equal(halo, again, ctx + " (second run)");
+  }
+  expect_backward_matches(halo, reference::backward(halo.backward_params()), ctx);
+  if (plan_shape(l1_desc) == plan_shape(halo_desc)) {
+    expect_backward_bits_equal(l1, halo, ctx + " (against L1)");
+  } else {
+    EXPECT_GE(o.chunk, 512) << "the halo changed the plan of a narrow chunk: " << l1_desc << " / " << halo_desc;
+  }
+}
+
+TEST_F(SmallCuda, ConvHaloMatchesL1) {
+  uint64_t rng = 700;
+  for (DType dt : kDTypes) {
+    for (int64_t chunk : {3, 48, 65, 1000}) {
+      for (int64_t rows : {1, 37, 300}) {
+        if (chunk == 1000 && rows == 300) continue;
+        ProblemOptions o = shape(rows, chunk, 4, dt, ++rng);
+        o.only_kind = static_cast<int32_t>(Kind::conv);
+        check_conv_halo(o, false);
+        o.clamp = true;
+        o.clip = true;
+        o.rng_seed = ++rng;
+        check_conv_halo(o, chunk == 48);
+        o.only_kind = -1;  // mixed kinds: the others keep their loops
+        o.rng_seed = ++rng;
+        check_conv_halo(o, false);
+        o.only_stage = static_cast<int32_t>(Stage::training);  // shadow CONV: no blend
+        o.only_kind = static_cast<int32_t>(Kind::conv);
+        o.rng_seed = ++rng;
+        check_conv_halo(o, false);
+      }
+    }
+  }
+}
+
 TEST_F(SmallCuda, WorkspaceTooSmallWritesNothing) {
   Problem p = make_problem(shape(7, 48, 3, DType::f32, 9));
   const DeviceProblem d(p, false);
