@@ -624,15 +624,29 @@ __device__ __forceinline__ float coef_at(const SeedView& v, const float* table, 
   return v.kind == static_cast<int>(Kind::attention) ? softmax_p(v, j) : v.w[j];
 }
 
+// The float expressions that several kernel instances compute for the same
+// value (the forward's Y, the backward's clamp mask, CONV's sums, with and
+// without the shared-memory halo) are written as explicit fused multiply-adds:
+// left to the compiler, contraction may differ between instances and so
+// would the bits (DESIGN 53).
+template <typename F>
+__device__ __forceinline__ F conv_sum(F w0, F w1, F w2, F x, F xm1, F xm2) {
+  return fma(w2, xm2, fma(w1, xm1, w0 * x));
+}
+// Y = a T + (1 - a) X, with b = 1 - a.
+__device__ __forceinline__ float blend_value(float a, float b, float t, float x) {
+  return fmaf(a, t, b * x);
+}
+
 // SPEC section 3: T at one column from its X, X one and two columns to the
 // left (0 at the chunk start; only CONV reads them) and its coefficient.
 __device__ __forceinline__ float seed_transform(const SeedView& v, float coef, float x, float xm1,
                                                 float xm2) {
   switch (v.kind) {
-    case static_cast<int>(Kind::residual): return x + v.sigma * coef;
+    case static_cast<int>(Kind::residual): return fmaf(v.sigma, coef, x);
     case static_cast<int>(Kind::attention): return x * coef;
     case static_cast<int>(Kind::mlp): return v.sigma * relu(x * coef);
-    default: return v.sigma * (v.w0 * x + v.w1 * xm1 + v.w2 * xm2);
+    default: return v.sigma * conv_sum(v.w0, v.w1, v.w2, x, xm1, xm2);
   }
 }
 
@@ -650,13 +664,13 @@ template <Mode M>
 __device__ __forceinline__ float mode_transform(const SeedView& sv, float coef, float x,
                                                 float xm1, float xm2) {
   if constexpr (M == Mode::residual) {
-    return x + sv.sigma * coef;
+    return fmaf(sv.sigma, coef, x);
   } else if constexpr (M == Mode::attention) {
     return x * coef;
   } else if constexpr (M == Mode::mlp) {
     return sv.sigma * relu(x * coef);
   } else if constexpr (M == Mode::conv) {
-    return sv.sigma * (sv.w0 * x + sv.w1 * xm1 + sv.w2 * xm2);
+    return sv.sigma * conv_sum(sv.w0, sv.w1, sv.w2, x, xm1, xm2);
   } else {
     return seed_transform(sv, coef, x, 0.0f, 0.0f);
   }

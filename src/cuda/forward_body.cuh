@@ -330,7 +330,7 @@ __device__ __forceinline__ void drift_row_sums_exact(const ForwardArgs& args, co
       const float t = mode_transform<M>(sv, mode_coef<M>(sv, table, c + i), xv[i], xm1, xm2);
       xm2 = xm1;
       xm1 = xv[i];
-      const double xd = xv[i], yd = a * t + b * xv[i];
+      const double xd = xv[i], yd = blend_value(a, b, t, xv[i]);
       dot += xd * yd;
       xx += xd * xd;
       yy += yd * yd;
@@ -397,7 +397,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
             const float t = mode_transform<M>(sv, coef[i], xi, xm1, xm2);
             xm2 = xm1;
             xm1 = xi;
-            yi = a * t + b * xi;
+            yi = blend_value(a, b, t, xi);
             if constexpr (kF32) {
               const float d = fmaf(-k, xi, t);  // R = T - k X (DESIGN 28)
               s0[u] = fmaf(xi, xi, s0[u]);
