@@ -310,15 +310,17 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     // shared-memory halo (CudaLaunchConfig::backward_conv_halo, one row in
     // flight), same run; nothing else for this layer.
     if (conv_only) {
-      for (int halo : {0, 1}) {
+      for (int halo : {0, 1, 2}) {
         kasmina::CudaLaunchConfig c;
         c.backward_rows_in_flight = 1;
         c.backward_conv_halo = halo == 1;
+        c.backward_tma = halo == 2;  // the neighbours from the TMA stage
         kasmina::set_cuda_launch_config(c);
         const double t = time_both();
         rows.push_back({"forward+backward", dname, mode,
-                        halo ? "bwd CONV halo in shared memory, rows in flight 1"
-                             : "bwd CONV neighbours from L1, rows in flight 1",
+                        halo == 1   ? "bwd CONV halo in shared memory, rows in flight 1"
+                        : halo == 2 ? "bwd CONV neighbours from the TMA stage"
+                                    : "bwd CONV neighbours from L1, rows in flight 1",
                         shape, t, both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
       }
       kasmina::set_cuda_launch_config({});
@@ -436,6 +438,18 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
         const double t = time_both();
         rows.push_back({"forward+backward", dname, mode, "bwd rows in flight " + std::to_string(u),
                         shape, t, both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
+      }
+      // The backward's X and G by TMA (CudaLaunchConfig::backward_tma, one
+      // row in flight): against "bwd rows in flight 1" and the default.
+      {
+        kasmina::CudaLaunchConfig c;
+        c.backward_tma = true;
+        kasmina::set_cuda_launch_config(c);
+        const bool ran = kasmina::describe_backward(bp, kasmina::Backend::cuda).find("by TMA") != std::string::npos;
+        const double t = time_both();
+        rows.push_back({"forward+backward", dname, mode,
+                        ran ? "bwd TMA, rows in flight 1" : "bwd TMA refused: generic", shape, t,
+                        both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
       }
       kasmina::set_cuda_launch_config({});
     }

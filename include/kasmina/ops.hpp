@@ -99,6 +99,16 @@ struct CudaLaunchConfig {
   // scalar loads that hit L1. The same bits either way; where the halo does
   // not fit the shared memory the L1 path runs and describe_backward says so.
   bool backward_conv_halo = false;
+  // The backward's X and G reach shared memory by TMA (sm_90a; issue 7's
+  // "TMA loading" on the backward): per CTA a ring of stages, each a
+  // tensor-map copy of one row pass of X (where the seed reads it) and of G,
+  // completed on an mbarrier, with one row in flight. The same math on the
+  // same values; the tiles can differ from the generic plan's, and with them
+  // the bits of the cross-CTA sums (dW, dscale, dalpha, grad_stats), never
+  // dX's. Where it cannot run (not sm_90, no sm_90a code, C > 256, the
+  // scalar path, the CONV halo, shared memory) the generic kernel runs and
+  // describe_backward says why. A measurement variant until it wins.
+  bool backward_tma = false;
 };
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.

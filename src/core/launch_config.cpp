@@ -19,6 +19,7 @@ std::atomic<int> g_forward_group{0};
 std::atomic<int> g_forward_threads{0};
 std::atomic<bool> g_forward_flat{false};
 std::atomic<bool> g_backward_halo{false};
+std::atomic<bool> g_backward_tma{false};
 
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
@@ -71,6 +72,7 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   g_forward_threads.store(config.forward_block_threads, std::memory_order_relaxed);
   g_forward_flat.store(config.forward_flat_reduction, std::memory_order_relaxed);
   g_backward_halo.store(config.backward_conv_halo, std::memory_order_relaxed);
+  g_backward_tma.store(config.backward_tma, std::memory_order_relaxed);
 }
 
 namespace {
@@ -160,6 +162,7 @@ CudaLaunchConfig cuda_launch_config() {
   c.forward_block_threads = g_forward_threads.load(std::memory_order_relaxed);
   c.forward_flat_reduction = g_forward_flat.load(std::memory_order_relaxed);
   c.backward_conv_halo = g_backward_halo.load(std::memory_order_relaxed);
+  c.backward_tma = g_backward_tma.load(std::memory_order_relaxed);
   return c;
 }
 

@@ -104,8 +104,9 @@ struct LaunchPlan {
   int tiles = 1;          // row tiles per seed of this call (<= tiles_max)
   std::size_t smem_bytes = 0;  // dynamic shared memory per CTA
   int table_floats = 0;        // backward: coefficient table ahead of the sums
-  // Forward only: the kernel variant (select_forward_variant) and, for TMA,
-  // the pipeline depth; why TMA was asked for but does not run.
+  // The kernel variant (forward: select_forward_variant; backward:
+  // CudaLaunchConfig::backward_tma) and, for TMA, the pipeline depth; why
+  // TMA was asked for but does not run.
   bool tma = false;
   int stages = 0;
   const char* variant_source = "default";

@@ -31,6 +31,7 @@
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.hpp"
 #include "cuda/forward_body.cuh"
+#include "cuda/tma_sm90.cuh"
 #include "kasmina/error.hpp"
 
 namespace kasmina::cuda {
@@ -42,74 +43,6 @@ struct TmaForwardArgs {
   int stages;
   int stage_bytes;  // R * C * element size
 };
-
-// ------------------------------------------------------------ PTX wrappers
-// Compiled for the host pass and sm_90 only (the sm_80 pass has no use for
-// them: the kernel's body is empty there).
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-#endif
-}
-
-// The barriers' initialisation visible to the async proxy (the TMA unit).
-__device__ __forceinline__ void fence_mbar_init() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-#endif
-}
-
-// This thread's arrival, announcing `bytes` the TMA will deliver this phase.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
-               "r"(bytes)
-               : "memory");
-#endif
-}
-
-// Until the barrier's phase `parity` has completed. A phase that never
-// completes (a copy that cannot land) traps after ~2^34 cycles (seconds)
-// instead of hanging: the launch then fails with an error the host raises.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  unsigned done = 0;
-  const long long start = clock64();
-  do {
-    if (clock64() - start > (1ll << 34)) __trap();
-    asm volatile(
-        "{\n\t.reg .pred p;\n\t"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-  } while (done == 0);
-#endif
-}
-
-// The box at (column c0, row r0) of the tensor map into shared memory at
-// dst; completion (all of the box's bytes, zero-filled past the tensor's
-// edge) is signalled on bar.
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int r0,
-                                            uint64_t* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(smem_u32(bar))
-      : "memory");
-#endif
-}
-
-#endif
 
 // ------------------------------------------------------------------ kernel
 
@@ -180,80 +113,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   (void)targs;
   __trap();
 #endif
-}
-
-// ------------------------------------------------------------- tensor maps
-
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-#if CUDART_VERSION >= 12050
-    KASMINA_CUDA_CHECK(
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
-#else
-    KASMINA_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q));
-#endif
-    KASMINA_CHECK_RUNTIME(q == cudaDriverEntryPointSuccess && f != nullptr,
-                          "the CUDA driver has no cuTensorMapEncodeTiled (the TMA forward needs "
-                          "CUDA 12 or newer)");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// Tensor maps of the last inputs, keyed by everything the map encodes: a
-// layer called again on the same buffer (the caching allocator's usual
-// case) pays a lookup, not an encode.
-struct MapKey {
-  const void* x;
-  int64_t rows, hidden, stride_bytes;
-  int dtype, C, R, device;
-  bool operator==(const MapKey& o) const {
-    return x == o.x && rows == o.rows && hidden == o.hidden && stride_bytes == o.stride_bytes &&
-           dtype == o.dtype && C == o.C && R == o.R && device == o.device;
-  }
-};
-constexpr std::size_t kMapCacheSize = 32;
-
-CUtensorMap tensor_map(const ForwardParams& p, const ForwardArgs& args, int device) {
-  const auto esize = static_cast<int64_t>(dtype_size(p.dtype));
-  const MapKey key{p.x, p.rows, p.hidden, args.x_stride * esize, static_cast<int>(p.dtype),
-                   args.C, args.rows_per_pass, device};
-  static std::mutex mutex;
-  static std::vector<std::pair<MapKey, CUtensorMap>> cache;
-  static std::size_t next = 0;  // round-robin replacement
-  {
-    const std::lock_guard<std::mutex> lock(mutex);
-    for (const auto& [k, m] : cache) {
-      if (k == key) return m;
-    }
-  }
-  CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
-  if (p.dtype == DType::bf16) type = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  if (p.dtype == DType::f16) type = CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.hidden), static_cast<cuuint64_t>(p.rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(args.x_stride * esize)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(args.C),
-                             static_cast<cuuint32_t>(args.rows_per_pass)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  CUtensorMap map;
-  std::memset(&map, 0, sizeof(map));
-  const CUresult rc = encode_fn()(&map, type, 2, const_cast<void*>(p.x), dims, strides, box,
-                                  elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                  CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  KASMINA_CHECK_RUNTIME(rc == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (CUresult ",
-                        static_cast<int>(rc), ") for x ", p.x, " [", p.rows, " x ", p.hidden,
-                        "], box ", args.rows_per_pass, " x ", args.C);
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (cache.size() < kMapCacheSize) {
-    cache.emplace_back(key, map);
-  } else {
-    cache[next] = {key, map};
-    next = (next + 1) % kMapCacheSize;
-  }
-  return map;
 }
 
 template <typename T>
@@ -341,7 +200,8 @@ void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const Fo
   int device = 0;
   KASMINA_CUDA_CHECK(cudaGetDevice(&device));
   TmaForwardArgs targs{};
-  targs.map = tensor_map(p, args, device);
+  targs.map = tensor_map_2d(p.x, p.dtype, p.rows, p.hidden, args.x_stride, args.C,
+                            args.rows_per_pass, device);
   targs.fwd = args;
   targs.stages = plan.stages;
   targs.stage_bytes = stage_bytes_of(plan, p, args.C);

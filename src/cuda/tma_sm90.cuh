@@ -1,0 +1,91 @@
+// Hopper (sm_90) building blocks shared by the TMA forward and backward:
+// the PTX of mbarriers and tensor-map copies, and the host's cache of 2-D
+// tensor maps. The device wrappers compile for the host pass and sm_90 only
+// (an sm_80 pass has no use for them: the TMA kernels' bodies are empty
+// there and the host never launches them).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kasmina/params.hpp"
+
+namespace kasmina::cuda {
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+#endif
+}
+
+// The barriers' initialisation visible to the async proxy (the TMA unit).
+__device__ __forceinline__ void fence_mbar_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// This thread's arrival, announcing `bytes` the TMA will deliver this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+
+// Until the barrier's phase `parity` has completed. A phase that never
+// completes (a copy that cannot land) traps after ~2^34 cycles (seconds)
+// instead of hanging: the launch then fails with an error the host raises.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned done = 0;
+  const long long start = clock64();
+  do {
+    if (clock64() - start > (1ll << 34)) __trap();
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (done == 0);
+#endif
+}
+
+// The box at (column c0, row r0) of the tensor map into shared memory at
+// dst; completion (all of the box's bytes, zero-filled past the tensor's
+// edge) is signalled on bar.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int r0,
+                                            uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(smem_u32(bar))
+      : "memory");
+#endif
+}
+
+#endif
+
+// The tensor map of a row-major 2-D tensor `ptr` [rows, hidden] (row stride
+// `row_stride` elements, 16-byte multiple) with box [R rows, C columns],
+// no swizzle, rows past the edge zero-filled. Encoded once per (pointer,
+// shape, stride, dtype, box, device) and cached: a layer called again on the
+// same buffer (the caching allocator's usual case) pays a lookup. Throws
+// kasmina::Error (runtime) when the driver refuses the encoding.
+CUtensorMap tensor_map_2d(const void* ptr, DType dtype, int64_t rows, int64_t hidden,
+                          int64_t row_stride, int C, int R, int device);
+
+}  // namespace kasmina::cuda
