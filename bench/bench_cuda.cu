@@ -441,15 +441,23 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
       }
       // The backward's X and G by TMA (CudaLaunchConfig::backward_tma, one
       // row in flight): against "bwd rows in flight 1" and the default.
-      {
+      for (int stages : {0, 2, 4, 8}) {
         kasmina::CudaLaunchConfig c;
         c.backward_tma = true;
+        c.backward_stages = stages;
         kasmina::set_cuda_launch_config(c);
-        const bool ran = kasmina::describe_backward(bp, kasmina::Backend::cuda).find("by TMA") != std::string::npos;
+        const std::string desc = kasmina::describe_backward(bp, kasmina::Backend::cuda);
+        const std::size_t at = desc.find("-stage shared-memory ring");
         const double t = time_both();
-        rows.push_back({"forward+backward", dname, mode,
-                        ran ? "bwd TMA, rows in flight 1" : "bwd TMA refused: generic", shape, t,
-                        both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
+        std::string label = "bwd TMA refused: generic";
+        if (at != std::string::npos) {
+          // The depth that ran (the plan lowers what does not fit).
+          const std::size_t from = desc.rfind(' ', at) + 1;
+          label = "bwd TMA " + desc.substr(from, at - from) + " stages" +
+                  (stages == 0 ? " (default)" : "");
+        }
+        rows.push_back({"forward+backward", dname, mode, label, shape, t, both_bytes / (t * 1e3),
+                        floor_gbps, pct(both_bytes, t), true});
       }
       kasmina::set_cuda_launch_config({});
     }

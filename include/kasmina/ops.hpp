@@ -109,6 +109,7 @@ struct CudaLaunchConfig {
   // scalar path, the CONV halo, shared memory) the generic kernel runs and
   // describe_backward says why. A measurement variant until it wins.
   bool backward_tma = false;
+  int backward_stages = 0;  // its pipeline depth: 0 (default: 16 KiB of stages), 2 to 8
 };
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.

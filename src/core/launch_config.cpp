@@ -20,6 +20,7 @@ std::atomic<int> g_forward_threads{0};
 std::atomic<bool> g_forward_flat{false};
 std::atomic<bool> g_backward_halo{false};
 std::atomic<bool> g_backward_tma{false};
+std::atomic<int> g_backward_stages{0};
 
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
@@ -55,6 +56,9 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   KASMINA_CHECK_VALUE(valid_variant(config.forward_variant),
                       "forward_variant must be 0 (automatic), 1 (generic) or 2 (tma) (got ",
                       static_cast<int>(config.forward_variant), ")");
+  KASMINA_CHECK_VALUE(valid_stages(config.backward_stages),
+                      "backward_stages must be 0 (default) or 2 to 8 (got ", config.backward_stages,
+                      ")");
   KASMINA_CHECK_VALUE(valid_stages(config.forward_stages),
                       "forward_stages must be 0 (default) or 2 to 8 (got ", config.forward_stages,
                       ")");
@@ -73,6 +77,7 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   g_forward_flat.store(config.forward_flat_reduction, std::memory_order_relaxed);
   g_backward_halo.store(config.backward_conv_halo, std::memory_order_relaxed);
   g_backward_tma.store(config.backward_tma, std::memory_order_relaxed);
+  g_backward_stages.store(config.backward_stages, std::memory_order_relaxed);
 }
 
 namespace {
@@ -163,6 +168,7 @@ CudaLaunchConfig cuda_launch_config() {
   c.forward_flat_reduction = g_forward_flat.load(std::memory_order_relaxed);
   c.backward_conv_halo = g_backward_halo.load(std::memory_order_relaxed);
   c.backward_tma = g_backward_tma.load(std::memory_order_relaxed);
+  c.backward_stages = g_backward_stages.load(std::memory_order_relaxed);
   return c;
 }
 

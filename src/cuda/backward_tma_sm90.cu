@@ -32,6 +32,7 @@
 #include "cuda/cuda_check.hpp"
 #include "cuda/tma_sm90.cuh"
 #include "kasmina/error.hpp"
+#include "kasmina/ops.hpp"
 
 namespace kasmina::cuda::bwd {
 namespace {
@@ -197,7 +198,8 @@ LaunchPlan backward_tma_finish(LaunchPlan plan, const BackwardParams& p, const D
   const Tuning& t = tuning_for(dev.cc_major);
   const int64_t C = p.hidden / p.num_seeds;
   const int box = box_bytes_of(plan, p, C);
-  int stages = t.tma_stage_budget_bytes / (2 * half_bytes_of(box));
+  const int asked = kasmina::cuda_launch_config().backward_stages;
+  int stages = asked != 0 ? asked : t.tma_stage_budget_bytes / (2 * half_bytes_of(box));
   if (stages > kMaxTmaStages) stages = kMaxTmaStages;
   while (stages > 2 && smem_for(plan, stages, box) > t.smem_budget_bytes) --stages;
   const void* kernel = kernel_for(p.dtype);

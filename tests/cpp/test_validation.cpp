@@ -393,6 +393,18 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
         {ErrorKind::value, {"forward_block_threads", "64, 128 or 256", "got " + std::to_string(threads)}},
         "threads");
   }
+  for (int stages : {1, 9}) {
+    expect_error(
+        [stages] {
+          CudaLaunchConfig c;
+          c.backward_tma = true;
+          c.backward_stages = stages;
+          set_cuda_launch_config(c);
+        },
+        {ErrorKind::value, {"backward_stages", "2 to 8", "got " + std::to_string(stages)}},
+        "backward stages");
+  }
+  EXPECT_FALSE(cuda_launch_config().backward_tma);
   EXPECT_EQ(cuda_launch_config().forward_rows_in_flight, 2);
   EXPECT_EQ(cuda_launch_config().backward_rows_in_flight, 1);
   EXPECT_EQ(cuda_launch_config().forward_block_threads, 0);
@@ -404,6 +416,12 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
   EXPECT_EQ(cuda_launch_config().forward_stages, 4);
   EXPECT_EQ(cuda_launch_config().forward_group, 2);
   EXPECT_EQ(cuda_forward_variant_name(CudaForwardVariant::tma), "tma");
+  CudaLaunchConfig tma_bwd;
+  tma_bwd.backward_tma = true;
+  tma_bwd.backward_stages = 4;
+  set_cuda_launch_config(tma_bwd);
+  EXPECT_TRUE(cuda_launch_config().backward_tma);
+  EXPECT_EQ(cuda_launch_config().backward_stages, 4);
   set_cuda_launch_config(saved);
 }
 

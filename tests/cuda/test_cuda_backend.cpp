@@ -1124,10 +1124,11 @@ TEST_F(SmallCuda, ConvHaloMatchesL1) {
 // bit for bit against the generic kernel at one row in flight (the same
 // per-element math), and every output where both plans run the same tiles;
 // the workspace is left zero.
-void check_backward_tma(const ProblemOptions& o, bool misalign, bool hopper) {
+void check_backward_tma(const ProblemOptions& o, bool misalign, bool hopper, int stages = 0) {
   Problem generic = make_problem(o);
   Problem tma = generic;
-  const std::string ctx = std::string("backward tma") + (misalign ? " misaligned " : " ") + describe(o);
+  const std::string ctx = std::string("backward tma") + (misalign ? " misaligned " : " ") +
+                          describe(o) + " stages=" + std::to_string(stages);
   SCOPED_TRACE(ctx);
   const DeviceProblem d(generic, misalign);
   CudaLaunchConfig c;
@@ -1139,6 +1140,7 @@ void check_backward_tma(const ProblemOptions& o, bool misalign, bool hopper) {
     run_cuda(generic, d);
   }
   c.backward_tma = true;
+  c.backward_stages = stages;
   {
     const LaunchConfigGuard guard(c);
     tma_desc = describe_backward(d.backward_params(tma), Backend::cuda);
@@ -1191,6 +1193,13 @@ TEST_F(SmallCuda, TmaBackwardMatchesReference) {
         o.rng_seed = ++rng;
         check_backward_tma(o, false, hopper);
       }
+    }
+    // Other pipeline depths (CudaLaunchConfig::backward_stages): many
+    // passes per CTA, so the ring wraps.
+    for (int stages : {2, 3, 8}) {
+      ProblemOptions o = shape(20000, 64, 4, dt, ++rng);
+      o.clip = true;
+      check_backward_tma(o, false, hopper, stages);
     }
   }
 }
