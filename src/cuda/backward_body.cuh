@@ -1018,7 +1018,9 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
 // one row in flight.
 const char* backward_tma_refusal(const BackwardParams& p, const LaunchPlan& plan,
                                  const DeviceInfo& dev, int64_t C, bool vector_path);
-// The pipeline depth (plan.stages) and the tiles of the TMA kernel, keeping
+// The pipeline depth (plan.stages: the one asked for, CudaLaunchConfig::
+// backward_stages, else from the tuning's stage budget; lowered to fit the
+// shared memory) and the tiles of the TMA kernel, keeping
 // at least `resident_generic` CTAs per SM (the generic kernel's).
 LaunchPlan backward_tma_finish(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev,
                                int resident_generic);

@@ -93,8 +93,10 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   // CONV's shared-memory halo (CudaLaunchConfig::backward_conv_halo): each
   // group's shared row holds its row of X and G, where that fits (one row in
   // flight, set below).
+  // The launch config read once for this plan.
+  const kasmina::CudaLaunchConfig config = kasmina::cuda_launch_config();
   plan.conv_halo = false;
-  if (kasmina::cuda_launch_config().backward_conv_halo) {
+  if (config.backward_conv_halo) {
     const int64_t halo = halo_row_floats(static_cast<int>(r.C));
     const int64_t table = static_cast<int64_t>(align_up(static_cast<std::size_t>(r.C) * sizeof(float), 16));
     if (halo * static_cast<int64_t>(sizeof(float)) + table <= static_cast<int64_t>(t.smem_budget_bytes)) {
@@ -134,8 +136,9 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   plan.tiles = plan.tiles_max;  // refined by finish_plan() for the kernel that runs
   // The TMA variant (CudaLaunchConfig::backward_tma), at one row in flight.
   plan.tma = false;
-  if (kasmina::cuda_launch_config().backward_tma) {
+  if (config.backward_tma) {
     LaunchPlan one = plan;
+    one.stages = config.backward_stages;  // 0: backward_tma_finish picks
     one.rows_in_flight = 1;
     one.rows_per_pass = static_cast<int>(groups);
     plan.tma_refusal = backward_tma_refusal(p, one, dev, r.C, r.vector);
@@ -294,7 +297,7 @@ std::string describe_backward_cuda(const BackwardParams& p) {
   }
   const LaunchPlan plan = dispatch(plan_backward(p, dev), p, dev, nullptr);
   std::ostringstream os;
-  os << "cuda.backward." << (r.vector ? "vec" : "scalar") << plan.vector << " "
+  os << "cuda.backward." << (plan.tma ? "tma" : r.vector ? "vec" : "scalar") << plan.vector << " "
      << dtype_name(p.dtype) << " on " << dev.name << " (sm_" << dev.cc_major << dev.cc_minor
      << "): " << r.why << "; " << plan.group << " lanes per row, " << plan.rows_in_flight
      << " rows in flight per thread (" << plan.rows_source << "), " << plan.rows_per_pass

@@ -32,7 +32,6 @@
 #include "cuda/cuda_check.hpp"
 #include "cuda/tma_sm90.cuh"
 #include "kasmina/error.hpp"
-#include "kasmina/ops.hpp"
 
 namespace kasmina::cuda::bwd {
 namespace {
@@ -185,7 +184,9 @@ const char* backward_tma_refusal(const BackwardParams& p, const LaunchPlan& plan
   if (plan.conv_halo) return "TMA variant does not combine with backward_conv_halo";
   if (C > 256) return "TMA variant needs C <= 256 (one tensor-map box per row)";
   if (p.rows < 1) return "TMA variant needs N >= 1";
+  // The box's coordinates are signed 32-bit values.
   if (p.rows > std::numeric_limits<int32_t>::max()) return "TMA variant needs N < 2^31";
+  if (p.hidden > std::numeric_limits<int32_t>::max()) return "TMA variant needs hidden < 2^31";
   if (plan.rows_per_pass > 256) return "TMA variant needs <= 256 rows per pass (box height)";
   if (smem_for(plan, 2, box_bytes_of(plan, p, C)) > tuning_for(dev.cc_major).smem_budget_bytes) {
     return "TMA variant needs two stages within the shared-memory budget";
@@ -198,8 +199,7 @@ LaunchPlan backward_tma_finish(LaunchPlan plan, const BackwardParams& p, const D
   const Tuning& t = tuning_for(dev.cc_major);
   const int64_t C = p.hidden / p.num_seeds;
   const int box = box_bytes_of(plan, p, C);
-  const int asked = kasmina::cuda_launch_config().backward_stages;
-  int stages = asked != 0 ? asked : t.tma_stage_budget_bytes / (2 * half_bytes_of(box));
+  int stages = plan.stages != 0 ? plan.stages : t.tma_stage_budget_bytes / (2 * half_bytes_of(box));
   if (stages > kMaxTmaStages) stages = kMaxTmaStages;
   while (stages > 2 && smem_for(plan, stages, box) > t.smem_budget_bytes) --stages;
   const void* kernel = kernel_for(p.dtype);
