@@ -1200,11 +1200,11 @@ TEST_F(SmallCuda, TmaBackwardMatchesReference) {
     }
     // Other pipeline depths (CudaLaunchConfig::backward_stages): many
     // passes per CTA, so the ring wraps.
-    // 6003 rows: the last pass of a CTA partly past N after the ring has
+    // 12003 rows: the last pass of a CTA partly past N after the ring has
     // wrapped; the clamp for copy seeds after a refill; a padded row stride
     // (the tensor maps' stride is not hidden; the padding holds NaN).
     for (int stages : {2, 3, 8}) {
-      ProblemOptions o = shape(6003, 64, 4, dt, ++rng);
+      ProblemOptions o = shape(12003, 64, 4, dt, ++rng);
       o.clip = true;
       o.clamp = true;
       o.row_pad = static_cast<int64_t>(16 / dtype_size(dt));
