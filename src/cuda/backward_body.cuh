@@ -542,6 +542,20 @@ __device__ __forceinline__ void halo_step(const float* hx, const float* hg, int 
   g[V + 1] = hg[c + V + 1];
 }
 
+// The clip's factors of U rows from their sums of squares over this lane's
+// columns: summed over the row group, in float64 for the scalar sums
+// (DESIGN 45) and rounded to float32 for dX.
+template <int U>
+__device__ __forceinline__ void clip_scales(double (&ss)[U], int G, float clip_norm,
+                                            double (&scale_d)[U], float (&scale)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    ss[u] = group_sum(ss[u], G);
+    scale_d[u] = clip_factor(ss[u], clip_norm);
+    scale[u] = static_cast<float>(scale_d[u]);
+  }
+}
+
 // Rows of one CTA for one mode (a seed that blends or trains): dX, its
 // per-thread statistics, the scalar sums in st and the dW column sums in
 // this row group's shared row (acc = its slot of column lane*V; column
@@ -654,12 +668,7 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Ri
             for (int i = 0; i < V; ++i) ss[u] = fma(static_cast<double>(g[i]), g[i], ss[u]);
           }
         }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          ss[u] = group_sum(ss[u], G);
-          scale_d[u] = clip_factor(ss[u], args.clip_norm);
-          scale[u] = static_cast<float>(scale_d[u]);
-        }
+        clip_scales<U>(ss, G, args.clip_norm, scale_d, scale);
       }
     } else if constexpr (Clip) {
       // SPEC section 5 / DESIGN 5: the row chunk's norm of the masked G in
@@ -682,12 +691,7 @@ __device__ __forceinline__ void backward_rows(const BackwardArgs& args, const Ri
           for (int i = 0; i < V; ++i) ss[u] = fma(static_cast<double>(g[i]), g[i], ss[u]);
         }
       }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        ss[u] = group_sum(ss[u], G);
-        scale_d[u] = clip_factor(ss[u], args.clip_norm);
-        scale[u] = static_cast<float>(scale_d[u]);
-      }
+      clip_scales<U>(ss, G, args.clip_norm, scale_d, scale);
     }
     float* accp = acc;
     for (int c = lane * V; c < C; c += span, accp += span) {

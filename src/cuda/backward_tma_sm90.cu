@@ -23,9 +23,6 @@
 
 #include <cstdint>
 #include <limits>
-#include <map>
-#include <mutex>
-#include <utility>
 
 #include "cuda/backward_body.cuh"
 #include "cuda/common.cuh"
@@ -137,9 +134,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T
 #endif
 }
 
-template <typename T>
-constexpr int kTmaVector = kVectorBytes / static_cast<int>(sizeof(T));
-
 const void* kernel_for(DType dtype) {
   return with_storage_type(dtype, [](auto t) {
     using T = decltype(t);
@@ -147,21 +141,7 @@ const void* kernel_for(DType dtype) {
   });
 }
 
-// Whether the kernel that loads on `device` was compiled for sm_90 (not
-// JIT-compiled from compute_80 PTX, where its body is empty).
-bool has_sm90_code(DType dtype, int device) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, int>, bool> cache;
-  const std::pair<int, int> key{device, static_cast<int>(dtype)};
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    cudaFuncAttributes attr{};
-    KASMINA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel_for(dtype)));
-    it = cache.emplace(key, attr.ptxVersion >= 90).first;
-  }
-  return it->second;
-}
+bool has_sm90_code(DType dtype, int device) { return kernel_has_sm90_code(kernel_for(dtype), device); }
 
 int box_bytes_of(const LaunchPlan& plan, const BackwardParams& p, int64_t C) {
   return static_cast<int>(static_cast<int64_t>(plan.rows_per_pass) * C *

@@ -23,9 +23,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <map>
-#include <mutex>
-#include <utility>
 #include <vector>
 
 #include "cuda/common.cuh"
@@ -115,9 +112,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
 #endif
 }
 
-template <typename T>
-constexpr int kTmaVector = kVectorBytes / static_cast<int>(sizeof(T));
-
 const void* kernel_for(DType dtype) {
   return with_storage_type(dtype, [](auto t) {
     using T = decltype(t);
@@ -125,21 +119,7 @@ const void* kernel_for(DType dtype) {
   });
 }
 
-// Whether the kernel that loads on `device` (the current one) was compiled
-// for sm_90 (not JIT-compiled from compute_80 PTX, where its body is empty).
-bool has_sm90_code(DType dtype, int device) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, int>, bool> cache;
-  const std::pair<int, int> key{device, static_cast<int>(dtype)};
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    cudaFuncAttributes attr{};
-    KASMINA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel_for(dtype)));
-    it = cache.emplace(key, attr.ptxVersion >= 90).first;  // JIT from compute_80 reports 80
-  }
-  return it->second;
-}
+bool has_sm90_code(DType dtype, int device) { return kernel_has_sm90_code(kernel_for(dtype), device); }
 
 std::size_t smem_for(const LaunchPlan& plan, int stages, int stage_bytes) {
   return 128 + static_cast<std::size_t>(stages) * static_cast<std::size_t>(stage_bytes) +
