@@ -339,6 +339,20 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
                     both_bytes / (both_us * 1e3), floor_gbps, pct(both_bytes, both_us)});
     // The candidates of the launch configuration, same run (blending seeds).
     if (blending && candidates) {
+      // Programmatic dependent launch off (DESIGN 55): the plain launch the
+      // default rows above are compared with.
+      {
+        kasmina::CudaLaunchConfig c;
+        c.programmatic_launch = false;
+        kasmina::set_cuda_launch_config(c);
+        const double t = time_forward();
+        rows.push_back({"forward", dname, mode, "fwd default, plain launch (no PDL)", shape, t,
+                        fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), true});
+        const double tb = time_both();
+        rows.push_back({"forward+backward", dname, mode, "fwd+bwd default, plain launches (no PDL)",
+                        shape, tb, both_bytes / (tb * 1e3), floor_gbps, pct(both_bytes, tb), true});
+        kasmina::set_cuda_launch_config({});
+      }
       for (int u : {1, 2, 4}) {
         if (u == 4 && esize == 2) continue;  // 2-byte types run at most 2 (ops.hpp)
         kasmina::set_cuda_launch_config({u, 0, kasmina::CudaForwardVariant::generic, 0});
@@ -464,19 +478,30 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     // Small inputs: the forward replayed from a CUDA graph of kGraphCalls
     // launches (launch gaps shrink to the graph's), per call; L2 is not
     // flushed between the calls of one replay.
+    // With programmatic dependent launch (the default) and, as a candidate,
+    // without (plain launches captured).
     if (shape.rows * shape.hidden <= (1 << 20)) {
       constexpr int kGraphCalls = 100;
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      CHECK(cudaStreamBeginCapture(bench.stream(), cudaStreamCaptureModeThreadLocal));
-      for (int i = 0; i < kGraphCalls; ++i) kasmina::forward(fp, kasmina::Backend::cuda);
-      CHECK(cudaStreamEndCapture(bench.stream(), &graph));
-      CHECK(cudaGraphInstantiate(&exec, graph, 0));
-      const double t = bench.time_us([&] { CHECK(cudaGraphLaunch(exec, bench.stream())); }) / kGraphCalls;
-      rows.push_back({"forward (graph)", dname, mode, "per call, 100 calls per CUDA graph", shape, t,
-                      fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t)});
-      CHECK(cudaGraphExecDestroy(exec));
-      CHECK(cudaGraphDestroy(graph));
+      for (const bool programmatic : {true, false}) {
+        if (!programmatic && !(blending && candidates)) break;
+        kasmina::CudaLaunchConfig c;
+        c.programmatic_launch = programmatic;
+        kasmina::set_cuda_launch_config(c);
+        cudaGraph_t graph = nullptr;
+        cudaGraphExec_t exec = nullptr;
+        CHECK(cudaStreamBeginCapture(bench.stream(), cudaStreamCaptureModeThreadLocal));
+        for (int i = 0; i < kGraphCalls; ++i) kasmina::forward(fp, kasmina::Backend::cuda);
+        CHECK(cudaStreamEndCapture(bench.stream(), &graph));
+        CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        const double t = bench.time_us([&] { CHECK(cudaGraphLaunch(exec, bench.stream())); }) / kGraphCalls;
+        rows.push_back({"forward (graph)", dname, mode,
+                        programmatic ? "per call, 100 calls per CUDA graph"
+                                     : "per call, 100 plain launches (no PDL) per CUDA graph",
+                        shape, t, fwd_bytes / (t * 1e3), floor_gbps, pct(fwd_bytes, t), !programmatic});
+        CHECK(cudaGraphExecDestroy(exec));
+        CHECK(cudaGraphDestroy(graph));
+      }
+      kasmina::set_cuda_launch_config({});
     }
     CHECK(cudaFree(fp.workspace));
     CHECK(cudaFree(bp.workspace));
@@ -535,6 +560,15 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
   add("forward x8 plain", "8 launches back to back, per forward", bench.time_us([&] {
         for (const auto& fp : params) kasmina::forward(fp, kasmina::Backend::cuda);
       }));
+  {
+    kasmina::CudaLaunchConfig c;
+    c.programmatic_launch = false;
+    kasmina::set_cuda_launch_config(c);
+    add("forward x8 noPDL", "8 launches back to back without PDL, per forward", bench.time_us([&] {
+          for (const auto& fp : params) kasmina::forward(fp, kasmina::Backend::cuda);
+        }));
+    kasmina::set_cuda_launch_config({});
+  }
   add("forward x8 many", "one forward_many launch, per forward", bench.time_us([&] {
         kasmina::forward_many(params.data(), kLayers, kasmina::Backend::cuda);
       }));
@@ -548,6 +582,20 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
       bench.time_us([&] { CHECK(cudaGraphLaunch(exec, bench.stream())); }));
   CHECK(cudaGraphExecDestroy(exec));
   CHECK(cudaGraphDestroy(graph));
+  {
+    kasmina::CudaLaunchConfig c;
+    c.programmatic_launch = false;
+    kasmina::set_cuda_launch_config(c);
+    CHECK(cudaStreamBeginCapture(bench.stream(), cudaStreamCaptureModeThreadLocal));
+    for (const auto& fp : params) kasmina::forward(fp, kasmina::Backend::cuda);
+    CHECK(cudaStreamEndCapture(bench.stream(), &graph));
+    CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    add("forward x8 gr.noPDL", "8 plain launches (no PDL) in a CUDA graph, per forward",
+        bench.time_us([&] { CHECK(cudaGraphLaunch(exec, bench.stream())); }));
+    CHECK(cudaGraphExecDestroy(exec));
+    CHECK(cudaGraphDestroy(graph));
+    kasmina::set_cuda_launch_config({});
+  }
   for (void* p : owned) CHECK(cudaFree(p));
   CHECK(cudaFree(x));
 }

@@ -110,6 +110,14 @@ struct CudaLaunchConfig {
   // describe_backward says why. A measurement variant until it wins.
   bool backward_tma = false;
   int backward_stages = 0;  // its pipeline depth: 0 (default: 16 KiB of stages), 2 to 8
+  // Programmatic dependent launch (sm_90 and newer; docs/DESIGN.md 55): every
+  // kernel is launched so that it may start while the kernel before it on the
+  // stream still runs, waits (griddepcontrol.wait) for that kernel to complete
+  // before it touches global memory, and lets the next kernel start the same
+  // way. The same bits either way; only the launch latency between back-to-back
+  // kernels changes. Off: plain stream order. Ignored below compute capability
+  // 9.0 and for kernel code without sm_90 instructions (describe says so).
+  bool programmatic_launch = true;
 };
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.

@@ -21,6 +21,7 @@ std::atomic<bool> g_forward_flat{false};
 std::atomic<bool> g_backward_halo{false};
 std::atomic<bool> g_backward_tma{false};
 std::atomic<int> g_backward_stages{0};
+std::atomic<bool> g_programmatic{true};
 
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
@@ -78,6 +79,7 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   g_backward_halo.store(config.backward_conv_halo, std::memory_order_relaxed);
   g_backward_tma.store(config.backward_tma, std::memory_order_relaxed);
   g_backward_stages.store(config.backward_stages, std::memory_order_relaxed);
+  g_programmatic.store(config.programmatic_launch, std::memory_order_relaxed);
 }
 
 namespace {
@@ -169,6 +171,7 @@ CudaLaunchConfig cuda_launch_config() {
   c.backward_conv_halo = g_backward_halo.load(std::memory_order_relaxed);
   c.backward_tma = g_backward_tma.load(std::memory_order_relaxed);
   c.backward_stages = g_backward_stages.load(std::memory_order_relaxed);
+  c.programmatic_launch = g_programmatic.load(std::memory_order_relaxed);
   return c;
 }
 

@@ -41,6 +41,7 @@ using namespace bwd;
 template <typename T, int V, int U, bool Halo = false>
 __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T), U))
     backward_kernel(const __grid_constant__ BackwardArgs args) {
+  pdl_prologue();
   extern __shared__ float smem[];
   backward_cta<T, V, U, Halo>(args, smem, GlobalRows{});
 }
@@ -135,6 +136,7 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   plan.tiles_max = tiles_max_for(p.num_seeds, r.C, dev);
   plan.tiles = plan.tiles_max;  // refined by finish_plan() for the kernel that runs
   // The TMA variant (CudaLaunchConfig::backward_tma), at one row in flight.
+  plan.programmatic_asked = config.programmatic_launch;
   plan.tma = false;
   if (config.backward_tma) {
     LaunchPlan one = plan;
@@ -171,8 +173,9 @@ Layout layout(const BackwardParams& p, const DeviceInfo& dev) {
 
 template <typename T, int V, int U, bool Halo = false>
 LaunchPlan finish_plan(LaunchPlan plan, const BackwardParams& p, const DeviceInfo& dev) {
-  plan.tiles = tiles_for_kernel(reinterpret_cast<const void*>(&backward_kernel<T, V, U, Halo>), plan,
-                                p.rows, p.num_seeds, dev.sm_count);
+  const void* kernel = reinterpret_cast<const void*>(&backward_kernel<T, V, U, Halo>);
+  plan.tiles = tiles_for_kernel(kernel, plan, p.rows, p.num_seeds, dev.sm_count);
+  finish_programmatic(plan, kernel, dev);
   return plan;
 }
 
@@ -183,9 +186,7 @@ LaunchPlan plan_and_launch(LaunchPlan plan, const BackwardParams& p, const Devic
   if (args == nullptr) return plan;
   args->tiles = plan.tiles;
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
-  backward_kernel<T, V, U, Halo><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes,
-                             static_cast<cudaStream_t>(p.stream)>>>(*args);
-  KASMINA_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(&backward_kernel<T, V, U, Halo>, plan, grid, plan.smem_bytes, p.stream, *args);
   return plan;
 }
 
@@ -303,7 +304,8 @@ std::string describe_backward_cuda(const BackwardParams& p) {
      << " rows in flight per thread (" << plan.rows_source << "), " << plan.rows_per_pass
      << " rows per pass, " << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
-     << " threads, " << plan.smem_bytes << " B shared memory (dW column sums"
+     << " threads, " << programmatic_text(plan) << ", " << plan.smem_bytes
+     << " B shared memory (dW column sums"
      << (plan.table_floats > 0 ? " + coefficient table)" : ", no coefficient table)")
      << (p.clip_enabled ? ", two sweeps per row (clip)" : ", one sweep per row")
      << (plan.conv_halo ? "; CONV neighbours from a shared-memory halo (backward_conv_halo: "

@@ -94,6 +94,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T), 1))
     backward_tma_kernel(const __grid_constant__ TmaBackwardArgs targs) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  pdl_prologue();
   extern __shared__ __align__(16) unsigned char tma_smem[];  // table + sums, 128 B slack, stages
   __shared__ uint64_t full[kMaxTmaStages];
   const BackwardArgs& args = targs.bwd;
@@ -192,6 +193,7 @@ LaunchPlan backward_tma_finish(LaunchPlan plan, const BackwardParams& p, const D
   const int resident = resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, stages, box));
   plan.tiles = tiles_for_rows(p.rows, plan.rows_per_pass, plan.tiles_max, resident, dev.sm_count,
                               p.num_seeds);
+  finish_programmatic(plan, kernel, dev);
   return plan;
 }
 
@@ -210,12 +212,10 @@ void backward_tma_launch(const LaunchPlan& plan, const BackwardParams& p, const 
   targs.ring_offset = static_cast<int>(plan.smem_bytes);
   const std::size_t smem = smem_for(plan, plan.stages, targs.box_bytes);
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
-  const auto stream = static_cast<cudaStream_t>(p.stream);
   with_storage_type(p.dtype, [&](auto t) {
     using T = decltype(t);
-    backward_tma_kernel<T, kTmaVector<T>><<<grid, static_cast<unsigned>(plan.threads), smem, stream>>>(targs);
+    launch_kernel(&backward_tma_kernel<T, kTmaVector<T>>, plan, grid, smem, p.stream, targs);
   });
-  KASMINA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace kasmina::cuda::bwd

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/tuning.hpp"
 #include "kasmina/error.hpp"
@@ -115,7 +116,53 @@ struct LaunchPlan {
   // (CudaLaunchConfig::backward_conv_halo), or why it was asked for and not.
   bool conv_halo = false;
   const char* conv_halo_refusal = nullptr;
+  // Programmatic dependent launch (pdl_prologue): asked for (the launch
+  // config's programmatic_launch, read with the plan's other knobs) and, once
+  // the kernel instance is known (finish_programmatic), whether it is taken;
+  // programmatic_refusal says why not where it was asked for.
+  bool programmatic_asked = false;
+  bool programmatic = false;
+  const char* programmatic_refusal = nullptr;
 };
+
+// Whether `kernel` as it loads on `device` (the current one) was compiled
+// for sm_90 or newer (not JIT-compiled from compute_80 PTX, where a TMA
+// kernel's body is empty and no kernel has griddepcontrol). Cached per
+// kernel and device.
+bool kernel_has_sm90_code(const void* kernel, int device);
+
+// Decides plan.programmatic for a launch of `kernel` (DESIGN 55): asked for,
+// compute capability 9.0 or newer, and the kernel as it loads carries sm_90
+// code (code JIT-compiled from compute_80 PTX has no griddepcontrol.wait, so
+// it must not start before its predecessor ends).
+void finish_programmatic(LaunchPlan& plan, const void* kernel, const DeviceInfo& dev);
+// The describe text of that decision.
+std::string programmatic_text(const LaunchPlan& plan);
+
+// Launches `kernel` on `stream` with the plan's programmatic decision; a
+// launch failure is raised as the library's error.
+template <typename... P, typename... A>
+void launch_kernel(void (*kernel)(P...), const LaunchPlan& plan, unsigned grid, std::size_t smem,
+                   void* stream, A&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(static_cast<unsigned>(plan.threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  if (plan.programmatic) {
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  const cudaError_t rc = cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+  if (rc != cudaSuccess) {
+    (void)cudaGetLastError();  // the launch error is not sticky: leave none behind
+    KASMINA_FAIL(ErrorKind::runtime, "CUDA kernel launch failed: ", cudaGetErrorString(rc), " (",
+                 cudaGetErrorName(rc), ")");
+  }
+}
 
 inline bool aligned16(const void* p) {
   return reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(kVectorBytes) == 0;
@@ -204,6 +251,23 @@ inline int tiles_for_kernel(const void* kernel, const LaunchPlan& plan, int64_t 
 }
 
 // -------------------------------------------------------------- device side
+
+// The first statement of every kernel (DESIGN 55). A kernel launched with
+// programmatic dependent launch may start while the kernel before it on the
+// stream is still running: griddepcontrol.wait blocks until that kernel has
+// completed and its memory operations are visible, so nothing below it reads
+// or writes global memory early and the results are those of a plain launch.
+// Then griddepcontrol.launch_dependents lets the next kernel on the stream,
+// if it too was launched that way, start its CTAs (they wait in turn), so
+// its launch latency overlaps this kernel's work. Both are no-ops for a
+// kernel launched without the attribute, and are compiled out below sm_90
+// (the host never asks for the attribute there: finish_programmatic).
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v);

@@ -131,6 +131,40 @@ int resident_ctas_per_sm(const void* func, int threads, std::size_t smem_bytes) 
   return it->second;
 }
 
+bool kernel_has_sm90_code(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> cache;
+  const std::pair<const void*, int> key{kernel, device};
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    cudaFuncAttributes attr{};
+    KASMINA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    it = cache.emplace(key, attr.ptxVersion >= 90).first;  // JIT from compute_80 reports 80
+  }
+  return it->second;
+}
+
+void finish_programmatic(LaunchPlan& plan, const void* kernel, const DeviceInfo& dev) {
+  plan.programmatic = false;
+  plan.programmatic_refusal = nullptr;
+  if (!plan.programmatic_asked) return;
+  if (dev.cc_major < 9) {
+    plan.programmatic_refusal = "needs compute capability 9.0 or newer";
+  } else if (!kernel_has_sm90_code(kernel, dev.ordinal)) {
+    plan.programmatic_refusal = "the kernel runs without sm_90 code (JIT from compute_80 PTX)";
+  } else {
+    plan.programmatic = true;
+  }
+}
+
+std::string programmatic_text(const LaunchPlan& plan) {
+  if (plan.programmatic) return "programmatic dependent launch";
+  if (plan.programmatic_refusal != nullptr)
+    return std::string("plain launch (programmatic launch ") + plan.programmatic_refusal + ")";
+  return "plain launch (programmatic_launch off)";
+}
+
 }  // namespace kasmina::cuda
 
 namespace kasmina::detail {

@@ -122,6 +122,7 @@ __device__ __forceinline__ void forward_cta(const ForwardArgs& args, int block) 
 template <typename T, int V, int U>
 __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T), U))
     forward_kernel(const ForwardArgs args) {
+  pdl_prologue();
   forward_cta<T, V, U>(args, static_cast<int>(blockIdx.x));
 }
 
@@ -142,6 +143,7 @@ static_assert(sizeof(StreamArgs) <= 32764, "the streaming kernel's parameters ex
 template <typename T, int V, int U>
 __global__ void __launch_bounds__(kMaxBlockThreads, 1)
     forward_stream_kernel(const __grid_constant__ StreamArgs args) {
+  pdl_prologue();
   const int b = static_cast<int>(blockIdx.x);
   int p = 0;
   while (p + 1 < args.count && b >= args.first_block[p + 1]) ++p;  // uniform over the CTA
@@ -222,6 +224,7 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   plan.tiles = plan.tiles_max;  // refined by finish_plan() for the kernel that runs
   // The variant: TMA where selected and possible, with the generic kernel's
   // plan for 1 row in flight (the same passes, so the same bits).
+  plan.programmatic_asked = knobs.set.programmatic_launch;
   const VariantChoice vc = select_forward_variant(dev, knobs);
   plan.variant_source = vc.source;
   if (vc.variant == CudaForwardVariant::tma && allow_tma) {
@@ -265,8 +268,9 @@ bool flat_reduction() { return kasmina::cuda_launch_config().forward_flat_reduct
 
 template <typename T, int V, int U>
 LaunchPlan finish_plan(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev) {
-  plan.tiles = tiles_for_kernel(reinterpret_cast<const void*>(&forward_kernel<T, V, U>), plan,
-                                p.rows, p.num_seeds, dev.sm_count);
+  const void* kernel = reinterpret_cast<const void*>(&forward_kernel<T, V, U>);
+  plan.tiles = tiles_for_kernel(kernel, plan, p.rows, p.num_seeds, dev.sm_count);
+  finish_programmatic(plan, kernel, dev);
   return plan;
 }
 
@@ -289,9 +293,7 @@ LaunchPlan plan_and_launch(LaunchPlan plan, const ForwardParams& p, const Device
   if (args == nullptr) return plan;
   args->tiles = plan.tiles;
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
-  forward_kernel<T, V, U><<<grid, static_cast<unsigned>(plan.threads), plan.smem_bytes,
-                            static_cast<cudaStream_t>(p.stream)>>>(*args);
-  KASMINA_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(&forward_kernel<T, V, U>, plan, grid, plan.smem_bytes, p.stream, *args);
   return plan;
 }
 
@@ -373,10 +375,10 @@ void stream_launch(std::vector<LaunchPlan> plans, const ForwardParams* ps, int c
     sa.first_block[i + 1] = sa.first_block[i] + plans[i].tiles * ps[i].num_seeds;
     if (plans[i].smem_bytes > smem) smem = plans[i].smem_bytes;
   }
-  forward_stream_kernel<T, V, U><<<static_cast<unsigned>(sa.first_block[count]),
-                                   static_cast<unsigned>(plans[0].threads), smem,
-                                   static_cast<cudaStream_t>(ps[0].stream)>>>(sa);
-  KASMINA_CUDA_CHECK(cudaGetLastError());
+  LaunchPlan launch = plans[0];
+  finish_programmatic(launch, reinterpret_cast<const void*>(&forward_stream_kernel<T, V, U>), dev);
+  launch_kernel(&forward_stream_kernel<T, V, U>, launch, static_cast<unsigned>(sa.first_block[count]),
+                smem, ps[0].stream, sa);
 }
 
 template <typename T>
@@ -477,7 +479,8 @@ std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
   }
   os << plan.tiles << " tiles x " << p.num_seeds << " seeds = "
      << static_cast<int64_t>(plan.tiles) * p.num_seeds << " CTAs of " << plan.threads
-     << " threads (" << plan.threads_source << "), " << launch
+     << " threads (" << plan.threads_source << "), " << launch << ", "
+     << programmatic_text(plan)
      << (flat ? ", telemetry reduced flat (every thread's statistics through the workspace: "
                 "forward_flat_reduction)"
          : plan.tiles == 1 ? " (one CTA per seed: no partials)"

@@ -47,6 +47,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T), 1))
     forward_tma_kernel(const __grid_constant__ TmaForwardArgs targs) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  pdl_prologue();
   extern __shared__ unsigned char tma_smem[];  // 128 bytes of slack, stages, coefficient table
   __shared__ uint64_t full[kMaxTmaStages];
   const ForwardArgs& args = targs.fwd;
@@ -173,6 +174,7 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
   }
   if (stages < 2) stages = 2;
   plan.stages = stages;
+  finish_programmatic(plan, kernel, dev);
   return plan;
 }
 
@@ -187,12 +189,10 @@ void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const Fo
   targs.stage_bytes = stage_bytes_of(plan, p, args.C);
   const std::size_t smem = smem_for(plan, plan.stages, targs.stage_bytes);
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
-  const auto stream = static_cast<cudaStream_t>(p.stream);
   with_storage_type(p.dtype, [&](auto t) {
     using T = decltype(t);
-    forward_tma_kernel<T, kTmaVector<T>><<<grid, static_cast<unsigned>(plan.threads), smem, stream>>>(targs);
+    launch_kernel(&forward_tma_kernel<T, kTmaVector<T>>, plan, grid, smem, p.stream, targs);
   });
-  KASMINA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace kasmina::cuda

@@ -91,19 +91,4 @@ CUtensorMap tensor_map_2d(const void* ptr, DType dtype, int64_t rows, int64_t hi
   return map;
 }
 
-
-bool kernel_has_sm90_code(const void* kernel, int device) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, bool> cache;
-  const std::pair<const void*, int> key{kernel, device};
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    cudaFuncAttributes attr{};
-    KASMINA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    it = cache.emplace(key, attr.ptxVersion >= 90).first;  // JIT from compute_80 reports 80
-  }
-  return it->second;
-}
-
 }  // namespace kasmina::cuda

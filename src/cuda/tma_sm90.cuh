@@ -86,10 +86,6 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
 // shape, stride, dtype, box, device) and cached: a layer called again on the
 // same buffer (the caching allocator's usual case) pays a lookup. Throws
 // kasmina::Error (runtime) when the driver refuses the encoding.
-// Whether `kernel` as it loads on `device` (the current one) was compiled
-// for sm_90 (not JIT-compiled from compute_80 PTX, where a TMA kernel's body
-// is empty). Cached per kernel and device.
-bool kernel_has_sm90_code(const void* kernel, int device);
 
 // The TMA kernels' vector width: 16 bytes of T.
 template <typename T>

@@ -1265,6 +1265,90 @@ TEST_F(SmallCuda, WorkspaceLeftZeroFilled) {
   }
 }
 
+// Programmatic dependent launch (DESIGN 55): two stacked layers' forward and
+// backward enqueued back to back, each kernel reading what the one before it
+// wrote (B's x is A's y, A's dy is B's dx), three rounds without a
+// synchronisation (the workspaces reused kernel after kernel). With PDL each
+// kernel may start before its predecessor ends and must wait for it: the
+// outputs must be the bits of plain launches and match the reference on the
+// values the device produced. `variants`: the TMA forward and backward too.
+void check_programmatic_chain(DType dt, uint64_t rng, bool variants) {
+  const ProblemOptions oa = shape(300, 64, 8, dt, rng), ob = shape(300, 64, 8, dt, rng + 1);
+  const Problem a = make_problem(oa), b = make_problem(ob);
+  Problem a0 = a, b0 = b;
+  const DeviceProblem da(a0, false), db(b0, false);
+  cudaStream_t stream = nullptr;
+  CUDA_OK(cudaStreamCreate(&stream));
+  struct Pair {
+    Problem a, b;
+  };
+  auto chain = [&](bool programmatic, int rounds) {
+    CudaLaunchConfig c;
+    c.programmatic_launch = programmatic;
+    if (variants) {
+      c.forward_variant = CudaForwardVariant::tma;
+      c.backward_tma = true;
+    }
+    const LaunchConfigGuard guard(c);
+    Pair r{a, b};
+    r.a.poison_outputs();
+    r.b.poison_outputs();
+    da.poison();
+    db.poison();
+    CUDA_OK(cudaDeviceSynchronize());
+    const ForwardParams fa = da.forward_params(r.a, stream);
+    ForwardParams fb = db.forward_params(r.b, stream);
+    fb.x = da.y.get();
+    BackwardParams bb = db.backward_params(r.b, stream);
+    bb.x = da.y.get();
+    BackwardParams ba = da.backward_params(r.a, stream);
+    ba.dy = db.dx.get();
+    const std::string want = programmatic && device_is_sm90() ? "programmatic dependent launch"
+                                                              : "plain launch";
+    for (const std::string& d : {describe_forward(fa, Backend::cuda), describe_backward(ba, Backend::cuda)}) {
+      EXPECT_NE(d.find(want), std::string::npos) << d;
+      if (variants && device_is_sm90()) {
+        EXPECT_NE(d.find(".tma"), std::string::npos) << d;
+      }
+    }
+    for (int i = 0; i < rounds; ++i) {
+      forward(fa, Backend::cuda);
+      forward(fb, Backend::cuda);
+      backward(bb, Backend::cuda);
+      backward(ba, Backend::cuda);
+    }
+    CUDA_OK(cudaStreamSynchronize(stream));
+    for (auto [dev, host] : {std::pair{&da, &r.a}, std::pair{&db, &r.b}}) {
+      dev->download_forward(*host);
+      dev->download_backward(*host);
+    }
+    return r;
+  };
+  Pair on = chain(true, 3);
+  const Pair off = chain(false, 1);
+  const std::string ctx = std::string("PDL chain ") + (variants ? "(TMA) " : "") + describe(oa);
+  SCOPED_TRACE(ctx);
+  expect_forward_bits_equal(on.a, off.a, ctx + ": layer A, PDL vs plain");
+  expect_backward_bits_equal(on.a, off.a, ctx + ": layer A, PDL vs plain");
+  expect_forward_bits_equal(on.b, off.b, ctx + ": layer B, PDL vs plain");
+  expect_backward_bits_equal(on.b, off.b, ctx + ": layer B, PDL vs plain");
+  // The reference on the device's own intermediate values.
+  on.b.x.bytes = on.a.y.bytes;
+  on.a.dy.bytes = on.b.dx.bytes;
+  expect_forward_matches(on.a, reference::forward(on.a.forward_params()), ctx + ": layer A");
+  expect_backward_matches(on.a, reference::backward(on.a.backward_params()), ctx + ": layer A");
+  expect_forward_matches(on.b, reference::forward(on.b.forward_params()), ctx + ": layer B");
+  expect_backward_matches(on.b, reference::backward(on.b.backward_params()), ctx + ": layer B");
+  CUDA_OK(cudaStreamDestroy(stream));
+}
+
+TEST_F(SmallCuda, ProgrammaticLaunchChains) {
+  for (const DType dt : {DType::f32, DType::bf16}) {
+    check_programmatic_chain(dt, 510, false);
+    check_programmatic_chain(dt, 520, true);
+  }
+}
+
 TEST_F(SmallCuda, DescribeNamesTheVariant) {
   Problem p = make_problem(shape(7, 48, 3, DType::f32, 10));
   const DeviceProblem aligned(p, false);
