@@ -422,6 +422,13 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
   set_cuda_launch_config(tma_bwd);
   EXPECT_TRUE(cuda_launch_config().backward_tma);
   EXPECT_EQ(cuda_launch_config().backward_stages, 4);
+  // Programmatic dependent launch: on by default, off when set so.
+  EXPECT_TRUE(CudaLaunchConfig{}.programmatic_launch);
+  EXPECT_TRUE(cuda_launch_config().programmatic_launch);
+  CudaLaunchConfig plain;
+  plain.programmatic_launch = false;
+  set_cuda_launch_config(plain);
+  EXPECT_FALSE(cuda_launch_config().programmatic_launch);
   set_cuda_launch_config(saved);
 }
 
