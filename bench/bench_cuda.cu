@@ -36,6 +36,10 @@
 
 #include "kasmina/kasmina.hpp"
 
+#ifdef KASMINA_TIMELINE
+#include "../src/cuda/timeline.cuh"
+#endif
+
 namespace {
 
 void check(cudaError_t status, const char* expr, int line) {
@@ -657,6 +661,75 @@ void run_host_overhead(Bench& bench, std::vector<Row>& rows) {
   CHECK(cudaFree(y));
 }
 
+#ifdef KASMINA_TIMELINE
+// --timeline (a KASMINA_TIMELINE build, src/cuda/timeline.cuh): for each
+// shape, dtype and seed mode, three L2-flushed forwards, each followed by
+// its per-CTA records, one line per CTA: globaltimer ns from the earliest
+// CTA's entry, then clock64 cycles from the CTA's own entry.
+void run_timeline(const std::vector<Shape>& shapes) {
+  using kasmina::cuda::kTimelineSlots;
+  using kasmina::cuda::kTimelineWords;
+  Bench bench(1);
+  std::printf("TLHEAD dtype shape mode rep event_us cta seed tile smid last passes");
+  for (int k = 0; k < kTimelineSlots; ++k) std::printf(" g%d", k);
+  for (int k = 1; k < kTimelineSlots; ++k) std::printf(" c%d", k);
+  std::printf("\n");
+  for (const Shape& shape : shapes) {
+    for (kasmina::DType dtype : {kasmina::DType::f32, kasmina::DType::bf16}) {
+      const int64_t numel = shape.rows * shape.hidden;
+      const std::size_t bytes = static_cast<std::size_t>(numel) * kasmina::dtype_size(dtype);
+      void *x = nullptr, *y = nullptr;
+      CHECK(cudaMalloc(&x, bytes + 16));
+      CHECK(cudaMalloc(&y, bytes + 16));
+      if (dtype == kasmina::DType::f32) {
+        fill<float>(x, numel, 1);
+      } else {
+        fill<__nv_bfloat16>(x, numel, 1);
+      }
+      for (bool blending : {true, false}) {
+        DeviceLayer layer(shape, blending);
+        kasmina::ForwardParams fp = forward_params_for(layer, shape, dtype, x, bench.stream());
+        fp.y = y;
+        fp.telemetry = layer.telemetry;
+        fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
+        CHECK(cudaMalloc(&fp.workspace, fp.workspace_bytes));
+        CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
+        for (int rep = 0; rep < 3; ++rep) {
+          kasmina::cuda::forward_timeline_reset();
+          const double us = bench.time_us([&] { kasmina::forward(fp, kasmina::Backend::cuda); });
+          const std::vector<unsigned long long> tl = kasmina::cuda::forward_timeline(kasmina::cuda::kTimelineCtas);
+          unsigned long long g0 = ~0ull;
+          for (std::size_t c = 0; c * kTimelineWords < tl.size(); ++c) {
+            const unsigned long long g = tl[c * kTimelineWords];
+            if (g != 0 && g < g0) g0 = g;
+          }
+          for (std::size_t c = 0; c * kTimelineWords < tl.size(); ++c) {
+            const unsigned long long* r = tl.data() + c * kTimelineWords;
+            if (r[0] == 0) continue;
+            const unsigned long long meta = r[2 * kTimelineSlots], where = r[2 * kTimelineSlots + 1];
+            std::printf("TL %s %lldx%lldx%d %s %d %.2f %zu %llu %llu %llu %llu %llu",
+                        std::string(kasmina::dtype_name(dtype)).c_str(), static_cast<long long>(shape.rows),
+                        static_cast<long long>(shape.hidden), shape.seeds, blending ? "blend" : "dormant", rep,
+                        us, c, where >> 20, where & 0xFFFFF, meta & 0xFFFF, (meta >> 16) & 1, meta >> 20);
+            for (int k = 0; k < kTimelineSlots; ++k) {
+              std::printf(" %lld", r[k] ? static_cast<long long>(r[k] - g0) : -1ll);
+            }
+            for (int k = 1; k < kTimelineSlots; ++k) {
+              const unsigned long long ck = r[kTimelineSlots + k];
+              std::printf(" %lld", ck ? static_cast<long long>(ck - r[kTimelineSlots]) : -1ll);
+            }
+            std::printf("\n");
+          }
+        }
+        CHECK(cudaFree(fp.workspace));
+      }
+      CHECK(cudaFree(x));
+      CHECK(cudaFree(y));
+    }
+  }
+}
+#endif
+
 std::string json_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
@@ -672,6 +745,7 @@ int main(int argc, char** argv) {
   int runs = 50;
   bool candidates = true;
   std::string json_path;
+  [[maybe_unused]] bool timeline = false;
   std::vector<Shape> shapes = {{16384, 4096, 64}, {8192, 768, 16}, {16, 4096, 64}};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -681,6 +755,10 @@ int main(int argc, char** argv) {
       json_path = argv[++i];
     } else if (a == "--no-candidates") {
       candidates = false;
+#ifdef KASMINA_TIMELINE
+    } else if (a == "--timeline") {
+      timeline = true;
+#endif
     } else if (a == "--shapes" && i + 1 < argc) {
       shapes.clear();
       std::stringstream list(argv[++i]);
@@ -711,6 +789,12 @@ int main(int argc, char** argv) {
     return 1;
   }
   try {
+#ifdef KASMINA_TIMELINE
+    if (timeline) {
+      run_timeline(shapes);
+      return 0;
+    }
+#endif
     Bench bench(runs);
     std::printf("bench_cuda on %s (sm_%d%d, %d SMs), median of %d runs, L2 flushed\n",
                 bench.prop().name, bench.prop().major, bench.prop().minor,

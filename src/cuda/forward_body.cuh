@@ -14,6 +14,12 @@
 
 #include "cuda/common.cuh"
 
+// Timeline hooks (timeline.cuh): empty unless the including file defines them.
+#ifndef KASMINA_FWD_TL
+#define KASMINA_FWD_TL(slot) ((void)0)
+#define KASMINA_FWD_TL_LAST(last) ((void)0)
+#endif
+
 namespace kasmina::cuda {
 
 // One CTA's (and, merged, one seed's) telemetry over the input chunk.
@@ -607,6 +613,7 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
     return;
   }
   const FwdStats cta = block_reduce(st.widen<T>(), red_scratch);
+  KASMINA_FWD_TL(5);
   if (tiles == 1) {
     // The seed's only CTA: its statistics are the seed's (no partials, no
     // ticket: a small batch pays no second round trip through L2).
@@ -621,6 +628,8 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
     is_last = ticket == static_cast<unsigned>(tiles - 1);
   }
   __syncthreads();
+  KASMINA_FWD_TL(6);
+  KASMINA_FWD_TL_LAST(is_last);
   if (!is_last) return;
   __threadfence();
 

@@ -27,6 +27,31 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.hpp"
+#include "cuda/timeline.cuh"
+
+#ifdef KASMINA_TIMELINE
+namespace kasmina::cuda {
+__device__ unsigned long long g_forward_timeline[kTimelineCtas][kTimelineWords];
+__device__ __forceinline__ void timeline_mark(int slot) {
+  if (threadIdx.x != 0 || blockIdx.x >= kTimelineCtas) return;
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  g_forward_timeline[blockIdx.x][slot] = t;
+  g_forward_timeline[blockIdx.x][kTimelineSlots + slot] = static_cast<unsigned long long>(clock64());
+}
+__device__ __forceinline__ void timeline_meta(int word, unsigned long long v) {
+  if (threadIdx.x == 0 && blockIdx.x < kTimelineCtas) g_forward_timeline[blockIdx.x][word] = v;
+}
+__device__ __forceinline__ void timeline_last(bool last) {
+  if (threadIdx.x == 0 && blockIdx.x < kTimelineCtas && last) {
+    g_forward_timeline[blockIdx.x][2 * kTimelineSlots] |= 1ull << 16;
+  }
+}
+}  // namespace kasmina::cuda
+#define KASMINA_FWD_TL(slot) timeline_mark(slot)
+#define KASMINA_FWD_TL_LAST(last) timeline_last(last)
+#endif
+
 #include "cuda/forward_body.cuh"
 #include "cuda/tma_sm90.cuh"
 #include "kasmina/error.hpp"
@@ -48,6 +73,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
     forward_tma_kernel(const __grid_constant__ TmaForwardArgs targs) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
   pdl_prologue();
+  KASMINA_FWD_TL(0);
   extern __shared__ unsigned char tma_smem[];  // 128 bytes of slack, stages, coefficient table
   __shared__ uint64_t full[kMaxTmaStages];
   const ForwardArgs& args = targs.fwd;
@@ -83,8 +109,18 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
     for (int i = 0; i < stages && i < count; ++i) issue(i);
   }
   __syncthreads();
+  KASMINA_FWD_TL(1);
+#ifdef KASMINA_TIMELINE
+  {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    timeline_meta(2 * kTimelineSlots, smid | static_cast<unsigned long long>(count) << 20);
+    timeline_meta(2 * kTimelineSlots + 1, static_cast<unsigned long long>(s) << 20 | tile);
+  }
+#endif
 
   const CtaSeed cs = setup_seed(args, s, table_mem);
+  KASMINA_FWD_TL(2);
   ThreadStats st = ThreadStats::identity<T>();
   const int64_t col0 = static_cast<int64_t>(s) * C;
   T* y = static_cast<T*>(args.y);
@@ -92,6 +128,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
     for (int i = 0; i < count; ++i) {
       const int buf = i % stages;
       mbar_wait(&full[buf], static_cast<unsigned>(i / stages) & 1u);
+      if (i == 0) KASMINA_FWD_TL(3);
       const int64_t n = (tile + static_cast<int64_t>(i) * tiles) * R + group;
       PassRows<T, 1> r;
       r.active[0] = n < N;
@@ -104,7 +141,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
       if (threadIdx.x == 0 && i + stages < count) issue(i + stages);
     }
   });
+  KASMINA_FWD_TL(4);
   finish_seed<T>(args, s, tile, cs.sv.blends, st);
+  KASMINA_FWD_TL(7);
 #else
   // No sm_90 code in this build (e.g. only compute_80 PTX, JIT-compiled on a
   // Hopper): the host refuses TMA then (forward_tma_refusal); never run empty.
@@ -133,6 +172,19 @@ int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
 }
 
 }  // namespace
+
+#ifdef KASMINA_TIMELINE
+void forward_timeline_reset() {
+  static const std::vector<unsigned long long> zeros(static_cast<std::size_t>(kTimelineCtas) * kTimelineWords, 0ull);
+  KASMINA_CUDA_CHECK(cudaMemcpyToSymbol(g_forward_timeline, zeros.data(), zeros.size() * sizeof(unsigned long long)));
+}
+std::vector<unsigned long long> forward_timeline(int ctas) {
+  if (ctas > kTimelineCtas) ctas = kTimelineCtas;
+  std::vector<unsigned long long> out(static_cast<std::size_t>(ctas) * kTimelineWords);
+  KASMINA_CUDA_CHECK(cudaMemcpyFromSymbol(out.data(), g_forward_timeline, out.size() * sizeof(unsigned long long)));
+  return out;
+}
+#endif
 
 bool forward_tma_stages_fit(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
                             int64_t C, int stages) {
