@@ -9,8 +9,9 @@
 // read x + write y + read x + read dy + write dx.
 //
 // Then, same run, the launch-config candidates (rows in flight of each
-// kernel, kasmina::CudaLaunchConfig) and, for the small shape, the forward
-// replayed from a CUDA graph.
+// kernel, kasmina::CudaLaunchConfig), a plain copy kernel of the same bytes
+// beside the memcpy floor, and, for the small shape, the forward replayed
+// from a CUDA graph.
 //
 // Last, the host side of one launch (small shape, float32, blending seeds):
 // host microseconds per kasmina::forward call and per empty kernel launch,
@@ -67,6 +68,17 @@ __device__ float hash_normalish(uint64_t i, uint64_t salt) {
   const float u1 = static_cast<float>(z & 0xFFFFFF) / 16777216.0f;
   const float u2 = static_cast<float>((z >> 24) & 0xFFFFFF) / 16777216.0f;
   return u1 + u2 - 1.0f;
+}
+
+// A plain copy of n 16-byte words, grid-stride: beside cudaMemcpyAsync's
+// floor, what one launch of an ordinary kernel pays to move the same bytes
+// (the fixed cost per launch that the medium shape shows, PERFORMANCE.md,
+// tenth session).
+__global__ void copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] = src[i];
+  }
 }
 
 template <typename T>
@@ -256,6 +268,19 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     CHECK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice, bench.stream()));
   });
   const double floor_gbps = 2.0 * static_cast<double>(bytes) / (copy_us * 1e3);
+  if (candidates && bytes % 16 == 0 && bytes > 0) {
+    // One resident wave of 4 CTAs of 256 threads per SM.
+    const unsigned grid = static_cast<unsigned>(bench.prop().multiProcessorCount) * 4u;
+    const double t = bench.time_us([&] {
+      copy_kernel<<<grid, 256, 0, bench.stream()>>>(static_cast<const uint4*>(x), static_cast<uint4*>(y),
+                                                     static_cast<int64_t>(bytes / 16));
+      CHECK(cudaGetLastError());
+    });
+    const double moved = 2.0 * static_cast<double>(bytes);
+    rows.push_back({"copy kernel", std::string(kasmina::dtype_name(dtype)), "copy",
+                    "16-byte grid-stride copy kernel, SMs x 4 CTAs of 256 threads", shape, t,
+                    moved / (t * 1e3), floor_gbps, 100.0 * copy_us / t, true});
+  }
 
   for (int seeds_mode : {0, 1, 2}) {  // blend-mixed, dormant, blend-conv
     const bool blending = seeds_mode != 1;
