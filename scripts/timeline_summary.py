@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Summarise `bench_cuda --timeline` output (a -DKASMINA_TIMELINE build,
+src/cuda/timeline.cuh, docs/DESIGN.md 56): where one TMA forward's time goes.
+
+For each (dtype, shape, seed mode, repeat): the launch's span from the first
+CTA's entry to the last CTA's end, the spread of the CTAs' entries, each
+phase's duration across the CTAs (median, 90th percentile, maximum), when
+the row loops end, the seeds' last merges, and the same by seed kind (the
+bench cycles RESIDUAL, ATTENTION, MLP, CONV over the seeds).
+
+    python3 scripts/timeline_summary.py timeline.txt [--rep N]
+
+Phases (globaltimer ns): entry -> ring ready -> seed set up -> first pass
+landed -> row loop done -> CTA reduced -> ticket taken -> end.
+"""
+import argparse
+import collections
+import statistics
+import sys
+
+PHASES = ["ring", "setup", "first pass", "row loop", "CTA reduce", "ticket", "end/merge"]
+KINDS = ["RESIDUAL", "ATTENTION", "MLP", "CONV"]
+
+
+def quantile(values, q):
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * (len(v) - 1) + 0.5))]
+
+
+def parse(lines):
+    runs = collections.defaultdict(list)
+    for line in lines:
+        if not line.startswith("TL "):
+            continue
+        f = line.split()
+        key = (f[1], f[2], f[3], int(f[4]))
+        cta, seed, tile, smid, last, passes = map(int, f[6:12])
+        runs[key].append({
+            "event_us": float(f[5]), "cta": cta, "seed": seed, "tile": tile, "smid": smid,
+            "last": last == 1, "passes": passes,
+            "g": [int(v) for v in f[12:20]], "c": [int(v) for v in f[20:27]],
+        })
+    return runs
+
+
+def us(ns):
+    return ns / 1000.0
+
+
+def summarise(key, ctas, out):
+    dtype, shape, mode, rep = key
+    span = max(r["g"][7] for r in ctas)
+    out.write(f"== {dtype} {shape} {mode} repeat {rep}: {len(ctas)} CTAs, events {ctas[0]['event_us']:.1f} us, "
+              f"span {us(span):.2f} us (first entry to last end)\n")
+    entries = [r["g"][0] for r in ctas]
+    out.write(f"   entries      {us(min(entries)):6.2f} .. {us(max(entries)):6.2f} us (median {us(statistics.median(entries)):.2f})\n")
+    for k, name in enumerate(PHASES, start=1):
+        d = [r["g"][k] - r["g"][k - 1] for r in ctas if r["g"][k] >= 0 and r["g"][k - 1] >= 0]
+        if d:
+            out.write(f"   {name:12s} median {us(statistics.median(d)):6.2f}  p90 {us(quantile(d, 0.9)):6.2f}  "
+                      f"max {us(max(d)):6.2f} us\n")
+    loop_end = [r["g"][4] for r in ctas if r["g"][4] >= 0]
+    out.write(f"   row loops end {us(min(loop_end)):6.2f} .. {us(max(loop_end)):6.2f} us "
+              f"(median {us(statistics.median(loop_end)):.2f})\n")
+    lasts = [r for r in ctas if r["last"]]
+    if lasts:
+        merge = [r["g"][7] - r["g"][6] for r in lasts]
+        out.write(f"   seeds' last CTAs: merge median {us(statistics.median(merge)):.2f} max {us(max(merge)):.2f} us, "
+                  f"last end {us(max(r['g'][7] for r in lasts)):.2f} us\n")
+    by_kind = collections.defaultdict(list)
+    for r in ctas:
+        by_kind[r["seed"] % 4].append(r)
+    for k in sorted(by_kind):
+        v = by_kind[k]
+        setup = statistics.median(r["g"][2] - r["g"][1] for r in v)
+        out.write(f"   {KINDS[k] if mode == 'blend' else 'dormant':9s} setup {us(setup):5.2f} us, row loops end median "
+                  f"{us(statistics.median(r['g'][4] for r in v)):6.2f} max {us(max(r['g'][4] for r in v)):6.2f} us, "
+                  f"passes {sorted(set(r['passes'] for r in v))}\n")
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("file")
+    ap.add_argument("--rep", type=int, default=None, help="only this repeat (0-2)")
+    args = ap.parse_args(argv)
+    with open(args.file) as f:
+        runs = parse(f)
+    if not runs:
+        print("no TL lines (was bench_cuda built with -DKASMINA_TIMELINE and run with --timeline?)", file=sys.stderr)
+        return 1
+    for key in sorted(runs):
+        if args.rep is None or key[3] == args.rep:
+            summarise(key, runs[key], sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
