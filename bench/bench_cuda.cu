@@ -687,15 +687,44 @@ void run_host_overhead(Bench& bench, std::vector<Row>& rows) {
 }
 
 #ifdef KASMINA_TIMELINE
-// --timeline (a KASMINA_TIMELINE build, src/cuda/timeline.cuh): for each
-// shape, dtype and seed mode, three L2-flushed forwards, each followed by
-// its per-CTA records, one line per CTA: globaltimer ns from the earliest
-// CTA's entry, then clock64 cycles from the CTA's own entry.
-void run_timeline(const std::vector<Shape>& shapes) {
+// The records of one launch, one line per CTA: op, shape, globaltimer ns
+// from the earliest CTA's entry, then clock64 cycles from the CTA's own entry.
+void print_timeline(const char* op, const std::vector<unsigned long long>& tl, kasmina::DType dtype,
+                    const Shape& shape, bool blending, int rep, double us) {
   using kasmina::cuda::kTimelineSlots;
   using kasmina::cuda::kTimelineWords;
+  unsigned long long g0 = ~0ull;
+  for (std::size_t c = 0; c * kTimelineWords < tl.size(); ++c) {
+    const unsigned long long g = tl[c * kTimelineWords];
+    if (g != 0 && g < g0) g0 = g;
+  }
+  for (std::size_t c = 0; c * kTimelineWords < tl.size(); ++c) {
+    const unsigned long long* r = tl.data() + c * kTimelineWords;
+    if (r[0] == 0) continue;
+    const unsigned long long meta = r[2 * kTimelineSlots], where = r[2 * kTimelineSlots + 1];
+    std::printf("TL %s %s %lldx%lldx%d %s %d %.2f %zu %llu %llu %llu %llu %llu %llu", op,
+                std::string(kasmina::dtype_name(dtype)).c_str(), static_cast<long long>(shape.rows),
+                static_cast<long long>(shape.hidden), shape.seeds, blending ? "blend" : "dormant", rep, us, c,
+                where >> 20, where & 0xFFFFF, meta & 0xFFFF, (meta >> 16) & 1, (meta >> 17) & 1, meta >> 20);
+    for (int k = 0; k < kTimelineSlots; ++k) {
+      std::printf(" %lld", r[k] ? static_cast<long long>(r[k] - g0) : -1ll);
+    }
+    for (int k = 1; k < kTimelineSlots; ++k) {
+      const unsigned long long ck = r[kTimelineSlots + k];
+      std::printf(" %lld", ck ? static_cast<long long>(ck - r[kTimelineSlots]) : -1ll);
+    }
+    std::printf("\n");
+  }
+}
+
+// --timeline (a KASMINA_TIMELINE build, src/cuda/timeline.cuh): for each
+// shape, dtype and seed mode, three L2-flushed forward+backward pairs (the
+// events time both), each followed by the forward's records (TMA kernel)
+// and the backward's (generic kernel).
+void run_timeline(const std::vector<Shape>& shapes) {
+  using kasmina::cuda::kTimelineSlots;
   Bench bench(1);
-  std::printf("TLHEAD dtype shape mode rep event_us cta seed tile smid last passes");
+  std::printf("TLHEAD op dtype shape mode rep event_us cta seed tile smid last last_seed passes");
   for (int k = 0; k < kTimelineSlots; ++k) std::printf(" g%d", k);
   for (int k = 1; k < kTimelineSlots; ++k) std::printf(" c%d", k);
   std::printf("\n");
@@ -703,13 +732,14 @@ void run_timeline(const std::vector<Shape>& shapes) {
     for (kasmina::DType dtype : {kasmina::DType::f32, kasmina::DType::bf16}) {
       const int64_t numel = shape.rows * shape.hidden;
       const std::size_t bytes = static_cast<std::size_t>(numel) * kasmina::dtype_size(dtype);
-      void *x = nullptr, *y = nullptr;
-      CHECK(cudaMalloc(&x, bytes + 16));
-      CHECK(cudaMalloc(&y, bytes + 16));
+      void *x = nullptr, *y = nullptr, *dy = nullptr, *dx = nullptr;
+      for (void** p : {&x, &y, &dy, &dx}) CHECK(cudaMalloc(p, bytes + 16));
       if (dtype == kasmina::DType::f32) {
         fill<float>(x, numel, 1);
+        fill<float>(dy, numel, 2);
       } else {
         fill<__nv_bfloat16>(x, numel, 1);
+        fill<__nv_bfloat16>(dy, numel, 2);
       }
       for (bool blending : {true, false}) {
         DeviceLayer layer(shape, blending);
@@ -717,39 +747,42 @@ void run_timeline(const std::vector<Shape>& shapes) {
         fp.y = y;
         fp.telemetry = layer.telemetry;
         fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
+        kasmina::BackwardParams bp;
+        bp.x = x;
+        bp.dy = dy;
+        bp.dx = dx;
+        bp.dtype = dtype;
+        bp.rows = shape.rows;
+        bp.hidden = shape.hidden;
+        bp.num_seeds = shape.seeds;
+        bp.seeds = layer.table();
+        bp.registry = layer.registry();
+        bp.dweights = layer.dweights;
+        bp.dscales = layer.dscales;
+        bp.dalpha = layer.dalpha;
+        bp.grad_stats = layer.grad_stats;
+        bp.stream = bench.stream();
+        bp.workspace_bytes = kasmina::backward_workspace_bytes(bp, kasmina::Backend::cuda);
         CHECK(cudaMalloc(&fp.workspace, fp.workspace_bytes));
+        CHECK(cudaMalloc(&bp.workspace, bp.workspace_bytes));
         CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
+        CHECK(cudaMemset(bp.workspace, 0, bp.workspace_bytes));
         for (int rep = 0; rep < 3; ++rep) {
           kasmina::cuda::forward_timeline_reset();
-          const double us = bench.time_us([&] { kasmina::forward(fp, kasmina::Backend::cuda); });
-          const std::vector<unsigned long long> tl = kasmina::cuda::forward_timeline(kasmina::cuda::kTimelineCtas);
-          unsigned long long g0 = ~0ull;
-          for (std::size_t c = 0; c * kTimelineWords < tl.size(); ++c) {
-            const unsigned long long g = tl[c * kTimelineWords];
-            if (g != 0 && g < g0) g0 = g;
-          }
-          for (std::size_t c = 0; c * kTimelineWords < tl.size(); ++c) {
-            const unsigned long long* r = tl.data() + c * kTimelineWords;
-            if (r[0] == 0) continue;
-            const unsigned long long meta = r[2 * kTimelineSlots], where = r[2 * kTimelineSlots + 1];
-            std::printf("TL %s %lldx%lldx%d %s %d %.2f %zu %llu %llu %llu %llu %llu",
-                        std::string(kasmina::dtype_name(dtype)).c_str(), static_cast<long long>(shape.rows),
-                        static_cast<long long>(shape.hidden), shape.seeds, blending ? "blend" : "dormant", rep,
-                        us, c, where >> 20, where & 0xFFFFF, meta & 0xFFFF, (meta >> 16) & 1, meta >> 20);
-            for (int k = 0; k < kTimelineSlots; ++k) {
-              std::printf(" %lld", r[k] ? static_cast<long long>(r[k] - g0) : -1ll);
-            }
-            for (int k = 1; k < kTimelineSlots; ++k) {
-              const unsigned long long ck = r[kTimelineSlots + k];
-              std::printf(" %lld", ck ? static_cast<long long>(ck - r[kTimelineSlots]) : -1ll);
-            }
-            std::printf("\n");
-          }
+          kasmina::cuda::backward_timeline_reset();
+          const double us = bench.time_us([&] {
+            kasmina::forward(fp, kasmina::Backend::cuda);
+            kasmina::backward(bp, kasmina::Backend::cuda);
+          });
+          print_timeline("fwd", kasmina::cuda::forward_timeline(kasmina::cuda::kTimelineCtas), dtype, shape,
+                         blending, rep, us);
+          print_timeline("bwd", kasmina::cuda::backward_timeline(kasmina::cuda::kTimelineCtas), dtype, shape,
+                         blending, rep, us);
         }
         CHECK(cudaFree(fp.workspace));
+        CHECK(cudaFree(bp.workspace));
       }
-      CHECK(cudaFree(x));
-      CHECK(cudaFree(y));
+      for (void* p : {x, y, dy, dx}) CHECK(cudaFree(p));
     }
   }
 }

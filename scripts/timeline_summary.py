@@ -1,24 +1,32 @@
 #!/usr/bin/env python3
 """Summarise `bench_cuda --timeline` output (a -DKASMINA_TIMELINE build,
-src/cuda/timeline.cuh, docs/DESIGN.md 56): where one TMA forward's time goes.
+src/cuda/timeline.cuh, docs/DESIGN.md 56): where a forward's (TMA kernel)
+and a backward's (generic kernel) time goes.
 
-For each (dtype, shape, seed mode, repeat): the launch's span from the first
-CTA's entry to the last CTA's end, the spread of the CTAs' entries, each
-phase's duration across the CTAs (median, 90th percentile, maximum), when
-the row loops end, the seeds' last merges, and the same by seed kind (the
-bench cycles RESIDUAL, ATTENTION, MLP, CONV over the seeds).
+For each (op, dtype, shape, seed mode, repeat): the launch's span from the
+first CTA's entry to the last CTA's end, the spread of the CTAs' entries,
+each phase's duration across the CTAs (median, 90th percentile, maximum),
+when the row loops end, the seeds' last CTAs (and the backward's last
+seed), and the set-up and loop ends by seed kind (the bench cycles
+RESIDUAL, ATTENTION, MLP, CONV over the seeds).
 
     python3 scripts/timeline_summary.py timeline.txt [--rep N]
 
-Phases (globaltimer ns): entry -> ring ready -> seed set up -> first pass
-landed -> row loop done -> CTA reduced -> ticket taken -> end.
+Phases (globaltimer ns), forward: entry -> ring ready -> seed set up ->
+first pass landed -> row loop done -> CTA reduced -> ticket taken -> end.
+Backward: entry -> seed set up -> row loop done -> CTA partials written ->
+ticket taken -> seed finished -> second ticket -> end.
 """
 import argparse
 import collections
 import statistics
 import sys
 
-PHASES = ["ring", "setup", "first pass", "row loop", "CTA reduce", "ticket", "end/merge"]
+PHASES = {
+    "fwd": ["ring", "setup", "first pass", "row loop", "CTA reduce", "ticket", "end/merge"],
+    "bwd": ["setup", "row loop", "CTA partials", "ticket", "seed finish", "ticket 2", "end/last seed"],
+}
+LOOP_END = {"fwd": 4, "bwd": 2}
 KINDS = ["RESIDUAL", "ATTENTION", "MLP", "CONV"]
 
 
@@ -33,12 +41,12 @@ def parse(lines):
         if not line.startswith("TL "):
             continue
         f = line.split()
-        key = (f[1], f[2], f[3], int(f[4]))
-        cta, seed, tile, smid, last, passes = map(int, f[6:12])
+        key = (f[1], f[2], f[3], f[4], int(f[5]))
+        cta, seed, tile, smid, last, last_seed, passes = map(int, f[7:14])
         runs[key].append({
-            "event_us": float(f[5]), "cta": cta, "seed": seed, "tile": tile, "smid": smid,
-            "last": last == 1, "passes": passes,
-            "g": [int(v) for v in f[12:20]], "c": [int(v) for v in f[20:27]],
+            "event_us": float(f[6]), "cta": cta, "seed": seed, "tile": tile, "smid": smid,
+            "last": last == 1, "last_seed": last_seed == 1, "passes": passes,
+            "g": [int(v) for v in f[14:22]], "c": [int(v) for v in f[22:29]],
         })
     return runs
 
@@ -48,34 +56,39 @@ def us(ns):
 
 
 def summarise(key, ctas, out):
-    dtype, shape, mode, rep = key
+    op, dtype, shape, mode, rep = key
     span = max(r["g"][7] for r in ctas)
-    out.write(f"== {dtype} {shape} {mode} repeat {rep}: {len(ctas)} CTAs, events {ctas[0]['event_us']:.1f} us, "
+    out.write(f"== {op} {dtype} {shape} {mode} repeat {rep}: {len(ctas)} CTAs, events {ctas[0]['event_us']:.1f} us, "
               f"span {us(span):.2f} us (first entry to last end)\n")
     entries = [r["g"][0] for r in ctas]
     out.write(f"   entries      {us(min(entries)):6.2f} .. {us(max(entries)):6.2f} us (median {us(statistics.median(entries)):.2f})\n")
-    for k, name in enumerate(PHASES, start=1):
+    for k, name in enumerate(PHASES[op], start=1):
         d = [r["g"][k] - r["g"][k - 1] for r in ctas if r["g"][k] >= 0 and r["g"][k - 1] >= 0]
         if d:
             out.write(f"   {name:12s} median {us(statistics.median(d)):6.2f}  p90 {us(quantile(d, 0.9)):6.2f}  "
                       f"max {us(max(d)):6.2f} us\n")
-    loop_end = [r["g"][4] for r in ctas if r["g"][4] >= 0]
+    le = LOOP_END[op]
+    loop_end = [r["g"][le] for r in ctas if r["g"][le] >= 0]
     out.write(f"   row loops end {us(min(loop_end)):6.2f} .. {us(max(loop_end)):6.2f} us "
               f"(median {us(statistics.median(loop_end)):.2f})\n")
     lasts = [r for r in ctas if r["last"]]
     if lasts:
         merge = [r["g"][7] - r["g"][6] for r in lasts]
-        out.write(f"   seeds' last CTAs: merge median {us(statistics.median(merge)):.2f} max {us(max(merge)):.2f} us, "
-                  f"last end {us(max(r['g'][7] for r in lasts)):.2f} us\n")
+        out.write(f"   seeds' last CTAs: from the ticket to the end median {us(statistics.median(merge)):.2f} "
+                  f"max {us(max(merge)):.2f} us, last end {us(max(r['g'][7] for r in lasts)):.2f} us\n")
+    for r in ctas:
+        if r["last_seed"]:
+            out.write(f"   last seed (seed {r['seed']}): second ticket at {us(r['g'][6]):.2f} us, "
+                      f"dweights/dscales {us(r['g'][7] - r['g'][6]):.2f} us\n")
     by_kind = collections.defaultdict(list)
     for r in ctas:
         by_kind[r["seed"] % 4].append(r)
     for k in sorted(by_kind):
         v = by_kind[k]
-        setup = statistics.median(r["g"][2] - r["g"][1] for r in v)
+        a, b = (1, 2) if op == "fwd" else (0, 1)
+        setup = statistics.median(r["g"][b] - r["g"][a] for r in v)
         out.write(f"   {KINDS[k] if mode == 'blend' else 'dormant':9s} setup {us(setup):5.2f} us, row loops end median "
-                  f"{us(statistics.median(r['g'][4] for r in v)):6.2f} max {us(max(r['g'][4] for r in v)):6.2f} us, "
-                  f"passes {sorted(set(r['passes'] for r in v))}\n")
+                  f"{us(statistics.median(r['g'][le] for r in v)):6.2f} max {us(max(r['g'][le] for r in v)):6.2f} us\n")
 
 
 def main(argv):
@@ -89,7 +102,7 @@ def main(argv):
         print("no TL lines (was bench_cuda built with -DKASMINA_TIMELINE and run with --timeline?)", file=sys.stderr)
         return 1
     for key in sorted(runs):
-        if args.rep is None or key[3] == args.rep:
+        if args.rep is None or key[4] == args.rep:
             summarise(key, runs[key], sys.stdout)
     return 0
 

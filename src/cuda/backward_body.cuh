@@ -36,6 +36,13 @@
 #include "kasmina/params.hpp"
 
 // Its own namespace: forward_body.cuh has row helpers of the same names.
+// Timeline hooks (timeline.cuh): empty unless the including file defines them.
+#ifndef KASMINA_BWD_TL
+#define KASMINA_BWD_TL(slot) ((void)0)
+#define KASMINA_BWD_TL_FLAG(bit, on) ((void)0)
+#define KASMINA_BWD_TL_WHERE(seed, tile) ((void)0)
+#endif
+
 namespace kasmina::cuda::bwd {
 
 // The scalar sums (dscale, dalpha, CONV taps) add N*C terms of both signs
@@ -848,6 +855,8 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
       }
     }
     __syncthreads();
+    KASMINA_BWD_TL_WHERE(s, tile);
+    KASMINA_BWD_TL(1);
     float* my_acc = col_acc + static_cast<int64_t>(group) * Cp + lane;  // acc_slot of column lane*V
 
     const int64_t col0 = static_cast<int64_t>(s) * C;
@@ -871,6 +880,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
       backward_rows_cc<T, V, U, Mode::residual, false>(args, ring, sv, table, my_acc, grads, tile, lane, group, col0, st, gs);
     }
     gs.flush();
+    KASMINA_BWD_TL(2);
     st.mom = gs.mom.to_moments();
     st.sumsq = gs.sumsq;
     st.maxabs = gs.maxabs;
@@ -909,6 +919,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
     }
   }
   if (tid == 0) args.partials[part0 + tile] = cta;
+  KASMINA_BWD_TL(3);
   __threadfence();
   __syncthreads();
   if (tid == 0) {
@@ -916,6 +927,8 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
     is_last = ticket == static_cast<unsigned>(tiles - 1);
   }
   __syncthreads();
+  KASMINA_BWD_TL(4);
+  KASMINA_BWD_TL_FLAG(16, is_last);
   if (!is_last) return;
   __threadfence();
 
@@ -975,6 +988,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
     gs[kGradMaxAbs] = total.maxabs;
     args.tickets[s] = 0u;
   }
+  KASMINA_BWD_TL(5);
   __threadfence();
   __syncthreads();
   if (tid == 0) {
@@ -982,6 +996,8 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
     is_last = ticket == static_cast<unsigned>(args.num_seeds - 1);
   }
   __syncthreads();
+  KASMINA_BWD_TL(6);
+  KASMINA_BWD_TL_FLAG(17, is_last);
   if (!is_last) return;
   __threadfence();
 

@@ -28,9 +28,20 @@
 #include <string>
 
 #include "backends.hpp"
-#include "cuda/backward_body.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.hpp"
+#include "cuda/timeline.cuh"
+
+#ifdef KASMINA_TIMELINE
+namespace kasmina::cuda {
+__device__ TimelineRecords g_backward_timeline;
+}  // namespace kasmina::cuda
+#define KASMINA_BWD_TL(slot) timeline_mark(g_backward_timeline, slot)
+#define KASMINA_BWD_TL_FLAG(bit, on) timeline_flag(g_backward_timeline, bit, on)
+#define KASMINA_BWD_TL_WHERE(seed, tile) timeline_where(g_backward_timeline, seed, tile, 0)
+#endif
+
+#include "cuda/backward_body.cuh"
 #include "kasmina/error.hpp"
 
 namespace kasmina::cuda {
@@ -42,8 +53,10 @@ template <typename T, int V, int U, bool Halo = false>
 __global__ void __launch_bounds__(kMaxBlockThreads, backward_min_blocks(sizeof(T), U))
     backward_kernel(const __grid_constant__ BackwardArgs args) {
   pdl_prologue();
+  KASMINA_BWD_TL(0);
   extern __shared__ float smem[];
   backward_cta<T, V, U, Halo>(args, smem, GlobalRows{});
+  KASMINA_BWD_TL(7);
 }
 
 struct Resolved {
@@ -226,6 +239,20 @@ LaunchPlan dispatch(const LaunchPlan& plan, const BackwardParams& p, const Devic
 }
 
 }  // namespace
+
+#ifdef KASMINA_TIMELINE
+void backward_timeline_reset() {
+  static const std::vector<unsigned long long> zeros(static_cast<std::size_t>(kTimelineCtas) * kTimelineWords, 0ull);
+  KASMINA_CUDA_CHECK(cudaMemcpyToSymbol(g_backward_timeline, zeros.data(), zeros.size() * sizeof(unsigned long long)));
+}
+std::vector<unsigned long long> backward_timeline(int ctas) {
+  if (ctas > kTimelineCtas) ctas = kTimelineCtas;
+  std::vector<unsigned long long> out(static_cast<std::size_t>(ctas) * kTimelineWords);
+  KASMINA_CUDA_CHECK(cudaMemcpyFromSymbol(out.data(), g_backward_timeline, out.size() * sizeof(unsigned long long)));
+  return out;
+}
+#endif
+
 }  // namespace kasmina::cuda
 
 namespace kasmina::detail {

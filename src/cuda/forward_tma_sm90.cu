@@ -31,25 +31,10 @@
 
 #ifdef KASMINA_TIMELINE
 namespace kasmina::cuda {
-__device__ unsigned long long g_forward_timeline[kTimelineCtas][kTimelineWords];
-__device__ __forceinline__ void timeline_mark(int slot) {
-  if (threadIdx.x != 0 || blockIdx.x >= kTimelineCtas) return;
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  g_forward_timeline[blockIdx.x][slot] = t;
-  g_forward_timeline[blockIdx.x][kTimelineSlots + slot] = static_cast<unsigned long long>(clock64());
-}
-__device__ __forceinline__ void timeline_meta(int word, unsigned long long v) {
-  if (threadIdx.x == 0 && blockIdx.x < kTimelineCtas) g_forward_timeline[blockIdx.x][word] = v;
-}
-__device__ __forceinline__ void timeline_last(bool last) {
-  if (threadIdx.x == 0 && blockIdx.x < kTimelineCtas && last) {
-    g_forward_timeline[blockIdx.x][2 * kTimelineSlots] |= 1ull << 16;
-  }
-}
+__device__ TimelineRecords g_forward_timeline;
 }  // namespace kasmina::cuda
-#define KASMINA_FWD_TL(slot) timeline_mark(slot)
-#define KASMINA_FWD_TL_LAST(last) timeline_last(last)
+#define KASMINA_FWD_TL(slot) timeline_mark(g_forward_timeline, slot)
+#define KASMINA_FWD_TL_LAST(last) timeline_flag(g_forward_timeline, 16, last)
 #endif
 
 #include "cuda/forward_body.cuh"
@@ -111,12 +96,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   __syncthreads();
   KASMINA_FWD_TL(1);
 #ifdef KASMINA_TIMELINE
-  {
-    unsigned smid;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    timeline_meta(2 * kTimelineSlots, smid | static_cast<unsigned long long>(count) << 20);
-    timeline_meta(2 * kTimelineSlots + 1, static_cast<unsigned long long>(s) << 20 | tile);
-  }
+  timeline_where(g_forward_timeline, s, tile, count);
 #endif
 
   const CtaSeed cs = setup_seed(args, s, table_mem);

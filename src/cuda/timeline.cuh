@@ -1,10 +1,10 @@
-// A per-CTA timeline of the TMA forward, for finding where a launch's fixed
-// cost goes (a developer build only: configure with
-// -DCMAKE_CUDA_FLAGS=-DKASMINA_TIMELINE; never in a release build). Thread 0
-// of each CTA records %globaltimer (ns, comparable across SMs) and clock64
-// (cycles of its SM) at kTimelineSlots points; bench_cuda --timeline prints
-// them (docs/PERFORMANCE.md, tenth session). Without KASMINA_TIMELINE every
-// hook is empty.
+// A per-CTA timeline of the forward (TMA kernel) and the backward (generic
+// kernel), for finding where a launch's fixed cost goes (a developer build
+// only: configure with -DCMAKE_CUDA_FLAGS=-DKASMINA_TIMELINE; never in a
+// release build). Thread 0 of each CTA records %globaltimer (ns, comparable
+// across SMs) and clock64 (cycles of its SM) at kTimelineSlots points;
+// bench_cuda --timeline prints them and scripts/timeline_summary.py sums
+// them up (docs/DESIGN.md 56). Without KASMINA_TIMELINE every hook is empty.
 #pragma once
 
 #include <cstdint>
@@ -12,21 +12,51 @@
 
 namespace kasmina::cuda {
 
-// 0 entry (after the programmatic-launch wait: nothing is written before
-// it, DESIGN 55), 1 ring ready, 2 seed set up, 3 first pass landed, 4 row loop
-// done, 5 CTA reduced, 6 ticket taken, 7 end (after the seed's merge when
-// this CTA was the last).
+// Forward: 0 entry (after the programmatic-launch wait: nothing is written
+// before it, DESIGN 55), 1 ring ready, 2 seed set up, 3 first pass landed,
+// 4 row loop done, 5 CTA reduced, 6 ticket taken, 7 end (after the seed's
+// merge when this CTA was the last).
+// Backward: 0 entry, 1 seed set up, 2 row loop done, 3 CTA partials
+// written, 4 ticket taken, 5 seed finished (last CTA of a seed), 6 second
+// ticket taken, 7 end (after dweights/dscales when this was the last seed).
 inline constexpr int kTimelineSlots = 8;
 inline constexpr int kTimelineCtas = 4096;
 // Per CTA: kTimelineSlots globaltimer values, kTimelineSlots clock64
-// values, then smid | last << 16 | passes << 20, then seed << 20 | tile.
+// values, then smid | last CTA of its seed << 16 | last seed << 17 |
+// passes << 20 (forward), then seed << 20 | tile.
 inline constexpr int kTimelineWords = 2 * kTimelineSlots + 2;
 
 #ifdef KASMINA_TIMELINE
-// Zeroes the records (host; the device's current context).
+// Zero the records (host; the device's current context) and read those of
+// CTAs [0, ctas) of the last launch since the reset.
 void forward_timeline_reset();
-// The records of CTAs [0, ctas) of the last TMA forward since the reset.
 std::vector<unsigned long long> forward_timeline(int ctas);
+void backward_timeline_reset();
+std::vector<unsigned long long> backward_timeline(int ctas);
+
+#ifdef __CUDACC__
+using TimelineRecords = unsigned long long[kTimelineCtas][kTimelineWords];
+
+__device__ __forceinline__ void timeline_mark(TimelineRecords& rec, int slot) {
+  if (threadIdx.x != 0 || blockIdx.x >= kTimelineCtas) return;
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  rec[blockIdx.x][slot] = t;
+  rec[blockIdx.x][kTimelineSlots + slot] = static_cast<unsigned long long>(clock64());
+}
+// Word 2 * kTimelineSlots (this SM, passes) and the next (seed, tile).
+__device__ __forceinline__ void timeline_where(TimelineRecords& rec, int seed, int tile, long long passes) {
+  if (threadIdx.x != 0 || blockIdx.x >= kTimelineCtas) return;
+  unsigned smid;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+  rec[blockIdx.x][2 * kTimelineSlots] = smid | static_cast<unsigned long long>(passes) << 20;
+  rec[blockIdx.x][2 * kTimelineSlots + 1] = static_cast<unsigned long long>(seed) << 20 | tile;
+}
+// bit 16: the last CTA of its seed; bit 17: the last seed (backward).
+__device__ __forceinline__ void timeline_flag(TimelineRecords& rec, int bit, bool on) {
+  if (threadIdx.x == 0 && blockIdx.x < kTimelineCtas && on) rec[blockIdx.x][2 * kTimelineSlots] |= 1ull << bit;
+}
+#endif
 #endif
 
 }  // namespace kasmina::cuda
