@@ -245,6 +245,28 @@ kasmina::ForwardParams forward_params_for(const DeviceLayer& layer, const Shape&
   return fp;
 }
 
+// A backward of `layer` on x and dy into dx (workspace left to the caller).
+kasmina::BackwardParams backward_params_for(const DeviceLayer& layer, const Shape& shape,
+                                            kasmina::DType dtype, const void* x, const void* dy, void* dx,
+                                            cudaStream_t stream) {
+  kasmina::BackwardParams bp;
+  bp.x = x;
+  bp.dy = dy;
+  bp.dx = dx;
+  bp.dtype = dtype;
+  bp.rows = shape.rows;
+  bp.hidden = shape.hidden;
+  bp.num_seeds = shape.seeds;
+  bp.seeds = layer.table();
+  bp.registry = layer.registry();
+  bp.dweights = layer.dweights;
+  bp.dscales = layer.dscales;
+  bp.dalpha = layer.dalpha;
+  bp.grad_stats = layer.grad_stats;
+  bp.stream = stream;
+  return bp;
+}
+
 void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool candidates,
                std::vector<Row>& rows) {
   const std::size_t esize = kasmina::dtype_size(dtype);
@@ -291,21 +313,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     fp.y = y;
     fp.telemetry = layer.telemetry;
     fp.nonfinite_count = layer.nonfinite;
-    kasmina::BackwardParams bp;
-    bp.x = x;
-    bp.dy = dy;
-    bp.dx = dx;
-    bp.dtype = dtype;
-    bp.rows = shape.rows;
-    bp.hidden = shape.hidden;
-    bp.num_seeds = shape.seeds;
-    bp.seeds = layer.table();
-    bp.registry = layer.registry();
-    bp.dweights = layer.dweights;
-    bp.dscales = layer.dscales;
-    bp.dalpha = layer.dalpha;
-    bp.grad_stats = layer.grad_stats;
-    bp.stream = bench.stream();
+    kasmina::BackwardParams bp = backward_params_for(layer, shape, dtype, x, dy, dx, bench.stream());
     // Sized for the flat telemetry reduction too (a candidate below), the
     // largest workspace any forward variant asks for.
     {
@@ -747,21 +755,7 @@ void run_timeline(const std::vector<Shape>& shapes) {
         fp.y = y;
         fp.telemetry = layer.telemetry;
         fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
-        kasmina::BackwardParams bp;
-        bp.x = x;
-        bp.dy = dy;
-        bp.dx = dx;
-        bp.dtype = dtype;
-        bp.rows = shape.rows;
-        bp.hidden = shape.hidden;
-        bp.num_seeds = shape.seeds;
-        bp.seeds = layer.table();
-        bp.registry = layer.registry();
-        bp.dweights = layer.dweights;
-        bp.dscales = layer.dscales;
-        bp.dalpha = layer.dalpha;
-        bp.grad_stats = layer.grad_stats;
-        bp.stream = bench.stream();
+        kasmina::BackwardParams bp = backward_params_for(layer, shape, dtype, x, dy, dx, bench.stream());
         bp.workspace_bytes = kasmina::backward_workspace_bytes(bp, kasmina::Backend::cuda);
         CHECK(cudaMalloc(&fp.workspace, fp.workspace_bytes));
         CHECK(cudaMalloc(&bp.workspace, bp.workspace_bytes));

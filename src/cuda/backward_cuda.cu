@@ -241,16 +241,8 @@ LaunchPlan dispatch(const LaunchPlan& plan, const BackwardParams& p, const Devic
 }  // namespace
 
 #ifdef KASMINA_TIMELINE
-void backward_timeline_reset() {
-  static const std::vector<unsigned long long> zeros(static_cast<std::size_t>(kTimelineCtas) * kTimelineWords, 0ull);
-  KASMINA_CUDA_CHECK(cudaMemcpyToSymbol(g_backward_timeline, zeros.data(), zeros.size() * sizeof(unsigned long long)));
-}
-std::vector<unsigned long long> backward_timeline(int ctas) {
-  if (ctas > kTimelineCtas) ctas = kTimelineCtas;
-  std::vector<unsigned long long> out(static_cast<std::size_t>(ctas) * kTimelineWords);
-  KASMINA_CUDA_CHECK(cudaMemcpyFromSymbol(out.data(), g_backward_timeline, out.size() * sizeof(unsigned long long)));
-  return out;
-}
+void backward_timeline_reset() { timeline_reset(g_backward_timeline); }
+std::vector<unsigned long long> backward_timeline(int ctas) { return timeline_read(g_backward_timeline, ctas); }
 #endif
 
 }  // namespace kasmina::cuda

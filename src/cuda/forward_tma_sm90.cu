@@ -154,16 +154,8 @@ int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
 }  // namespace
 
 #ifdef KASMINA_TIMELINE
-void forward_timeline_reset() {
-  static const std::vector<unsigned long long> zeros(static_cast<std::size_t>(kTimelineCtas) * kTimelineWords, 0ull);
-  KASMINA_CUDA_CHECK(cudaMemcpyToSymbol(g_forward_timeline, zeros.data(), zeros.size() * sizeof(unsigned long long)));
-}
-std::vector<unsigned long long> forward_timeline(int ctas) {
-  if (ctas > kTimelineCtas) ctas = kTimelineCtas;
-  std::vector<unsigned long long> out(static_cast<std::size_t>(ctas) * kTimelineWords);
-  KASMINA_CUDA_CHECK(cudaMemcpyFromSymbol(out.data(), g_forward_timeline, out.size() * sizeof(unsigned long long)));
-  return out;
-}
+void forward_timeline_reset() { timeline_reset(g_forward_timeline); }
+std::vector<unsigned long long> forward_timeline(int ctas) { return timeline_read(g_forward_timeline, ctas); }
 #endif
 
 bool forward_tma_stages_fit(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda_check.hpp"
+
 namespace kasmina::cuda {
 
 // Forward: 0 entry (after the programmatic-launch wait: nothing is written
@@ -36,6 +38,21 @@ std::vector<unsigned long long> backward_timeline(int ctas);
 
 #ifdef __CUDACC__
 using TimelineRecords = unsigned long long[kTimelineCtas][kTimelineWords];
+
+// Host: zero the records of `symbol` (a __device__ TimelineRecords) or read
+// those of CTAs [0, ctas); the .cu file that defines the symbol calls them.
+template <typename Symbol>
+void timeline_reset(const Symbol& symbol) {
+  static const std::vector<unsigned long long> zeros(static_cast<std::size_t>(kTimelineCtas) * kTimelineWords, 0ull);
+  KASMINA_CUDA_CHECK(cudaMemcpyToSymbol(symbol, zeros.data(), zeros.size() * sizeof(unsigned long long)));
+}
+template <typename Symbol>
+std::vector<unsigned long long> timeline_read(const Symbol& symbol, int ctas) {
+  if (ctas > kTimelineCtas) ctas = kTimelineCtas;
+  std::vector<unsigned long long> out(static_cast<std::size_t>(ctas) * kTimelineWords);
+  KASMINA_CUDA_CHECK(cudaMemcpyFromSymbol(out.data(), symbol, out.size() * sizeof(unsigned long long)));
+  return out;
+}
 
 __device__ __forceinline__ void timeline_mark(TimelineRecords& rec, int slot) {
   if (threadIdx.x != 0 || blockIdx.x >= kTimelineCtas) return;
