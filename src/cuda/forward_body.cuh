@@ -18,6 +18,7 @@
 #ifndef KASMINA_FWD_TL
 #define KASMINA_FWD_TL(slot) ((void)0)
 #define KASMINA_FWD_TL_LAST(last) ((void)0)
+#define KASMINA_FWD_TL_WHERE(seed, tile, passes) ((void)0)
 #endif
 
 namespace kasmina::cuda {

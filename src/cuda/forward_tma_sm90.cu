@@ -35,6 +35,7 @@ __device__ TimelineRecords g_forward_timeline;
 }  // namespace kasmina::cuda
 #define KASMINA_FWD_TL(slot) timeline_mark(g_forward_timeline, slot)
 #define KASMINA_FWD_TL_LAST(last) timeline_flag(g_forward_timeline, 16, last)
+#define KASMINA_FWD_TL_WHERE(seed, tile, passes) timeline_where(g_forward_timeline, seed, tile, passes)
 #endif
 
 #include "cuda/forward_body.cuh"
@@ -95,9 +96,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   }
   __syncthreads();
   KASMINA_FWD_TL(1);
-#ifdef KASMINA_TIMELINE
-  timeline_where(g_forward_timeline, s, tile, count);
-#endif
+  KASMINA_FWD_TL_WHERE(s, tile, count);
 
   const CtaSeed cs = setup_seed(args, s, table_mem);
   KASMINA_FWD_TL(2);
