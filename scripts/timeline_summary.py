@@ -15,7 +15,9 @@ RESIDUAL, ATTENTION, MLP, CONV over the seeds).
 Phases (globaltimer ns), forward: entry -> ring ready -> seed set up ->
 first pass landed -> row loop done -> CTA reduced -> ticket taken -> end.
 Backward: entry -> seed set up -> row loop done -> CTA partials written ->
-ticket taken -> seed finished -> second ticket -> end.
+ticket taken -> seed finished -> second ticket -> end. A 12-slot build also
+splits the forward's set-up and last merge and the backward's seed finish
+and last seed (DETAILS below).
 """
 import argparse
 import collections
@@ -27,6 +29,15 @@ PHASES = {
     "bwd": ["setup", "row loop", "CTA partials", "ticket", "seed finish", "ticket 2", "end/last seed"],
 }
 LOOP_END = {"fwd": 4, "bwd": 2}
+# Detail marks (slots 8-11 of a 12-slot build, src/cuda/timeline.cuh): chains
+# of slots inside a phase, each step printed as its median over the CTAs
+# that recorded every slot of the chain.
+DETAILS = {
+    "fwd": [("set-up", [1, 8, 2], ["view (+softmax)", "table"]),
+            ("last CTA's merge", [6, 9, 10, 11, 7], ["fence", "partials loaded", "CTA merge", "telemetry row"])],
+    "bwd": [("seed finish", [4, 8, 9, 10, 5], ["partials loaded", "CTA merge", "dW columns", "seed's rows out"]),
+            ("last seed", [6, 11, 7], ["rows staged", "ordered sums, clears"])],
+}
 KINDS = ["RESIDUAL", "ATTENTION", "MLP", "CONV"]
 
 
@@ -43,10 +54,11 @@ def parse(lines):
         f = line.split()
         key = (f[1], f[2], f[3], f[4], int(f[5]))
         cta, seed, tile, smid, last, last_seed, passes = map(int, f[7:14])
+        slots = (len(f) - 14 + 1) // 2  # K globaltimer values, then K - 1 cycle counts
         runs[key].append({
             "event_us": float(f[6]), "cta": cta, "seed": seed, "tile": tile, "smid": smid,
             "last": last == 1, "last_seed": last_seed == 1, "passes": passes,
-            "g": [int(v) for v in f[14:22]], "c": [int(v) for v in f[22:29]],
+            "g": [int(v) for v in f[14:14 + slots]], "c": [int(v) for v in f[14 + slots:14 + 2 * slots - 1]],
         })
     return runs
 
@@ -80,6 +92,16 @@ def summarise(key, ctas, out):
         if r["last_seed"]:
             out.write(f"   last seed (seed {r['seed']}): second ticket at {us(r['g'][6]):.2f} us, "
                       f"dweights/dscales {us(r['g'][7] - r['g'][6]):.2f} us\n")
+    for name, chain, steps in DETAILS[op]:
+        if max(chain) >= len(ctas[0]["g"]):
+            continue
+        rec = [r for r in ctas if all(r["g"][k] >= 0 for k in chain)]
+        if not rec:
+            continue
+        parts = []
+        for (a, b), step in zip(zip(chain, chain[1:]), steps):
+            parts.append(f"{step} {us(statistics.median(r['g'][b] - r['g'][a] for r in rec)):.2f}")
+        out.write(f"   {name} ({len(rec)} CTAs, medians, us): " + ", ".join(parts) + "\n")
     by_kind = collections.defaultdict(list)
     for r in ctas:
         by_kind[r["seed"] % 4].append(r)

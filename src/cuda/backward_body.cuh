@@ -199,6 +199,10 @@ struct BackwardArgs {
   float* seed_dscale;    // [S]
 };
 
+// Loads in flight per thread in the finishing sums (tile partials, the last
+// seed's per-seed rows): read first, then added in order.
+constexpr int kFinishBatch = 8;
+
 // Whether seed s adds into dweights/dscales (SPEC section 7's table).
 __device__ __forceinline__ bool seed_has_grads(const SeedTable& t, int s) {
   return t.blueprint[s] != 0 &&
@@ -819,6 +823,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   __shared__ BwdStats seed_total;
   __shared__ float bcast;
   __shared__ int is_last;
+  __shared__ int grads_range[4];  // the last seed: blueprints and seeds that add into dW
 
   const int tiles = args.tiles;
   const int s = static_cast<int>(blockIdx.x) / tiles;
@@ -936,9 +941,11 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   BwdStats acc = BwdStats::identity();
 #pragma unroll 1
   for (int i = tid; i < tiles; i += nthreads) acc.merge(load_partial(args.partials + part0 + i));
+  KASMINA_BWD_TL(8);
   acc = block_reduce_split(acc, grad_scratch, sum_part_scratch);
   if (tid == 0) seed_total = acc;
   __syncthreads();
+  KASMINA_BWD_TL(9);
   // params.hpp: the workspace is left zero-filled by every launch (the
   // barriers above order every read of these partials before the clears).
   for (int i = tid; i < tiles; i += nthreads) args.partials[part0 + i] = BwdStats{};
@@ -950,12 +957,24 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
       float pq = 0.0f;
 #pragma unroll 1
       for (int j = tid; j < C; j += nthreads) {
+        // Tile order: kFinishBatch independent loads, then the adds in
+        // order (the bits of a running sum, one L2 round trip per batch).
+        float* col = args.col_partials + part0 * C + j;
         float sum = 0.0f;
 #pragma unroll 1
-        for (int t = 0; t < tiles; ++t) {
-          float* slot = args.col_partials + (part0 + t) * C + j;
-          sum += load_cg(slot);
-          *slot = 0.0f;  // read by this thread only
+        for (int t0 = 0; t0 < tiles; t0 += kFinishBatch) {
+          float x[kFinishBatch];
+#pragma unroll
+          for (int k = 0; k < kFinishBatch; ++k) {
+            x[k] = t0 + k < tiles ? load_cg(col + static_cast<int64_t>(t0 + k) * C) : 0.0f;
+          }
+#pragma unroll
+          for (int k = 0; k < kFinishBatch; ++k) {
+            if (t0 + k < tiles) {
+              sum += x[k];
+              col[static_cast<int64_t>(t0 + k) * C] = 0.0f;  // read by this thread only
+            }
+          }
         }
         if (is_att) {
           const float q = a_eff * sum;
@@ -977,6 +996,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
       }
     }
   }
+  KASMINA_BWD_TL(10);
   if (tid == 0) {
     args.seed_dscale[s] =
         (grads && !is_att) ? static_cast<float>(static_cast<double>(a_eff) * total.dsig) : 0.0f;
@@ -1001,30 +1021,82 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   if (!is_last) return;
   __threadfence();
 
-  // ---- last seed: dweights and dscales, seeds added in seed order (DESIGN 3)
+  // ---- last seed: dweights and dscales (DESIGN 3: each blueprint's row is
+  // zero plus its seeds' rows added in seed order). First the range of the
+  // contributing seeds and of their blueprints (integer min/max: any order
+  // gives the same result); rows outside it are zero. Then one thread per
+  // (row b, column c) of that range, c == C standing for dscales[b]: it
+  // reads the seeds kFinishBatch at a time (independent loads) and adds
+  // those of row b in seed order, the bits of a running sum, with one L2
+  // round trip per batch where a read-modify-write of dweights per seed
+  // took one per seed (DESIGN 57).
   const int B = args.registry.num_blueprints;
   const int S = args.num_seeds;
-#pragma unroll 1
-  for (int j = tid; j < C; j += nthreads) {
-#pragma unroll 1
-    for (int b = 0; b < B; ++b) args.dweights[static_cast<int64_t>(b) * C + j] = 0.0f;
-#pragma unroll 1
-    for (int s2 = 0; s2 < S; ++s2) {
+  if (tid == 0) {
+    grads_range[0] = B;
+    grads_range[1] = -1;
+    grads_range[2] = S;
+    grads_range[3] = -1;
+  }
+  __syncthreads();
+  {
+    int b_lo = B, b_hi = -1, s_lo = S, s_hi = -1;
+    for (int s2 = tid; s2 < S; s2 += nthreads) {
       if (!seed_has_grads(args.seeds, s2)) continue;
-      float* row = args.dweights + static_cast<int64_t>(args.seeds.blueprint[s2]) * C;
-      row[j] += load_cg(args.seed_dw + static_cast<int64_t>(s2) * C + j);
+      const int b = args.seeds.blueprint[s2];
+      b_lo = min(b_lo, b);
+      b_hi = max(b_hi, b);
+      s_lo = min(s_lo, s2);
+      s_hi = max(s_hi, s2);
+    }
+    const unsigned warp = __activemask();  // every thread of the CTA is here
+    b_lo = __reduce_min_sync(warp, b_lo);
+    b_hi = __reduce_max_sync(warp, b_hi);
+    s_lo = __reduce_min_sync(warp, s_lo);
+    s_hi = __reduce_max_sync(warp, s_hi);
+    if ((tid & 31) == 0) {
+      atomicMin(&grads_range[0], b_lo);
+      atomicMax(&grads_range[1], b_hi);
+      atomicMin(&grads_range[2], s_lo);
+      atomicMax(&grads_range[3], s_hi);
     }
   }
+  __syncthreads();
+  KASMINA_BWD_TL(11);
+  {
+    const int b_lo = grads_range[0], b_hi = grads_range[1];
+    const int s_lo = grads_range[2], s_hi = grads_range[3];
+    const int W = C + 1;  // C columns of dweights, then dscales
 #pragma unroll 1
-  for (int b = tid; b < B; b += nthreads) {
-    float v = 0.0f;
+    for (int i = tid; i < B * W; i += nthreads) {
+      const int b = i / W;
+      const int c = i - b * W;
+      float v = 0.0f;
+      if (b >= b_lo && b <= b_hi) {
+        const float* src = c < C ? args.seed_dw + c : args.seed_dscale;
+        const int64_t stride = c < C ? C : 1;
 #pragma unroll 1
-    for (int s2 = 0; s2 < S; ++s2) {
-      if (seed_has_grads(args.seeds, s2) && args.seeds.blueprint[s2] == b) {
-        v += load_cg(args.seed_dscale + s2);
+        for (int s0 = s_lo; s0 <= s_hi; s0 += kFinishBatch) {
+          float x[kFinishBatch];
+          bool mine[kFinishBatch];
+#pragma unroll
+          for (int k = 0; k < kFinishBatch; ++k) {
+            const int s2 = s0 + k;
+            mine[k] = s2 <= s_hi && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
+            x[k] = mine[k] ? load_cg(src + s2 * stride) : 0.0f;
+          }
+#pragma unroll
+          for (int k = 0; k < kFinishBatch; ++k) {
+            if (mine[k]) v += x[k];
+          }
+        }
+      }
+      if (c < C) {
+        args.dweights[static_cast<int64_t>(b) * C + c] = v;
+      } else {
+        args.dscales[b] = v;
       }
     }
-    args.dscales[b] = v;
   }
   __syncthreads();
   for (int64_t i = tid; i < static_cast<int64_t>(S) * C; i += nthreads) args.seed_dw[i] = 0.0f;

@@ -528,6 +528,7 @@ __device__ __forceinline__ CtaSeed setup_seed(const ForwardArgs& args, int s, fl
   if (cs.sv.blends && cs.sv.kind == static_cast<int>(Kind::attention)) {
     compute_softmax(cs.sv, C, sum_scratch, max_scratch, &bcast);
   }
+  KASMINA_FWD_TL(8);
   if (cs.sv.blends) {
     switch (cs.sv.kind) {
       case static_cast<int>(Kind::residual): cs.mode = Mode::residual; break;
@@ -633,12 +634,15 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
   KASMINA_FWD_TL_LAST(is_last);
   if (!is_last) return;
   __threadfence();
+  KASMINA_FWD_TL(9);
 
   FwdStats acc = FwdStats::identity();
   for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
     acc.merge(load_partial(seed_partials + i));
   }
+  KASMINA_FWD_TL(10);
   acc = block_reduce(acc, red_scratch);  // its barriers order the reads before the clears
+  KASMINA_FWD_TL(11);
   // params.hpp: the workspace is left zero-filled by every launch.
   for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
     seed_partials[i] = FwdStats{};

@@ -21,7 +21,14 @@ namespace kasmina::cuda {
 // Backward: 0 entry, 1 seed set up, 2 row loop done, 3 CTA partials
 // written, 4 ticket taken, 5 seed finished (last CTA of a seed), 6 second
 // ticket taken, 7 end (after dweights/dscales when this was the last seed).
-inline constexpr int kTimelineSlots = 8;
+// Detail marks inside those phases (8-11, -1 where a CTA does not pass):
+// forward: 8 seed's view loaded (inside the set-up), 9 after the fence
+// that follows the last CTA's ticket, 10 partials loaded and merged per
+// thread, 11 merged over the CTA (then the telemetry row is written);
+// backward: 8 partials loaded (the seed's last CTA), 9 seed totals
+// reduced over the CTA, 10 dW column sums written, 11 the last seed's
+// rows of dW staged (then the ordered sums).
+inline constexpr int kTimelineSlots = 12;
 inline constexpr int kTimelineCtas = 4096;
 // Per CTA: kTimelineSlots globaltimer values, kTimelineSlots clock64
 // values, then smid | last CTA of its seed << 16 | last seed << 17 |
