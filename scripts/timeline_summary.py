@@ -7,7 +7,8 @@ For each (op, dtype, shape, seed mode, repeat): the launch's span from the
 first CTA's entry to the last CTA's end, the spread of the CTAs' entries,
 each phase's duration across the CTAs (median, 90th percentile, maximum),
 when the row loops end, the seeds' last CTAs (and the backward's last
-seed), and the set-up and loop ends by seed kind (the bench cycles
+seed), the loop ends by the number of CTAs their SM held, and the set-up
+and loop ends by seed kind (the bench cycles
 RESIDUAL, ATTENTION, MLP, CONV over the seeds).
 
     python3 scripts/timeline_summary.py timeline.txt [--rep N]
@@ -83,6 +84,17 @@ def summarise(key, ctas, out):
     loop_end = [r["g"][le] for r in ctas if r["g"][le] >= 0]
     out.write(f"   row loops end {us(min(loop_end)):6.2f} .. {us(max(loop_end)):6.2f} us "
               f"(median {us(statistics.median(loop_end)):.2f})\n")
+    # By how many of this launch's CTAs their SM held: an SM with one more
+    # CTA than another streams each of its CTAs' rows more slowly.
+    per_sm = collections.Counter(r["smid"] for r in ctas)
+    by_load = collections.defaultdict(list)
+    for r in ctas:
+        if r["g"][le] >= 0:
+            by_load[per_sm[r["smid"]]].append(r["g"][le])
+    if len(by_load) > 1:
+        parts = [f"{k} per SM: {len(v)} CTAs, median {us(statistics.median(v)):.2f} max {us(max(v)):.2f}"
+                 for k, v in sorted(by_load.items())]
+        out.write("   row loops end by CTAs on their SM: " + "; ".join(parts) + " us\n")
     lasts = [r for r in ctas if r["last"]]
     if lasts:
         merge = [r["g"][7] - r["g"][6] for r in lasts]
