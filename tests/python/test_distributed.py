@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -266,8 +267,20 @@ def _worker(backend: str, rank: int, world: int, port: int, out_dir: str) -> Non
         except RuntimeError as e:
             result["divergence_error"] = str(e)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears its group down: a gloo rank whose
+        # peer has gone can abort in gloo's threads ("terminate called without
+        # an active exception"; rank 1, about 1 run in 15 on a loaded 2-core
+        # machine before this).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+        # Rank 0 hosts the TCP store: it leaves last.
+        open(os.path.join(out_dir, f"down{rank}"), "w").close()
+        if rank == 0:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(
+                    os.path.exists(os.path.join(out_dir, f"down{r}")) for r in range(world)):
+                time.sleep(0.01)
 
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "worker":
