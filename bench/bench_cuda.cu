@@ -230,40 +230,39 @@ struct DeviceLayer {
   kasmina::RegistryView registry() const { return {weights, scales, B}; }
 };
 
+// The fields a forward's and a backward's params share.
+template <typename Params>
+Params params_for(const DeviceLayer& layer, const Shape& shape, kasmina::DType dtype, const void* x,
+                  cudaStream_t stream) {
+  Params p;
+  p.x = x;
+  p.dtype = dtype;
+  p.rows = shape.rows;
+  p.hidden = shape.hidden;
+  p.num_seeds = shape.seeds;
+  p.seeds = layer.table();
+  p.registry = layer.registry();
+  p.stream = stream;
+  return p;
+}
+
 // A forward of `layer` on x (outputs and workspace left to the caller).
 kasmina::ForwardParams forward_params_for(const DeviceLayer& layer, const Shape& shape,
                                           kasmina::DType dtype, const void* x, cudaStream_t stream) {
-  kasmina::ForwardParams fp;
-  fp.x = x;
-  fp.dtype = dtype;
-  fp.rows = shape.rows;
-  fp.hidden = shape.hidden;
-  fp.num_seeds = shape.seeds;
-  fp.seeds = layer.table();
-  fp.registry = layer.registry();
-  fp.stream = stream;
-  return fp;
+  return params_for<kasmina::ForwardParams>(layer, shape, dtype, x, stream);
 }
 
 // A backward of `layer` on x and dy into dx (workspace left to the caller).
 kasmina::BackwardParams backward_params_for(const DeviceLayer& layer, const Shape& shape,
                                             kasmina::DType dtype, const void* x, const void* dy, void* dx,
                                             cudaStream_t stream) {
-  kasmina::BackwardParams bp;
-  bp.x = x;
+  auto bp = params_for<kasmina::BackwardParams>(layer, shape, dtype, x, stream);
   bp.dy = dy;
   bp.dx = dx;
-  bp.dtype = dtype;
-  bp.rows = shape.rows;
-  bp.hidden = shape.hidden;
-  bp.num_seeds = shape.seeds;
-  bp.seeds = layer.table();
-  bp.registry = layer.registry();
   bp.dweights = layer.dweights;
   bp.dscales = layer.dscales;
   bp.dalpha = layer.dalpha;
   bp.grad_stats = layer.grad_stats;
-  bp.stream = stream;
   return bp;
 }
 
