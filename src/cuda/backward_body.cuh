@@ -925,17 +925,12 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   }
   if (tid == 0) args.partials[part0 + tile] = cta;
   KASMINA_BWD_TL(3);
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    const unsigned ticket = atomicAdd(&args.tickets[s], 1u);
-    is_last = ticket == static_cast<unsigned>(tiles - 1);
-  }
+  __syncthreads();  // the CTA's column partials are thread 0's to release
+  if (tid == 0) is_last = take_ticket(&args.tickets[s]) == static_cast<unsigned>(tiles - 1);
   __syncthreads();
   KASMINA_BWD_TL(4);
   KASMINA_BWD_TL_FLAG(16, is_last);
   if (!is_last) return;
-  __threadfence();
 
   // ---- last CTA of seed s: the seed's gradients
   BwdStats acc = BwdStats::identity();
@@ -1009,17 +1004,14 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
     args.tickets[s] = 0u;
   }
   KASMINA_BWD_TL(5);
-  __threadfence();
-  __syncthreads();
+  __syncthreads();  // the seed's dW row is thread 0's to release
   if (tid == 0) {
-    const unsigned ticket = atomicAdd(&args.tickets[args.num_seeds], 1u);
-    is_last = ticket == static_cast<unsigned>(args.num_seeds - 1);
+    is_last = take_ticket(&args.tickets[args.num_seeds]) == static_cast<unsigned>(args.num_seeds - 1);
   }
   __syncthreads();
   KASMINA_BWD_TL(6);
   KASMINA_BWD_TL_FLAG(17, is_last);
   if (!is_last) return;
-  __threadfence();
 
   // ---- last seed: dweights and dscales (DESIGN 3: each blueprint's row is
   // zero plus its seeds' rows added in seed order). First the range of the

@@ -481,6 +481,14 @@ __device__ __forceinline__ float load_one(const T* p) {
 
 // Population moments, merged by Chan's formula. The count is 64-bit: a
 // seed's chunk may hold more than 2^32 values.
+//
+// The merge is branch-free with a fast division (2 ulp; the weight only
+// scales the update, as in ThreadMoments): the block reductions chain eight
+// or nine merges, and with a branch per empty side and an IEEE division each
+// a CTA's reduction took 3000-4500 cycles on the H100, microseconds of every
+// launch's tail (docs/DESIGN.md 58). Both sides' results are computed and
+// the empty cases selected, so an empty side changes nothing, bit for bit
+// (and a huge mean cannot turn an empty merge into inf * 0).
 struct Moments {
   unsigned long long n;
   float mean;
@@ -488,16 +496,13 @@ struct Moments {
 
   __device__ __forceinline__ static Moments identity() { return {0ull, 0.0f, 0.0f}; }
   __device__ __forceinline__ void merge(const Moments& b) {
-    if (b.n == 0) return;
-    if (n == 0) {
-      *this = b;
-      return;
-    }
     const unsigned long long total = n + b.n;
-    const float frac_b = static_cast<float>(b.n) / static_cast<float>(total);
+    const float frac_b = __fdividef(static_cast<float>(b.n), static_cast<float>(total));
     const float delta = b.mean - mean;
-    mean = mean + delta * frac_b;
-    m2 = m2 + b.m2 + delta * delta * static_cast<float>(n) * frac_b;
+    const float mean_ab = fmaf(delta, frac_b, mean);
+    const float m2_ab = fmaf(delta * delta, static_cast<float>(n) * frac_b, m2 + b.m2);
+    mean = b.n == 0 ? mean : (n == 0 ? b.mean : mean_ab);
+    m2 = b.n == 0 ? m2 : (n == 0 ? b.m2 : m2_ab);
     n = total;
   }
   __device__ __forceinline__ Moments shfl_down(int offset) const {
@@ -540,6 +545,32 @@ __device__ __forceinline__ double group_sum(double v, int group) {
   return v;
 }
 
+// A seed's ticket (thread 0 of a CTA, once its CTA's partials are stored:
+// its own directly, the other threads' before a __syncthreads). Release:
+// those stores are visible at GPU scope before the count moves (the barrier
+// makes the other threads' stores the caller's to release, as CUTLASS's
+// semaphore does); acquire: the CTA that takes the last ticket sees every
+// other CTA's partials once its threads pass a __syncthreads after this.
+// One fenced atomic where a __threadfence before and another after the
+// ticket each took 0.7 us of the tail (docs/DESIGN.md 58).
+__device__ __forceinline__ unsigned take_ticket(unsigned* ticket) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(ticket) : "memory");
+  return old;
+}
+
+// Fixed-order reduction over a warp (every lane calls it) of any type with
+// merge()/shfl_down(): a shuffle tree whose result is valid in lane 0.
+template <typename S>
+__device__ __forceinline__ S warp_reduce(S v) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  for (int off = 16; off >= 1; off /= 2) {
+    const S other = v.shfl_down(off);
+    if (lane + off < 32) v.merge(other);
+  }
+  return v;
+}
+
 // Fixed-order reduction over the CTA of any type with merge()/shfl_down()
 // and identity(): a shuffle tree in each warp, then warp 0 merges the warp
 // results in warp order. The result is valid in thread 0. blockDim.x must be
@@ -549,10 +580,7 @@ __device__ S block_reduce(S v, S* scratch /* [8] */) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int warps = static_cast<int>(blockDim.x) >> 5;
-  for (int off = 16; off >= 1; off /= 2) {
-    const S other = v.shfl_down(off);
-    if (lane + off < 32) v.merge(other);
-  }
+  v = warp_reduce(v);
   __syncthreads();  // scratch may still be read by a previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();

@@ -600,8 +600,8 @@ __device__ __forceinline__ void finish_seed_flat(const ForwardArgs& args, int s,
 }
 
 // The end of a CTA: its threads' statistics reduced in a fixed order; the
-// last CTA of the seed (integer ticket after a __threadfence) merges the
-// seed's partials in index order, writes the telemetry row and leaves the
+// last CTA of the seed (an integer ticket, take_ticket) merges the seed's
+// partials in index order, writes the telemetry row and leaves the
 // partials and the ticket zero. Every thread of the CTA calls it.
 template <typename T>
 __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int tile, bool blends,
@@ -625,29 +625,37 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
   FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * tiles;
   if (threadIdx.x == 0) {
     seed_partials[tile] = cta;
-    __threadfence();
-    const unsigned ticket = atomicAdd(&args.tickets[s], 1u);
-    is_last = ticket == static_cast<unsigned>(tiles - 1);
+    is_last = take_ticket(&args.tickets[s]) == static_cast<unsigned>(tiles - 1);
   }
   __syncthreads();
   KASMINA_FWD_TL(6);
   KASMINA_FWD_TL_LAST(is_last);
-  if (!is_last) return;
-  __threadfence();
+  // Warp 0 of the seed's last CTA finishes it: lane l merges partials l,
+  // l + 32, l + 64, ... in index order (kPartialBatch loads in flight), then
+  // one shuffle tree; no CTA barrier on the way (docs/DESIGN.md 58).
+  if (!is_last || threadIdx.x >= 32) return;
   KASMINA_FWD_TL(9);
-
+  const int lane = static_cast<int>(threadIdx.x);
+  constexpr int kPartialBatch = 4;
   FwdStats acc = FwdStats::identity();
-  for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
-    acc.merge(load_partial(seed_partials + i));
+#pragma unroll 1
+  for (int i0 = 0; i0 < tiles; i0 += 32 * kPartialBatch) {
+    FwdStats part[kPartialBatch];
+#pragma unroll
+    for (int k = 0; k < kPartialBatch; ++k) {
+      const int i = i0 + 32 * k + lane;
+      part[k] = i < tiles ? load_partial(seed_partials + i) : FwdStats::identity();
+    }
+#pragma unroll
+    for (int k = 0; k < kPartialBatch; ++k) acc.merge(part[k]);
   }
   KASMINA_FWD_TL(10);
-  acc = block_reduce(acc, red_scratch);  // its barriers order the reads before the clears
+  acc = warp_reduce(acc);
   KASMINA_FWD_TL(11);
-  // params.hpp: the workspace is left zero-filled by every launch.
-  for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
-    seed_partials[i] = FwdStats{};
-  }
-  if (threadIdx.x == 0) {
+  // params.hpp: the workspace is left zero-filled by every launch (each
+  // lane clears what it read).
+  for (int i = lane; i < tiles; i += 32) seed_partials[i] = FwdStats{};
+  if (lane == 0) {
     write_telemetry(args, s, acc, blends);
     args.tickets[s] = 0u;  // every CTA of this seed has taken its ticket
   }

@@ -14,8 +14,8 @@
 // Telemetry: per-thread statistics (shifted sums folded into Chan-merged
 // moments, DESIGN 30; the drift's row sums in float64, DESIGN 28), a fixed
 // shuffle/warp-order block reduction into one partial per CTA in the
-// workspace, and the last CTA of each seed (an integer ticket after a
-// __threadfence) merges the seed's partials in a fixed tree, writes the
+// workspace, and the last CTA of each seed (an integer ticket taken with
+// acquire-release semantics) merges the seed's partials in a fixed tree, writes the
 // telemetry row, clears the partials and resets its ticket, so the
 // workspace is zero again. No floating-point
 // atomics: the bits depend only on the launch plan, which depends only on
