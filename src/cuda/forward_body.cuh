@@ -490,21 +490,26 @@ __device__ __forceinline__ void with_mode(Mode mode, bool clamp, F&& f) {
 // Seed s's telemetry row from its merged statistics (SPEC section 4).
 __device__ __forceinline__ void write_telemetry(const ForwardArgs& args, int s, const FwdStats& acc,
                                                 bool blends) {
+  // Fast divisions and reciprocal square root (2 ulp each, far inside SPEC
+  // section 9): one thread's last step, on the launch's critical path,
+  // without the IEEE paths' extra instructions to fetch (DESIGN 59).
   const int64_t N = args.rows;
   const unsigned long long n = acc.mom.n;
+  const float fn = static_cast<float>(n);
   const float mean = n > 0 ? acc.mom.mean : 0.0f;
-  const float variance = n > 0 ? acc.mom.m2 / static_cast<float>(n) : 0.0f;
+  const float variance = n > 0 ? __fdividef(acc.mom.m2, fn) : 0.0f;
   float* tel = args.telemetry + static_cast<int64_t>(s) * kTelemetryWidth;
   tel[kTelVariance] = variance;
   tel[kTelMean] = mean;
   tel[kTelMin] = acc.lo;
   tel[kTelMax] = acc.hi;
-  tel[kTelDeadRatio] = n > 0 ? static_cast<float>(acc.dead) / static_cast<float>(n) : 0.0f;
-  tel[kTelSignalToNoise] = n > 0 ? fabsf(mean) / sqrtf(variance + 1e-8f) : 0.0f;
+  tel[kTelDeadRatio] = n > 0 ? __fdividef(static_cast<float>(acc.dead), fn) : 0.0f;
+  tel[kTelSignalToNoise] = n > 0 ? fabsf(mean) * rsqrtf(variance + 1e-8f) : 0.0f;
   tel[kTelNonfinite] = static_cast<float>(acc.nonfinite);
   // Exactly 0 for a copy and for N = 0 (SPEC section 4).
-  tel[kTelDrift] =
-      (blends && N > 0) ? static_cast<float>(acc.drift_sum / static_cast<double>(N)) : 0.0f;
+  tel[kTelDrift] = (blends && N > 0)
+                       ? __fdividef(static_cast<float>(acc.drift_sum), static_cast<float>(N))
+                       : 0.0f;
   if (args.nonfinite_count != nullptr) {
     args.nonfinite_count[s] = static_cast<int64_t>(acc.nonfinite);
   }
@@ -603,6 +608,12 @@ __device__ __forceinline__ void finish_seed_flat(const ForwardArgs& args, int s,
 // last CTA of the seed (an integer ticket, take_ticket) merges the seed's
 // partials in index order, writes the telemetry row and leaves the
 // partials and the ticket zero. Every thread of the CTA calls it.
+//
+// Both reductions run through one copy of the code (a loop of two rounds,
+// not unrolled): the seed's last CTA merges the tiles' partials with the
+// instructions it has just run for its own threads, so the tail of the
+// launch does not wait for the fetch of code that no CTA of its SM has run
+// yet (DESIGN 59).
 template <typename T>
 __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int tile, bool blends,
                                             ThreadStats& st) {
@@ -614,50 +625,42 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
     finish_seed_flat(args, s, tile, blends, st.widen<T>(), red_scratch, &is_last);
     return;
   }
-  const FwdStats cta = block_reduce(st.widen<T>(), red_scratch);
-  KASMINA_FWD_TL(5);
-  if (tiles == 1) {
+  FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * tiles;
+  FwdStats v = st.widen<T>();
+#pragma unroll 1
+  for (int round = 0;; ++round) {
+    v = block_reduce(v, red_scratch);  // its barriers order the reads before the clears
+    if (round == 1) break;
+    KASMINA_FWD_TL(5);
     // The seed's only CTA: its statistics are the seed's (no partials, no
     // ticket: a small batch pays no second round trip through L2).
-    if (threadIdx.x == 0) write_telemetry(args, s, cta, blends);
-    return;
-  }
-  FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * tiles;
-  if (threadIdx.x == 0) {
-    seed_partials[tile] = cta;
-    is_last = take_ticket(&args.tickets[s]) == static_cast<unsigned>(tiles - 1);
-  }
-  __syncthreads();
-  KASMINA_FWD_TL(6);
-  KASMINA_FWD_TL_LAST(is_last);
-  // Warp 0 of the seed's last CTA finishes it: lane l merges partials l,
-  // l + 32, l + 64, ... in index order (kPartialBatch loads in flight), then
-  // one shuffle tree; no CTA barrier on the way (docs/DESIGN.md 58).
-  if (!is_last || threadIdx.x >= 32) return;
-  KASMINA_FWD_TL(9);
-  const int lane = static_cast<int>(threadIdx.x);
-  constexpr int kPartialBatch = 4;
-  FwdStats acc = FwdStats::identity();
-#pragma unroll 1
-  for (int i0 = 0; i0 < tiles; i0 += 32 * kPartialBatch) {
-    FwdStats part[kPartialBatch];
-#pragma unroll
-    for (int k = 0; k < kPartialBatch; ++k) {
-      const int i = i0 + 32 * k + lane;
-      part[k] = i < tiles ? load_partial(seed_partials + i) : FwdStats::identity();
+    if (tiles == 1) break;
+    if (threadIdx.x == 0) {
+      seed_partials[tile] = v;
+      is_last = take_ticket(&args.tickets[s]) == static_cast<unsigned>(tiles - 1);
     }
-#pragma unroll
-    for (int k = 0; k < kPartialBatch; ++k) acc.merge(part[k]);
+    __syncthreads();
+    KASMINA_FWD_TL(6);
+    KASMINA_FWD_TL_LAST(is_last);
+    if (!is_last) return;
+    KASMINA_FWD_TL(9);
+    v = FwdStats::identity();
+    for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
+      v.merge(load_partial(seed_partials + i));
+    }
+    KASMINA_FWD_TL(10);
   }
-  KASMINA_FWD_TL(10);
-  acc = warp_reduce(acc);
-  KASMINA_FWD_TL(11);
-  // params.hpp: the workspace is left zero-filled by every launch (each
-  // lane clears what it read).
-  for (int i = lane; i < tiles; i += 32) seed_partials[i] = FwdStats{};
-  if (lane == 0) {
-    write_telemetry(args, s, acc, blends);
-    args.tickets[s] = 0u;  // every CTA of this seed has taken its ticket
+  if (tiles > 1) {
+    KASMINA_FWD_TL(11);
+    // params.hpp: the workspace is left zero-filled by every launch (each
+    // thread clears what it read).
+    for (int i = static_cast<int>(threadIdx.x); i < tiles; i += static_cast<int>(blockDim.x)) {
+      seed_partials[i] = FwdStats{};
+    }
+  }
+  if (threadIdx.x == 0) {
+    write_telemetry(args, s, v, blends);
+    if (tiles > 1) args.tickets[s] = 0u;  // every CTA of this seed has taken its ticket
   }
 }
 
