@@ -35,7 +35,7 @@ LOOP_END = {"fwd": 4, "bwd": 2}
 # that recorded every slot of the chain.
 DETAILS = {
     "fwd": [("set-up", [1, 8, 2], ["view (+softmax)", "table"]),
-            ("last CTA's merge", [6, 9, 10, 11, 7], ["to warp 0", "partials loaded", "merge", "telemetry row"])],
+            ("last CTA's merge", [6, 9, 10, 11, 7], ["start", "partials loaded", "CTA merge", "telemetry row"])],
     "bwd": [("seed finish", [4, 8, 9, 10, 5], ["partials loaded", "CTA merge", "dW columns", "seed's rows out"]),
             ("last seed", [6, 11, 7], ["rows staged", "ordered sums, clears"])],
 }

@@ -22,10 +22,10 @@ namespace kasmina::cuda {
 // written, 4 ticket taken, 5 seed finished (last CTA of a seed), 6 second
 // ticket taken, 7 end (after dweights/dscales when this was the last seed).
 // Detail marks inside those phases (8-11, -1 where a CTA does not pass):
-// forward: 8 seed's view loaded (inside the set-up), 9 the last CTA's
-// warp 0 starts its merge (after a __threadfence until DESIGN 58), 10
-// partials loaded and merged per lane, 11 merged over the warp (over the
-// CTA until DESIGN 58; then the telemetry row is written);
+// forward: 8 seed's view loaded (inside the set-up), 9 the seed's last
+// CTA starts its merge (after a __threadfence before DESIGN 58), 10
+// partials loaded and merged per thread, 11 merged over the CTA (then the
+// telemetry row is written);
 // backward: 8 partials loaded (the seed's last CTA), 9 seed totals
 // reduced over the CTA, 10 dW column sums written, 11 the last seed's
 // rows of dW staged (then the ordered sums).
