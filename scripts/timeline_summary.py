@@ -7,9 +7,10 @@ For each (op, dtype, shape, seed mode, repeat): the launch's span from the
 first CTA's entry to the last CTA's end, the spread of the CTAs' entries,
 each phase's duration across the CTAs (median, 90th percentile, maximum),
 when the row loops end, the seeds' last CTAs (and the backward's last
-seed), the loop ends by the number of CTAs their SM held, and the set-up
-and loop ends by seed kind (the bench cycles
-RESIDUAL, ATTENTION, MLP, CONV over the seeds).
+seed), the loop ends by the number of CTAs their SM held, the CTA's
+reduction by its order on its SM (the first pays the code's fetch), and
+the set-up and loop ends by seed kind (the bench cycles RESIDUAL,
+ATTENTION, MLP, CONV over the seeds).
 
     python3 scripts/timeline_summary.py timeline.txt [--rep N]
 
@@ -95,6 +96,23 @@ def summarise(key, ctas, out):
         parts = [f"{k} per SM: {len(v)} CTAs, median {us(statistics.median(v)):.2f} max {us(max(v)):.2f}"
                  for k, v in sorted(by_load.items())]
         out.write("   row loops end by CTAs on their SM: " + "; ".join(parts) + " us\n")
+    # The CTA's reduction by its order among its SM's CTAs reaching it: the
+    # first on an SM fetches the code from L2/DRAM (the bench flushes L2),
+    # the later ones find it in the SM's instruction cache (DESIGN 59).
+    red_start = LOOP_END[op]
+    by_order = collections.defaultdict(list)
+    on_sm = collections.defaultdict(list)
+    for r in ctas:
+        if r["g"][red_start] >= 0 and r["g"][red_start + 1] >= 0:
+            on_sm[r["smid"]].append(r)
+    for rs in on_sm.values():
+        rs.sort(key=lambda r: r["g"][red_start])
+        for i, r in enumerate(rs):
+            by_order[i + 1].append(r["g"][red_start + 1] - r["g"][red_start])
+    if by_order:
+        parts = [f"{k}{'st' if k == 1 else 'nd' if k == 2 else 'rd' if k == 3 else 'th'} "
+                 f"{us(statistics.median(v)):.2f} ({len(v)})" for k, v in sorted(by_order.items())]
+        out.write(f"   {PHASES[op][red_start]} by order on the SM, medians us (CTAs): " + ", ".join(parts) + "\n")
     lasts = [r for r in ctas if r["last"]]
     if lasts:
         merge = [r["g"][7] - r["g"][6] for r in lasts]
