@@ -629,7 +629,7 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
   FwdStats v = st.widen<T>();
 #pragma unroll 1
   for (int round = 0;; ++round) {
-    v = block_reduce(v, red_scratch);  // its barriers order the reads before the clears
+    v = block_reduce(v, red_scratch);
     if (round == 1) break;
     KASMINA_FWD_TL(5);
     // The seed's only CTA: its statistics are the seed's (no partials, no
