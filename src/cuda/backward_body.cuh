@@ -127,8 +127,8 @@ struct SumPart {
 // block_reduce of a BwdStats as its two halves (valid in thread 0).
 __device__ __forceinline__ BwdStats block_reduce_split(const BwdStats& v, GradPart* gscratch,
                                                        SumPart* sscratch) {
-  const GradPart g = block_reduce(GradPart{v.mom, v.sumsq, v.maxabs}, gscratch);
-  const SumPart p = block_reduce(SumPart{v.dsig, v.dalpha, v.cw0, v.cw1, v.cw2}, sscratch);
+  const GradPart g = block_reduce<true>(GradPart{v.mom, v.sumsq, v.maxabs}, gscratch);
+  const SumPart p = block_reduce<true>(SumPart{v.dsig, v.dalpha, v.cw0, v.cw1, v.cw2}, sscratch);
   return {g.mom, g.sumsq, g.maxabs, p.dsig, p.dalpha, p.cw0, p.cw1, p.cw2};
 }
 
@@ -843,7 +843,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
     const bool grads = sv.grafted || sv.shadow;
     const bool is_conv = sv.kind == static_cast<int>(Kind::conv);
     if (sv.kind == static_cast<int>(Kind::attention) && (sv.blends || grads)) {
-      compute_softmax(sv, C, sum_scratch, max_scratch, &bcast);
+      compute_softmax<true>(sv, C, sum_scratch, max_scratch, &bcast);
       if (threadIdx.x == 0) {
         att_norm[0] = sv.att_max;
         att_norm[1] = sv.att_sum;
@@ -981,7 +981,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
       }
       if (is_att) {
         // SPEC section 5: dw = p * (q - <p, q>), the softmax Jacobian.
-        pq = block_sum_all(pq, sum_scratch, &bcast);
+        pq = block_sum_all<true>(pq, sum_scratch, &bcast);
         for (int j = tid; j < C; j += nthreads) sdw[j] = coef_at(sv, table, j) * (sdw[j] - pq);
       }
     } else {

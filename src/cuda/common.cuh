@@ -561,12 +561,24 @@ __device__ __forceinline__ unsigned take_ticket(unsigned* ticket) {
 
 // Fixed-order reduction over a warp (every lane calls it) of any type with
 // merge()/shfl_down(): a shuffle tree whose result is valid in lane 0.
-template <typename S>
+// Rolled: the tree as a loop, not unrolled (same order, same bits): a fifth
+// of the code, for reductions that run once from code cold in the
+// instruction cache (DESIGN 60).
+template <bool Rolled = false, typename S>
 __device__ __forceinline__ S warp_reduce(S v) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
-  for (int off = 16; off >= 1; off /= 2) {
-    const S other = v.shfl_down(off);
-    if (lane + off < 32) v.merge(other);
+  if constexpr (Rolled) {
+#pragma unroll 1
+    for (int off = 16; off >= 1; off /= 2) {
+      const S other = v.shfl_down(off);
+      if (lane + off < 32) v.merge(other);
+    }
+  } else {
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) {
+      const S other = v.shfl_down(off);
+      if (lane + off < 32) v.merge(other);
+    }
   }
   return v;
 }
@@ -574,21 +586,30 @@ __device__ __forceinline__ S warp_reduce(S v) {
 // Fixed-order reduction over the CTA of any type with merge()/shfl_down()
 // and identity(): a shuffle tree in each warp, then warp 0 merges the warp
 // results in warp order. The result is valid in thread 0. blockDim.x must be
-// a multiple of 32 and at most 256.
-template <typename S>
+// a multiple of 32 and at most 256. Rolled: as in warp_reduce.
+template <bool Rolled = false, typename S>
 __device__ S block_reduce(S v, S* scratch /* [8] */) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int warps = static_cast<int>(blockDim.x) >> 5;
-  v = warp_reduce(v);
+  v = warp_reduce<Rolled>(v);
   __syncthreads();  // scratch may still be read by a previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < warps ? scratch[lane] : S::identity();
-    for (int off = 4; off >= 1; off /= 2) {
-      const S other = v.shfl_down(off);
-      if (lane + off < 8) v.merge(other);
+    if constexpr (Rolled) {
+#pragma unroll 1
+      for (int off = 4; off >= 1; off /= 2) {
+        const S other = v.shfl_down(off);
+        if (lane + off < 8) v.merge(other);
+      }
+    } else {
+#pragma unroll
+      for (int off = 4; off >= 1; off /= 2) {
+        const S other = v.shfl_down(off);
+        if (lane + off < 8) v.merge(other);
+      }
     }
   }
   return v;
@@ -612,16 +633,18 @@ struct MaxF {
 };
 
 // Block-wide sum / max broadcast to every thread.
+template <bool Rolled = false>
 __device__ __forceinline__ float block_sum_all(float v, SumF* scratch, float* bcast) {
-  const SumF r = block_reduce(SumF{v}, scratch);
+  const SumF r = block_reduce<Rolled>(SumF{v}, scratch);
   if (threadIdx.x == 0) *bcast = r.v;
   __syncthreads();
   const float out = *bcast;
   __syncthreads();
   return out;
 }
+template <bool Rolled = false>
 __device__ __forceinline__ float block_max_all(float v, MaxF* scratch, float* bcast) {
-  const MaxF r = block_reduce(MaxF{v}, scratch);
+  const MaxF r = block_reduce<Rolled>(MaxF{v}, scratch);
   if (threadIdx.x == 0) *bcast = r.v;
   __syncthreads();
   const float out = *bcast;
@@ -679,18 +702,19 @@ __device__ __forceinline__ SeedView load_seed_view(const SeedTable& table,
 // ATTENTION's softmax normaliser over the blueprint's C weights, computed by
 // the whole CTA (call uniformly). Shifted by the maximum so exp never
 // overflows, like the reference.
+template <bool Rolled = false>
 __device__ __forceinline__ void compute_softmax(SeedView& v, int C, SumF* sum_scratch,
                                                 MaxF* max_scratch, float* bcast) {
   float m = -INFINITY;
   for (int j = static_cast<int>(threadIdx.x); j < C; j += static_cast<int>(blockDim.x)) {
     m = fmaxf(m, v.w[j]);
   }
-  v.att_max = block_max_all(m, max_scratch, bcast);
+  v.att_max = block_max_all<Rolled>(m, max_scratch, bcast);
   float s = 0.0f;
   for (int j = static_cast<int>(threadIdx.x); j < C; j += static_cast<int>(blockDim.x)) {
     s += expf(v.w[j] - v.att_max);
   }
-  v.att_sum = block_sum_all(s, sum_scratch, bcast);
+  v.att_sum = block_sum_all<Rolled>(s, sum_scratch, bcast);
 }
 
 __device__ __forceinline__ float softmax_p(const SeedView& v, int j) {
