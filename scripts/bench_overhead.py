@@ -114,6 +114,27 @@ def main():
             lambda: layer_forward(x, y, alpha, weights, scales, buffers, config, "auto"), False),
         "nothing (the timing loop itself)": (lambda: None, False),
     }
+    # The torch state that _C.layer_call reads on every call, each call alone
+    # from Python (the binding calls the same C functions without the
+    # Python frame, so these are upper bounds).
+    C = torch._C
+    group = (x, alpha, weights, scales)
+    rows.update({
+        "torch._C._has_torch_function(4 tensors)": (lambda: C._has_torch_function(group), False),
+        "torch._C._len_torch_dispatch_stack()": (C._len_torch_dispatch_stack, False),
+        "functorch peek_interpreter_stack()": (C._functorch.peek_interpreter_stack, False),
+        "torch._C._get_tracing_state()": (C._get_tracing_state, False),
+        "torch._C.is_grad_enabled()": (C.is_grad_enabled, False),
+        "x.is_neg()": (x.is_neg, False),
+        "x._version": (lambda: x._version, False),
+        "torch.compiler.is_compiling()": (torch.compiler.is_compiling, False),
+        "torch.compiler.is_dynamo_compiling()": (
+            getattr(torch.compiler, "is_dynamo_compiling", lambda: False), False),
+    })
+    if dev.type == "cuda":
+        rows["torch._C._cuda_getDevice()"] = (C._cuda_getDevice, False)
+        rows["torch._C._cuda_isCurrentStreamCapturing()"] = (
+            C._cuda_isCurrentStreamCapturing, False)
     r = measure(rows, args.calls, args.repeats, sync)
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

@@ -35,6 +35,7 @@ void forward_stream_cuda(const ForwardParams* params, int count);
 // streamed: the generic kernel, the smallest rows in flight of the plans).
 std::string describe_forward_stream_cuda(const ForwardParams* params, int count);
 void backward_cuda(const BackwardParams&);
+bool cuda_stream_capturing(Stream stream);
 std::string describe_forward_cuda(const ForwardParams&);
 std::string describe_backward_cuda(const BackwardParams&);
 // Profiling (core/profile.cpp): an event pair recorded around a call on

@@ -119,6 +119,13 @@ struct CudaLaunchConfig {
   // 9.0 and for kernel code without sm_90 instructions (describe says so).
   bool programmatic_launch = true;
 };
+// Whether `stream` is capturing a CUDA graph (cudaStreamIsCapturing: the
+// capture is active or invalidated), what torch.cuda.is_current_stream_capturing()
+// asks of PyTorch's current stream; a host-side query, no synchronisation.
+// False in a build without the CUDA backend. Throws kasmina::Error
+// (ErrorKind::runtime) where the query fails.
+bool cuda_stream_capturing(Stream stream);
+
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists
 // above, changing nothing.
 void set_cuda_launch_config(const CudaLaunchConfig&);

@@ -41,7 +41,12 @@ _STRATEGY_FIELDS = ("ramp_steps", "drift_threshold", "grad_norm_lower", "grad_no
 
 # Bound once: each saves a module attribute lookup (or a Python frame) per call.
 _eager_ok = _ops.eager_ok
-_is_compiling = torch.compiler.is_compiling
+# Dynamo folds this to True while it traces (so a compiled graph never sees
+# the binding); in eager mode it is one frame that returns False, a third of
+# torch.compiler.is_compiling(), which also asks torch.jit. Non-strict export
+# and other tracing without Dynamo reach _C.layer_call, whose eager_ok tests
+# (dispatch modes, functorch, jit tracing) send them on to nn.Module.__call__.
+_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _layer_call = _C.layer_call
 _grad_enabled = torch.is_grad_enabled
 _empty_like = torch.empty_like

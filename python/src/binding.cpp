@@ -437,14 +437,24 @@ struct OptView {
   const View* get() const { return v ? &*v : nullptr; }
 };
 
-// The tensor arguments of forward, viewed in argument order.
+// The tensor arguments of forward, viewed in argument order; x's view may
+// come from the caller (layer_call has taken it already).
 struct ForwardViews {
-  View x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales;
+  std::optional<View> x_own;
+  const View& x;
+  View y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales;
   OptView workspace;
   ForwardViews(nb::handle x_, nb::handle y_, nb::handle tel_, nb::handle nf_, nb::handle stage_,
                nb::handle kind_, nb::handle bp_, nb::handle alpha_, nb::handle w_,
                nb::handle sc_, nb::handle ws_)
-      : x(x_, "x"), y(y_, "y"), telemetry(tel_, "telemetry"), nonfinite(nf_, "nonfinite"),
+      : x_own(std::in_place, x_, "x"), x(*x_own), y(y_, "y"), telemetry(tel_, "telemetry"),
+        nonfinite(nf_, "nonfinite"), stage(stage_, "stage"), kind(kind_, "kind"),
+        blueprint(bp_, "blueprint"), alpha(alpha_, "alpha"), weights(w_, "weights"),
+        scales(sc_, "scales"), workspace(ws_, "workspace") {}
+  ForwardViews(const View& xv, nb::handle y_, nb::handle tel_, nb::handle nf_, nb::handle stage_,
+               nb::handle kind_, nb::handle bp_, nb::handle alpha_, nb::handle w_,
+               nb::handle sc_, nb::handle ws_)
+      : x(xv), y(y_, "y"), telemetry(tel_, "telemetry"), nonfinite(nf_, "nonfinite"),
         stage(stage_, "stage"), kind(kind_, "kind"), blueprint(bp_, "blueprint"),
         alpha(alpha_, "alpha"), weights(w_, "weights"), scales(sc_, "scales"),
         workspace(ws_, "workspace") {}
@@ -566,9 +576,19 @@ std::optional<double> optional_float(const nb::object& o) {
   return nb::cast<double>(o);
 }
 
-nb::object layer_forward(nb::handle x, nb::handle y, nb::handle alpha, nb::handle weights,
-                         nb::handle scales, nb::handle buffers, nb::handle config,
-                         nb::handle backend) {
+// Where layer_forward_viewed's kernel went.
+struct Launched {
+  bool cuda = false;
+  kasmina::Stream stream = nullptr;
+};
+
+// layer_forward with x's view taken by the caller (nullptr: taken here);
+// *launched (where given) says whether the kernel went to a CUDA stream, and
+// which.
+nb::object layer_forward_viewed(nb::handle x, const View* xv, nb::handle y, nb::handle alpha,
+                                nb::handle weights, nb::handle scales, nb::handle buffers,
+                                nb::handle config, nb::handle backend,
+                                Launched* launched = nullptr) {
   const LayerKeys& k = layer_keys();
   const nb::object workspace = item(buffers, k.workspace);
   if (exchange_api(x.ptr()) == nullptr || exchange_api(workspace.ptr()) == nullptr)
@@ -579,8 +599,10 @@ nb::object layer_forward(nb::handle x, nb::handle y, nb::handle alpha, nb::handl
                    nonfinite = item(buffers, k.nonfinite);
   // Viewing has no side effects: the views are taken once, before the
   // fallback decisions that need x's and the workspace's devices.
-  const ForwardViews v(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
-                       workspace);
+  const ForwardViews v = xv != nullptr ? ForwardViews(*xv, y, telemetry, nonfinite, stage, kind,
+                                                      blueprint, alpha, weights, scales, workspace)
+                                        : ForwardViews(x, y, telemetry, nonfinite, stage, kind,
+                                                       blueprint, alpha, weights, scales, workspace);
   Backend b;
   if (PyUnicode_Check(backend.ptr())) {  // "auto"
     using C = nb::dlpack::dtype_code;
@@ -608,7 +630,14 @@ nb::object layer_forward(nb::handle x, nb::handle y, nb::handle alpha, nb::handl
     nb::gil_scoped_release release;  // as in forward: OpenMP on the CPU backend
     kasmina::forward(p, b);
   }
+  if (launched != nullptr) *launched = {b == Backend::cuda, p.stream};
   return nb::int_(p.rows);
+}
+
+nb::object layer_forward(nb::handle x, nb::handle y, nb::handle alpha, nb::handle weights,
+                         nb::handle scales, nb::handle buffers, nb::handle config,
+                         nb::handle backend) {
+  return layer_forward_viewed(x, nullptr, y, alpha, weights, scales, buffers, config, backend);
 }
 
 // KasminaLayer.__call__'s eager no-grad call in one binding call (layer.py):
@@ -634,7 +663,7 @@ struct CallKeys {
              rows_written = interned("_rows_written"), alpha = interned("alpha"),
              weights = interned("weights"), scales = interned("scales"),
              telemetry_rows = interned("telemetry_rows"), requires_grad = interned("requires_grad"),
-             version = interned("_version"), is_cuda = interned("is_cuda"),
+             version = interned("_version"),
              is_neg = interned("is_neg"), note_rows = interned("_note_rows"),
              forward_eager = interned("_forward_eager"),
              auto_name = interned("auto"), call_impl = interned("_call_impl"),
@@ -646,7 +675,7 @@ struct CallKeys {
   nb::object backend_names[3] = {interned("reference"), interned("cpu"), interned("cuda")};
   nb::object module_dict;  // torch.nn.modules.module.__dict__ (the global hooks live there)
   nb::object has_torch_function, dispatch_stack_len, functorch_peek, jit_tracing_state,
-      grad_enabled, empty_like, contiguous, capturing, memory_format_kw;
+      grad_enabled, empty_like, contiguous, memory_format_kw;
   nb::object layer_forward_fn;  // KasminaLayer.forward, set by layer.py (None: disabled)
   // nn.Module's own call machinery as layer.py found it at import: a
   // subclass overriding them, or a patch of nn.Module.__call__ (profilers
@@ -673,7 +702,6 @@ CallKeys& call_keys() {
     k->grad_enabled = torch_c.attr("is_grad_enabled");
     k->empty_like = torch.attr("empty_like");
     k->contiguous = torch.attr("contiguous_format");
-    k->capturing = nb::getattr(torch_c, "_cuda_isCurrentStreamCapturing", nb::none());
     k->memory_format_kw = nb::steal(PyTuple_Pack(1, interned("memory_format").ptr()));
     k->layer_forward_fn = nb::none();
     k->module_type = k->call_impl_fn = k->wrapped_call_impl_fn = k->module_call_fn = nb::none();
@@ -817,8 +845,8 @@ nb::object layer_call(nb::handle self, nb::handle x) {
   // spelled empty_like(x) where x is row-major already (then the same layout,
   // and torch's argument parser is 0.5 us faster without the keyword).
   bool row_major = true;
+  const View xv(x, "x");  // layer_forward_viewed uses it too
   {
-    const View xv(x, "x");
     int64_t expect = 1;
     for (size_t i = xv.ndim(); i-- > 0;) {
       // Size-1 dimensions too: empty_like(x) copies x's strides, and y must
@@ -833,9 +861,10 @@ nb::object layer_call(nb::handle self, nb::handle x) {
                                                     k.memory_format_kw.ptr());
   if (y_ptr == nullptr) throw nb::python_error();
   const nb::object y = nb::steal(y_ptr);
-  const nb::object rows = layer_forward(x, y, nb::handle(alpha), nb::handle(weights),
-                                        nb::handle(scales), nb::handle(buffers), nb::handle(config),
-                                        backend_arg);
+  Launched launched;
+  const nb::object rows = layer_forward_viewed(x, &xv, y, nb::handle(alpha), nb::handle(weights),
+                                               nb::handle(scales), nb::handle(buffers),
+                                               nb::handle(config), backend_arg, &launched);
   if (rows.is_none()) return nb::none();
   // layer._note_rows, whose common case (this very buffer already holds
   // rows, unchanged since: its version counter) is tested here.
@@ -855,8 +884,10 @@ nb::object layer_call(nb::handle self, nb::handle x) {
       if (same_version < 0) throw nb::python_error();
       unchanged = same_rows == 1 && same_version == 1;
     }
-    if (unchanged && !k.capturing.is_none() && truthy(PyObject_GetAttr(x.ptr(), k.is_cuda.ptr())) &&
-        truthy(call0(k.capturing).release().ptr()))
+    // A CUDA graph capture records the fill (layer._note_rows). The stream
+    // asked here is the one the kernel was captured on: PyTorch's current
+    // stream of x's device, which is the current device (layer_forward).
+    if (unchanged && launched.cuda && kasmina::cuda_stream_capturing(launched.stream))
       unchanged = false;
   }
   if (!unchanged) {

@@ -499,6 +499,15 @@ std::string describe_backward(const BackwardParams& params, Backend backend) {
   return "";
 }
 
+bool cuda_stream_capturing(Stream stream) {
+#ifdef KASMINA_WITH_CUDA
+  return detail::cuda_stream_capturing(stream);
+#else
+  (void)stream;
+  return false;
+#endif
+}
+
 BuildInfo build_info() {
   BuildInfo info;
   info.version = KASMINA_VERSION;

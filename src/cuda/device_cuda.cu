@@ -203,6 +203,12 @@ std::string cuda_unavailable_reason() {
   return "";
 }
 
+bool cuda_stream_capturing(Stream stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  KASMINA_CUDA_CHECK(cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 std::vector<std::string> cuda_device_names() {
   std::vector<std::string> names;
   if (!cuda_available()) return names;

@@ -954,6 +954,26 @@ void graph_replay(const ProblemOptions& o) {
 
 TEST_F(SmallCuda, GraphReplay) { graph_replay(shape(33, 48, 3, DType::bf16, 77)); }
 
+// kasmina::cuda_stream_capturing (what the Python layer asks before skipping
+// a host-side fill) follows a capture's begin and end, per stream.
+TEST_F(SmallCuda, StreamCapturing) {
+  cudaStream_t stream = nullptr, other = nullptr;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CUDA_OK(cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking));
+  EXPECT_FALSE(cuda_stream_capturing(stream));
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  const bool during = cuda_stream_capturing(stream);
+  const bool other_during = cuda_stream_capturing(other);
+  cudaGraph_t graph = nullptr;
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  EXPECT_TRUE(during);
+  EXPECT_FALSE(other_during);
+  EXPECT_FALSE(cuda_stream_capturing(stream));
+  CUDA_OK(cudaGraphDestroy(graph));
+  CUDA_OK(cudaStreamDestroy(other));
+  CUDA_OK(cudaStreamDestroy(stream));
+}
+
 // The profiler on CUDA: every eager call timed with events on its stream and
 // charged to its variant with its bytes; calls inside a graph capture are
 // not timed, and the capture still replays bit-identically.

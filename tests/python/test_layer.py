@@ -625,6 +625,29 @@ def test_layer_call_takes_gradients_and_leaves_modes_and_transforms_to_module_ca
         kasmina._C._set_layer_forward(kasmina.KasminaLayer.forward, torch.nn.Module)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_records_the_op(strict):
+    """torch.export, with Dynamo (strict) or without (non-strict: the module
+    runs eagerly on fake tensors, so KasminaLayer.__call__ reaches
+    _C.layer_call, which must leave the call to nn.Module.__call__)."""
+
+    class Host(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(12, 12)
+            self.k = make_layer(12, cycle(KINDS, 3), [Stage.GRAFTING] * 3)
+
+        def forward(self, x):
+            return self.k(self.lin(x))
+
+    host = Host()
+    x = torch.randn(4, 12)
+    ep = torch.export.export(host, (x,), strict=strict)
+    assert "kasmina.forward" in str(ep.graph)
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), host(x))
+
+
 def test_layer_call_leaves_non_tensors_to_module_call():
     layer = make_layer(24, cycle(KINDS, 4), [Stage.GRAFTING] * 4)
     with torch.no_grad():
