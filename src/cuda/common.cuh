@@ -567,18 +567,10 @@ __device__ __forceinline__ unsigned take_ticket(unsigned* ticket) {
 template <bool Rolled = false, typename S>
 __device__ __forceinline__ S warp_reduce(S v) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
-  if constexpr (Rolled) {
-#pragma unroll 1
-    for (int off = 16; off >= 1; off /= 2) {
-      const S other = v.shfl_down(off);
-      if (lane + off < 32) v.merge(other);
-    }
-  } else {
-#pragma unroll
-    for (int off = 16; off >= 1; off /= 2) {
-      const S other = v.shfl_down(off);
-      if (lane + off < 32) v.merge(other);
-    }
+#pragma unroll(Rolled ? 1 : 5)
+  for (int off = 16; off >= 1; off /= 2) {
+    const S other = v.shfl_down(off);
+    if (lane + off < 32) v.merge(other);
   }
   return v;
 }
@@ -598,18 +590,10 @@ __device__ S block_reduce(S v, S* scratch /* [8] */) {
   __syncthreads();
   if (warp == 0) {
     v = lane < warps ? scratch[lane] : S::identity();
-    if constexpr (Rolled) {
-#pragma unroll 1
-      for (int off = 4; off >= 1; off /= 2) {
-        const S other = v.shfl_down(off);
-        if (lane + off < 8) v.merge(other);
-      }
-    } else {
-#pragma unroll
-      for (int off = 4; off >= 1; off /= 2) {
-        const S other = v.shfl_down(off);
-        if (lane + off < 8) v.merge(other);
-      }
+#pragma unroll(Rolled ? 1 : 3)
+    for (int off = 4; off >= 1; off /= 2) {
+      const S other = v.shfl_down(off);
+      if (lane + off < 8) v.merge(other);
     }
   }
   return v;
