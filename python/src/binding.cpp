@@ -438,26 +438,19 @@ struct OptView {
 };
 
 // The tensor arguments of forward, viewed in argument order; x's view may
-// come from the caller (layer_call has taken it already).
+// come from the caller (layer_call has taken it already; nullptr: viewed here).
 struct ForwardViews {
   std::optional<View> x_own;
   const View& x;
   View y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales;
   OptView workspace;
-  ForwardViews(nb::handle x_, nb::handle y_, nb::handle tel_, nb::handle nf_, nb::handle stage_,
-               nb::handle kind_, nb::handle bp_, nb::handle alpha_, nb::handle w_,
-               nb::handle sc_, nb::handle ws_)
-      : x_own(std::in_place, x_, "x"), x(*x_own), y(y_, "y"), telemetry(tel_, "telemetry"),
+  ForwardViews(nb::handle x_, const View* xv, nb::handle y_, nb::handle tel_, nb::handle nf_,
+               nb::handle stage_, nb::handle kind_, nb::handle bp_, nb::handle alpha_,
+               nb::handle w_, nb::handle sc_, nb::handle ws_)
+      : x(xv != nullptr ? *xv : x_own.emplace(x_, "x")), y(y_, "y"), telemetry(tel_, "telemetry"),
         nonfinite(nf_, "nonfinite"), stage(stage_, "stage"), kind(kind_, "kind"),
         blueprint(bp_, "blueprint"), alpha(alpha_, "alpha"), weights(w_, "weights"),
         scales(sc_, "scales"), workspace(ws_, "workspace") {}
-  ForwardViews(const View& xv, nb::handle y_, nb::handle tel_, nb::handle nf_, nb::handle stage_,
-               nb::handle kind_, nb::handle bp_, nb::handle alpha_, nb::handle w_,
-               nb::handle sc_, nb::handle ws_)
-      : x(xv), y(y_, "y"), telemetry(tel_, "telemetry"), nonfinite(nf_, "nonfinite"),
-        stage(stage_, "stage"), kind(kind_, "kind"), blueprint(bp_, "blueprint"),
-        alpha(alpha_, "alpha"), weights(w_, "weights"), scales(sc_, "scales"),
-        workspace(ws_, "workspace") {}
 };
 
 kasmina::ForwardParams forward_params(const In& x, const Out& y, const Out& telemetry,
@@ -519,8 +512,8 @@ void forward(nb::handle x, nb::handle y, nb::handle telemetry, nb::handle nonfin
              std::optional<double> clamp_lo, std::optional<double> clamp_hi, int backend,
              std::optional<uintptr_t> stream) {
   const Backend b = to_backend(backend);
-  const ForwardViews v(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
-                       workspace);
+  const ForwardViews v(x, nullptr, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights,
+                       scales, workspace);
   const kasmina::ForwardParams p =
       forward_params(v, x, dead_threshold, clamp_lo, clamp_hi, b, stream);
   // The CPU backend threads with OpenMP; let other Python threads run meanwhile.
@@ -599,10 +592,8 @@ nb::object layer_forward_viewed(nb::handle x, const View* xv, nb::handle y, nb::
                    nonfinite = item(buffers, k.nonfinite);
   // Viewing has no side effects: the views are taken once, before the
   // fallback decisions that need x's and the workspace's devices.
-  const ForwardViews v = xv != nullptr ? ForwardViews(*xv, y, telemetry, nonfinite, stage, kind,
-                                                      blueprint, alpha, weights, scales, workspace)
-                                        : ForwardViews(x, y, telemetry, nonfinite, stage, kind,
-                                                       blueprint, alpha, weights, scales, workspace);
+  const ForwardViews v(x, xv, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights,
+                       scales, workspace);
   Backend b;
   if (PyUnicode_Check(backend.ptr())) {  // "auto"
     using C = nb::dlpack::dtype_code;
@@ -907,8 +898,8 @@ std::string describe_forward(nb::handle x, nb::handle y, nb::handle telemetry,
                              std::optional<double> clamp_lo, std::optional<double> clamp_hi,
                              int backend, std::optional<uintptr_t> stream) {
   const Backend b = to_backend(backend);
-  const ForwardViews v(x, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights, scales,
-                       workspace);
+  const ForwardViews v(x, nullptr, y, telemetry, nonfinite, stage, kind, blueprint, alpha, weights,
+                       scales, workspace);
   return kasmina::describe_forward(
       forward_params(v, x, dead_threshold, clamp_lo, clamp_hi, b, stream), b);
 }
