@@ -122,8 +122,10 @@ struct CudaLaunchConfig {
 // Whether `stream` is capturing a CUDA graph (cudaStreamIsCapturing: the
 // capture is active or invalidated), what torch.cuda.is_current_stream_capturing()
 // asks of PyTorch's current stream; a host-side query, no synchronisation.
-// False in a build without the CUDA backend. Throws kasmina::Error
-// (ErrorKind::runtime) where the query fails.
+// `stream` is a live stream of the current device or nullptr (the legacy
+// default stream). False in a build without the CUDA backend or without a
+// CUDA device. Throws kasmina::Error (ErrorKind::runtime) where the query
+// fails; changes nothing.
 bool cuda_stream_capturing(Stream stream);
 
 // Throws kasmina::Error (ErrorKind::value) for a value outside the lists

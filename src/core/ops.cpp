@@ -501,7 +501,8 @@ std::string describe_backward(const BackwardParams& params, Backend backend) {
 
 bool cuda_stream_capturing(Stream stream) {
 #ifdef KASMINA_WITH_CUDA
-  return detail::cuda_stream_capturing(stream);
+  // No device (or no driver): nothing can be capturing.
+  return detail::cuda_available() && detail::cuda_stream_capturing(stream);
 #else
   (void)stream;
   return false;

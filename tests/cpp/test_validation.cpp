@@ -345,6 +345,11 @@ TEST(Dispatch, UnavailableCudaSaysWhy) {
   expect_untouched(p, "cuda unavailable");
 }
 
+TEST(Dispatch, NoStreamCapturesWithoutCuda) {
+  if (backend_available(Backend::cuda)) GTEST_SKIP() << "a CUDA device is present";
+  EXPECT_FALSE(cuda_stream_capturing(nullptr));
+}
+
 TEST(Dispatch, UnknownBackendIsRefused) {
   Problem p = make_problem(small_options());
   expect_error([&] { forward(p.forward_params(), static_cast<Backend>(5)); },
