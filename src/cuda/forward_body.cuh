@@ -573,7 +573,7 @@ __device__ __forceinline__ CtaSeed setup_seed(const ForwardArgs& args, int s, fl
 // The flat variant of a CTA's end (CudaLaunchConfig::forward_flat_reduction,
 // issue 7): no reduction inside the CTA before the global one. Every thread
 // writes its statistics to the workspace; the seed's last CTA (the same
-// integer ticket) has each of its threads merge the partials at its index
+// ticket, take_ticket) has each of its threads merge the partials at its index
 // stride, in index order, then combines its threads with the block
 // reduction, writes the telemetry row and clears what it read. Every thread
 // of the CTA calls it.
@@ -583,15 +583,12 @@ __device__ __forceinline__ void finish_seed_flat(const ForwardArgs& args, int s,
   const int64_t per_seed = static_cast<int64_t>(args.tiles) * blockDim.x;
   FwdStats* seed_partials = args.partials + static_cast<int64_t>(s) * per_seed;
   seed_partials[static_cast<int64_t>(tile) * blockDim.x + threadIdx.x] = mine;
-  __threadfence();
-  __syncthreads();  // every thread's partial is written and fenced before the ticket
+  __syncthreads();  // every thread's partial is written before thread 0 releases them
   if (threadIdx.x == 0) {
-    const unsigned ticket = atomicAdd(&args.tickets[s], 1u);
-    *is_last = ticket == static_cast<unsigned>(args.tiles - 1);
+    *is_last = take_ticket(&args.tickets[s]) == static_cast<unsigned>(args.tiles - 1);
   }
   __syncthreads();
   if (!*is_last) return;
-  __threadfence();
   FwdStats acc = FwdStats::identity();
   for (int64_t i = threadIdx.x; i < per_seed; i += blockDim.x) {
     acc.merge(load_partial(seed_partials + i));
