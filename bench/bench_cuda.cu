@@ -1,9 +1,10 @@
 // Benchmark of the CUDA backend (STYLE.md rule 8): for the shapes of the
 // project's issue, dtypes float32/bfloat16, passes forward and
-// forward+backward, seeds all blending (mixed kinds) or all dormant (the copy
-// cost). Each timed run flushes L2 first (a memset of twice its size) and
-// starts behind a short spin kernel, so the events time the GPU work alone,
-// not the host's launch overhead. Median of --runs runs (default 50) after
+// forward+backward, seeds all blending (mixed kinds, one blueprint row per
+// kind: blend-mixed; or a row per seed, as germinate gives: blend-own) or
+// all dormant (the copy cost). Each timed run flushes L2 first (a memset of
+// twice its size) and starts behind a short spin kernel, so the events time
+// the GPU work alone, not the host's launch overhead. Median of --runs runs (default 50) after
 // warm-up. The floor is a device-to-device cudaMemcpyAsync of the same bytes
 // in the same run: forward moves read x + write y, forward+backward moves
 // read x + write y + read x + read dy + write dx.
@@ -182,7 +183,8 @@ class Bench {
 
 // The layer's device state for one shape: blending seeds cycle through the
 // four kinds and the four blending stages that train (one blueprint per
-// kind); dormant seeds copy.
+// kind, shared by its seeds; own_rows: a row per seed, as germinate gives
+// by default); dormant seeds copy.
 struct DeviceLayer {
   int32_t S = 0, B = 64;
   int64_t C = 0;
@@ -193,13 +195,14 @@ struct DeviceLayer {
   int64_t* nonfinite = nullptr;
 
   // conv_only: every seed a blending CONV seed (issue 7's halo backward).
-  DeviceLayer(const Shape& s, bool blending, bool conv_only = false) : S(s.seeds), C(s.hidden / s.seeds) {
+  DeviceLayer(const Shape& s, bool blending, bool conv_only = false, bool own_rows = false)
+      : S(s.seeds), B(own_rows ? std::max(64, s.seeds + 1) : 64), C(s.hidden / s.seeds) {
     std::vector<int32_t> st(S), kd(S), bp(S);
     std::vector<float> al(S, 0.5f), w(static_cast<std::size_t>(B * C)), sc(B, 1.0f);
     for (int32_t i = 0; i < S; ++i) {
       kd[i] = conv_only ? 3 : (C >= 3) ? i % 4 : i % 3;
       st[i] = blending ? 3 + i % 4 : 0;
-      bp[i] = blending ? 1 + kd[i] : 0;
+      bp[i] = !blending ? 0 : own_rows ? 1 + i : 1 + kd[i];
     }
     for (std::size_t i = 0; i < w.size(); ++i) w[i] = 0.5f + 0.001f * static_cast<float>(i % 97);
     upload(&stage, st);
@@ -303,11 +306,12 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
                     moved / (t * 1e3), floor_gbps, 100.0 * copy_us / t, true});
   }
 
-  for (int seeds_mode : {0, 1, 2}) {  // blend-mixed, dormant, blend-conv
+  for (int seeds_mode : {0, 1, 2, 3}) {  // blend-mixed, dormant, blend-conv, blend-own
     const bool blending = seeds_mode != 1;
     const bool conv_only = seeds_mode == 2;
+    const bool own_rows = seeds_mode == 3;
     if (conv_only && (shape.hidden / shape.seeds < 3 || !candidates)) continue;
-    DeviceLayer layer(shape, blending, conv_only);
+    DeviceLayer layer(shape, blending, conv_only, own_rows);
     kasmina::ForwardParams fp = forward_params_for(layer, shape, dtype, x, bench.stream());
     fp.y = y;
     fp.telemetry = layer.telemetry;
@@ -328,7 +332,10 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
     CHECK(cudaMemset(bp.workspace, 0, bp.workspace_bytes));
 
-    const std::string mode = conv_only ? "blend-conv" : blending ? "blend-mixed" : "dormant";
+    const std::string mode = conv_only  ? "blend-conv"
+                             : own_rows ? "blend-own"
+                             : blending ? "blend-mixed"
+                                        : "dormant";
     const std::string dname(kasmina::dtype_name(dtype));
     const double fwd_bytes = 2.0 * static_cast<double>(bytes);
     const double both_bytes = 5.0 * static_cast<double>(bytes);
@@ -373,8 +380,10 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     rows.push_back({"forward+backward", dname, mode,
                     kasmina::describe_backward(bp, kasmina::Backend::cuda), shape, both_us,
                     both_bytes / (both_us * 1e3), floor_gbps, pct(both_bytes, both_us)});
-    // The candidates of the launch configuration, same run (blending seeds).
-    if (blending && candidates) {
+    // The candidates of the launch configuration, same run (blending seeds
+    // sharing rows; the layer of own rows differs from it in the backward's
+    // dweights/dscales only).
+    if (blending && !own_rows && candidates) {
       // Programmatic dependent launch off (DESIGN 55): the plain launch the
       // default rows above are compared with.
       {
