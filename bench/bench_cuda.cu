@@ -2,12 +2,13 @@
 // project's issue, dtypes float32/bfloat16, passes forward and
 // forward+backward, seeds all blending (mixed kinds, one blueprint row per
 // kind: blend-mixed; or a row per seed, as germinate gives: blend-own) or
-// all dormant (the copy cost). Each timed run flushes L2 first (a memset of
-// twice its size) and starts behind a short spin kernel, so the events time
-// the GPU work alone, not the host's launch overhead. Median of --runs runs (default 50) after
-// warm-up. The floor is a device-to-device cudaMemcpyAsync of the same bytes
-// in the same run: forward moves read x + write y, forward+backward moves
-// read x + write y + read x + read dy + write dx.
+// all dormant (the copy cost); blend-own times forward+backward only. Each
+// timed run flushes L2 first (a memset of twice its size) and starts behind a
+// short spin kernel, so the events time the GPU work alone, not the host's
+// launch overhead. Median of --runs runs (default 50) after warm-up. The
+// floor is a device-to-device cudaMemcpyAsync of the same bytes in the same
+// run: forward moves read x + write y, forward+backward moves read x + write
+// y + read x + read dy + write dx.
 //
 // Then, same run, the launch-config candidates (rows in flight of each
 // kernel, kasmina::CudaLaunchConfig), a plain copy kernel of the same bytes
@@ -373,6 +374,18 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     }
     // The default launch configuration (the architecture's tuning).
     kasmina::set_cuda_launch_config({});
+    // A row per seed: only the backward differs from blend-mixed's layer
+    // (its last seed has no row of several seeds to sum), so only
+    // forward+backward is timed.
+    if (own_rows) {
+      const double t = time_both();
+      rows.push_back({"forward+backward", dname, mode,
+                      kasmina::describe_backward(bp, kasmina::Backend::cuda), shape, t,
+                      both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t)});
+      CHECK(cudaFree(fp.workspace));
+      CHECK(cudaFree(bp.workspace));
+      continue;
+    }
     const double fwd_us = time_forward();
     rows.push_back({"forward", dname, mode, kasmina::describe_forward(fp, kasmina::Backend::cuda), shape,
                     fwd_us, fwd_bytes / (fwd_us * 1e3), floor_gbps, pct(fwd_bytes, fwd_us)});
@@ -380,10 +393,8 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     rows.push_back({"forward+backward", dname, mode,
                     kasmina::describe_backward(bp, kasmina::Backend::cuda), shape, both_us,
                     both_bytes / (both_us * 1e3), floor_gbps, pct(both_bytes, both_us)});
-    // The candidates of the launch configuration, same run (blending seeds
-    // sharing rows; the layer of own rows differs from it in the backward's
-    // dweights/dscales only).
-    if (blending && !own_rows && candidates) {
+    // The candidates of the launch configuration, same run (blending seeds).
+    if (blending && candidates) {
       // Programmatic dependent launch off (DESIGN 55): the plain launch the
       // default rows above are compared with.
       {

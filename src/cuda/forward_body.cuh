@@ -573,8 +573,8 @@ __device__ __forceinline__ CtaSeed setup_seed(const ForwardArgs& args, int s, fl
 // The flat variant of a CTA's end (CudaLaunchConfig::forward_flat_reduction,
 // issue 7): no reduction inside the CTA before the global one. Every thread
 // writes its statistics to the workspace; the seed's last CTA (the same
-// ticket, take_ticket) has each of its threads merge the partials at its index
-// stride, in index order, then combines its threads with the block
+// ticket, take_ticket) has each of its threads merge the partials at its
+// index stride, in index order, then combines its threads with the block
 // reduction, writes the telemetry row and clears what it read. Every thread
 // of the CTA calls it.
 __device__ __forceinline__ void finish_seed_flat(const ForwardArgs& args, int s, int tile,
