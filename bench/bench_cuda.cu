@@ -35,6 +35,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kasmina/kasmina.hpp"
@@ -717,7 +718,7 @@ void run_host_overhead(Bench& bench, std::vector<Row>& rows) {
 // The records of one launch, one line per CTA: op, shape, globaltimer ns
 // from the earliest CTA's entry, then clock64 cycles from the CTA's own entry.
 void print_timeline(const char* op, const std::vector<unsigned long long>& tl, kasmina::DType dtype,
-                    const Shape& shape, bool blending, int rep, double us) {
+                    const Shape& shape, const char* mode, int rep, double us) {
   using kasmina::cuda::kTimelineSlots;
   using kasmina::cuda::kTimelineWords;
   unsigned long long g0 = ~0ull;
@@ -731,7 +732,7 @@ void print_timeline(const char* op, const std::vector<unsigned long long>& tl, k
     const unsigned long long meta = r[2 * kTimelineSlots], where = r[2 * kTimelineSlots + 1];
     std::printf("TL %s %s %lldx%lldx%d %s %d %.2f %zu %llu %llu %llu %llu %llu %llu", op,
                 std::string(kasmina::dtype_name(dtype)).c_str(), static_cast<long long>(shape.rows),
-                static_cast<long long>(shape.hidden), shape.seeds, blending ? "blend" : "dormant", rep, us, c,
+                static_cast<long long>(shape.hidden), shape.seeds, mode, rep, us, c,
                 where >> 20, where & 0xFFFFF, meta & 0xFFFF, (meta >> 16) & 1, (meta >> 17) & 1, meta >> 20);
     for (int k = 0; k < kTimelineSlots; ++k) {
       std::printf(" %lld", r[k] ? static_cast<long long>(r[k] - g0) : -1ll);
@@ -745,7 +746,8 @@ void print_timeline(const char* op, const std::vector<unsigned long long>& tl, k
 }
 
 // --timeline (a KASMINA_TIMELINE build, src/cuda/timeline.cuh): for each
-// shape, dtype and seed mode, three L2-flushed forward+backward pairs (the
+// shape, dtype and seed mode (blend: blend-mixed's layer, dormant, own:
+// blend-own's row per seed), three L2-flushed forward+backward pairs (the
 // events time both), each followed by the forward's records (TMA kernel)
 // and the backward's (generic kernel).
 void run_timeline(const std::vector<Shape>& shapes) {
@@ -768,8 +770,9 @@ void run_timeline(const std::vector<Shape>& shapes) {
         fill<__nv_bfloat16>(x, numel, 1);
         fill<__nv_bfloat16>(dy, numel, 2);
       }
-      for (bool blending : {true, false}) {
-        DeviceLayer layer(shape, blending);
+      for (const char* mode : {"blend", "dormant", "own"}) {
+        const bool own = std::string_view(mode) == "own";
+        DeviceLayer layer(shape, own || std::string_view(mode) == "blend", false, own);
         kasmina::ForwardParams fp = forward_params_for(layer, shape, dtype, x, bench.stream());
         fp.y = y;
         fp.telemetry = layer.telemetry;
@@ -788,9 +791,9 @@ void run_timeline(const std::vector<Shape>& shapes) {
             kasmina::backward(bp, kasmina::Backend::cuda);
           });
           print_timeline("fwd", kasmina::cuda::forward_timeline(kasmina::cuda::kTimelineCtas), dtype, shape,
-                         blending, rep, us);
+                         mode, rep, us);
           print_timeline("bwd", kasmina::cuda::backward_timeline(kasmina::cuda::kTimelineCtas), dtype, shape,
-                         blending, rep, us);
+                         mode, rep, us);
         }
         CHECK(cudaFree(fp.workspace));
         CHECK(cudaFree(bp.workspace));

@@ -139,7 +139,7 @@ def summarise(key, ctas, out):
         v = by_kind[k]
         a, b = (1, 2) if op == "fwd" else (0, 1)
         setup = statistics.median(r["g"][b] - r["g"][a] for r in v)
-        out.write(f"   {KINDS[k] if mode == 'blend' else 'dormant':9s} setup {us(setup):5.2f} us, row loops end median "
+        out.write(f"   {KINDS[k] if mode != 'dormant' else 'dormant':9s} setup {us(setup):5.2f} us, row loops end median "
                   f"{us(statistics.median(r['g'][le] for r in v)):6.2f} max {us(max(r['g'][le] for r in v)):6.2f} us\n")
 
 
