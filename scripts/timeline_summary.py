@@ -38,7 +38,7 @@ DETAILS = {
     "fwd": [("set-up", [1, 8, 2], ["view (+softmax)", "table"]),
             ("last CTA's merge", [6, 9, 10, 11, 7], ["start", "partials loaded", "CTA merge", "telemetry row"])],
     "bwd": [("seed finish", [4, 8, 9, 10, 5], ["partials loaded", "CTA merge", "dW columns", "seed's rows out"]),
-            ("last seed", [6, 11, 7], ["rows staged", "ordered sums, clears"])],
+            ("last seed", [6, 11, 7], ["rows counted", "ordered sums, clears"])],
 }
 KINDS = ["RESIDUAL", "ATTENTION", "MLP", "CONV"]
 

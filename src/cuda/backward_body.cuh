@@ -21,9 +21,10 @@
 // takes a copy loop (DESIGN 31).
 // CTA partials go to the workspace; the last CTA of a seed (integer ticket)
 // sums them in tile order, applies the kind's final formula and writes the
-// seed's dalpha and grad_stats; the last seed to finish (a second ticket)
-// writes dweights/dscales: zero, then each contributing seed added in seed
-// order. No floating-point atomics; every sum has a fixed order. Every
+// seed's dalpha and grad_stats, and the seed's row of dweights/dscales
+// when no other seed adds into that blueprint; the last seed to finish (a
+// second ticket) writes the other rows: zero, then each contributing seed
+// added in seed order. No floating-point atomics; every sum has a fixed order. Every
 // partial is cleared after it is merged, so the workspace is zero again.
 #pragma once
 
@@ -823,7 +824,6 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   __shared__ BwdStats seed_total;
   __shared__ float bcast;
   __shared__ int is_last;
-  __shared__ int grads_range[4];  // the last seed: blueprints and seeds that add into dW
 
   const int tiles = args.tiles;
   const int s = static_cast<int>(blockIdx.x) / tiles;
@@ -933,19 +933,36 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   if (!is_last) return;
 
   // ---- last CTA of seed s: the seed's gradients
+  // Whether another seed adds into this seed's blueprint row (its loads in
+  // flight with the partials'): if none, the row of dweights/dscales is
+  // this seed's alone, zero plus its own row, and this CTA writes it where
+  // the last seed would have (DESIGN 62).
+  bool other = false;
+  if (grads) {
+#pragma unroll 1
+    for (int s2 = tid; s2 < args.num_seeds; s2 += nthreads) {
+      other |= s2 != s && args.seeds.blueprint[s2] == sv.blueprint && seed_has_grads(args.seeds, s2);
+    }
+  }
   BwdStats acc = BwdStats::identity();
 #pragma unroll 1
   for (int i = tid; i < tiles; i += nthreads) acc.merge(load_partial(args.partials + part0 + i));
   KASMINA_BWD_TL(8);
   acc = block_reduce_split(acc, grad_scratch, sum_part_scratch);
   if (tid == 0) seed_total = acc;
-  __syncthreads();
+  const bool sole = __syncthreads_or(other) == 0 && grads;
   KASMINA_BWD_TL(9);
   // params.hpp: the workspace is left zero-filled by every launch (the
   // barriers above order every read of these partials before the clears).
   for (int i = tid; i < tiles; i += nthreads) args.partials[part0 + i] = BwdStats{};
   const BwdStats total = seed_total;
-  float* sdw = args.seed_dw + static_cast<int64_t>(s) * C;
+  // The seed's row: staged for the last seed to sum (and clear), or (sole)
+  // the blueprint's row of dweights, 0.0f + v as the last seed would have
+  // written it (the bits of a zero-started sum: -0 becomes +0); ATTENTION's
+  // q goes through the same row, each column read back by the thread that
+  // wrote it.
+  float* drow = sole ? args.dweights + static_cast<int64_t>(sv.blueprint) * C
+                     : args.seed_dw + static_cast<int64_t>(s) * C;
   if (grads) {
     const float a_sigma = a_eff * sv.sigma;
     if (cols) {
@@ -973,28 +990,33 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
         }
         if (is_att) {
           const float q = a_eff * sum;
-          sdw[j] = q;
+          drow[j] = q;
           pq += coef_at(sv, table, j) * q;
         } else {
-          sdw[j] = a_sigma * sum;
+          drow[j] = 0.0f + a_sigma * sum;
         }
       }
       if (is_att) {
         // SPEC section 5: dw = p * (q - <p, q>), the softmax Jacobian.
         pq = block_sum_all<true>(pq, sum_scratch, &bcast);
-        for (int j = tid; j < C; j += nthreads) sdw[j] = coef_at(sv, table, j) * (sdw[j] - pq);
+        for (int j = tid; j < C; j += nthreads) drow[j] = 0.0f + coef_at(sv, table, j) * (drow[j] - pq);
       }
     } else {
       for (int j = tid; j < C; j += nthreads) {
         const double tap = j == 0 ? total.cw0 : (j == 1 ? total.cw1 : (j == 2 ? total.cw2 : 0.0));
-        sdw[j] = j < 3 ? static_cast<float>(static_cast<double>(a_sigma) * tap) : 0.0f;
+        drow[j] = 0.0f + (j < 3 ? static_cast<float>(static_cast<double>(a_sigma) * tap) : 0.0f);
       }
     }
   }
   KASMINA_BWD_TL(10);
   if (tid == 0) {
-    args.seed_dscale[s] =
+    const float dscale =
         (grads && !is_att) ? static_cast<float>(static_cast<double>(a_eff) * total.dsig) : 0.0f;
+    if (sole) {
+      args.dscales[sv.blueprint] = 0.0f + dscale;
+    } else if (grads) {
+      args.seed_dscale[s] = dscale;
+    }
     args.dalpha[s] = alpha_grad ? static_cast<float>(total.dalpha) : 0.0f;
     const unsigned long long n = total.mom.n;
     float* gs = args.grad_stats + static_cast<int64_t>(s) * kGradStatsWidth;
@@ -1013,76 +1035,65 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   KASMINA_BWD_TL_FLAG(17, is_last);
   if (!is_last) return;
 
-  // ---- last seed: dweights and dscales (DESIGN 3: each blueprint's row is
-  // zero plus its seeds' rows added in seed order). First the range of the
-  // contributing seeds and of their blueprints (integer min/max: any order
-  // gives the same result); rows outside it are zero. Then one thread per
-  // (row b, column c) of that range, c == C standing for dscales[b]: it
-  // reads the seeds kFinishBatch at a time (independent loads) and adds
-  // those of row b in seed order, the bits of a running sum, with one L2
-  // round trip per batch where a read-modify-write of dweights per seed
-  // took one per seed (DESIGN 57).
+  // ---- last seed: the other rows of dweights and dscales (DESIGN 3: each
+  // blueprint's row is zero plus its seeds' rows added in seed order). First
+  // how many seeds add into each row, counted in the CTA's shared memory
+  // (integer atomics: any order gives the same counts): a row of one seed
+  // was written by that seed's CTA, a row of none is zero. Then one thread
+  // per (row b, column c) entry of the rows left, c == C standing for
+  // dscales[b]: it reads the seeds kFinishBatch at a time (independent
+  // loads), adds those of row b in seed order, the bits of a running sum
+  // (DESIGN 57), and clears what it read (read by this thread only: the
+  // staging rows are zero again). Where the counts do not fit the shared
+  // memory (more rows than its floats) every entry scans the seeds and
+  // counts them itself.
   const int B = args.registry.num_blueprints;
   const int S = args.num_seeds;
-  if (tid == 0) {
-    grads_range[0] = B;
-    grads_range[1] = -1;
-    grads_range[2] = S;
-    grads_range[3] = -1;
-  }
-  __syncthreads();
-  {
-    int b_lo = B, b_hi = -1, s_lo = S, s_hi = -1;
+  int* row_seeds = reinterpret_cast<int*>(smem);
+  const bool counted = B <= args.table_floats + args.row_groups * Cp;
+  if (counted) {
+    for (int b = tid; b < B; b += nthreads) row_seeds[b] = 0;
+    __syncthreads();
     for (int s2 = tid; s2 < S; s2 += nthreads) {
-      if (!seed_has_grads(args.seeds, s2)) continue;
-      const int b = args.seeds.blueprint[s2];
-      b_lo = min(b_lo, b);
-      b_hi = max(b_hi, b);
-      s_lo = min(s_lo, s2);
-      s_hi = max(s_hi, s2);
-    }
-    const unsigned warp = __activemask();  // every thread of the CTA is here
-    b_lo = __reduce_min_sync(warp, b_lo);
-    b_hi = __reduce_max_sync(warp, b_hi);
-    s_lo = __reduce_min_sync(warp, s_lo);
-    s_hi = __reduce_max_sync(warp, s_hi);
-    if ((tid & 31) == 0) {
-      atomicMin(&grads_range[0], b_lo);
-      atomicMax(&grads_range[1], b_hi);
-      atomicMin(&grads_range[2], s_lo);
-      atomicMax(&grads_range[3], s_hi);
+      if (seed_has_grads(args.seeds, s2)) atomicAdd(&row_seeds[args.seeds.blueprint[s2]], 1);
     }
   }
   __syncthreads();
   KASMINA_BWD_TL(11);
   {
-    const int b_lo = grads_range[0], b_hi = grads_range[1];
-    const int s_lo = grads_range[2], s_hi = grads_range[3];
     const int W = C + 1;  // C columns of dweights, then dscales
 #pragma unroll 1
     for (int i = tid; i < B * W; i += nthreads) {
       const int b = i / W;
       const int c = i - b * W;
+      const int n = counted ? row_seeds[b] : -1;  // -1: not counted
+      if (n == 1) continue;  // written by its seed's CTA
       float v = 0.0f;
-      if (b >= b_lo && b <= b_hi) {
-        const float* src = c < C ? args.seed_dw + c : args.seed_dscale;
+      int found = 0;
+      if (n != 0) {
+        float* src = c < C ? args.seed_dw + c : args.seed_dscale;
         const int64_t stride = c < C ? C : 1;
 #pragma unroll 1
-        for (int s0 = s_lo; s0 <= s_hi; s0 += kFinishBatch) {
+        for (int s0 = 0; s0 < S; s0 += kFinishBatch) {
           float x[kFinishBatch];
           bool mine[kFinishBatch];
 #pragma unroll
           for (int k = 0; k < kFinishBatch; ++k) {
             const int s2 = s0 + k;
-            mine[k] = s2 <= s_hi && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
+            mine[k] = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
             x[k] = mine[k] ? load_cg(src + s2 * stride) : 0.0f;
           }
 #pragma unroll
           for (int k = 0; k < kFinishBatch; ++k) {
-            if (mine[k]) v += x[k];
+            if (mine[k]) {
+              v += x[k];
+              ++found;
+              src[(s0 + k) * stride] = 0.0f;
+            }
           }
         }
       }
+      if (found == 1) continue;  // not counted: a row of one seed, written by its CTA
       if (c < C) {
         args.dweights[static_cast<int64_t>(b) * C + c] = v;
       } else {
@@ -1090,9 +1101,6 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
       }
     }
   }
-  __syncthreads();
-  for (int64_t i = tid; i < static_cast<int64_t>(S) * C; i += nthreads) args.seed_dw[i] = 0.0f;
-  for (int s2 = tid; s2 < S; s2 += nthreads) args.seed_dscale[s2] = 0.0f;
   if (tid == 0) args.tickets[S] = 0u;
 }
 

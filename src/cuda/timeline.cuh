@@ -28,7 +28,8 @@ namespace kasmina::cuda {
 // telemetry row is written);
 // backward: 8 partials loaded (the seed's last CTA), 9 seed totals
 // reduced over the CTA, 10 dW column sums written, 11 the last seed's
-// rows of dW staged (then the ordered sums).
+// seeds per blueprint row counted (then the ordered sums of the rows of
+// several seeds, zeros, clears).
 inline constexpr int kTimelineSlots = 12;
 inline constexpr int kTimelineCtas = 4096;
 // Per CTA: kTimelineSlots globaltimer values, kTimelineSlots clock64

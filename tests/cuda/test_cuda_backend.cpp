@@ -253,6 +253,21 @@ TEST_F(SmallCuda, MixedShapes) {
   }
 }
 
+// The rows of dweights and dscales (DESIGN 62): a row of one seed written by
+// that seed's last CTA, the others by the last seed from its counts in
+// shared memory (C = 3, 200 seeds over 5 rows: many seeds to a row), and
+// without the counts where the rows outnumber the shared memory's floats
+// (C = 1: 260 floats on the default tuning; 1000 rows, 600 seeds: rows of
+// none, one and several seeds).
+TEST_F(SmallCuda, BlueprintRowsOfOneAndOfManySeeds) {
+  ProblemOptions shared = shape(6, 3, 200, DType::bf16, 92);
+  shared.num_blueprints = 5;
+  check_problem(shared);
+  ProblemOptions many_rows = shape(5, 1, 600, DType::f32, 91);
+  many_rows.num_blueprints = 1000;
+  check_problem(many_rows);
+}
+
 TEST_F(SmallCuda, ClampClipMisaligned) {
   ProblemOptions o = shape(9, 48, 3, DType::f16, 7);
   o.clamp = true;
@@ -1270,10 +1285,19 @@ TEST_F(SmallCuda, ForwardManyRefusesMixedDtypes) {
 
 // params.hpp: a workspace is left zero-filled by every launch (the Python
 // front end declares it unmutated).
+// Also where seeds share blueprint rows (their staged rows cleared by the
+// last seed, DESIGN 62), with and without its counts in shared memory.
 TEST_F(SmallCuda, WorkspaceLeftZeroFilled) {
+  std::vector<ProblemOptions> cases;
   for (int32_t seeds : {1, 5}) {
-    ProblemOptions o = shape(300, 65, seeds, DType::f32, 11);
-    o.clip = true;
+    cases.push_back(shape(300, 65, seeds, DType::f32, 11));
+    cases.back().clip = true;
+  }
+  cases.push_back(shape(6, 3, 200, DType::bf16, 12));
+  cases.back().num_blueprints = 5;
+  cases.push_back(shape(5, 1, 600, DType::f32, 13));
+  cases.back().num_blueprints = 1000;
+  for (const ProblemOptions& o : cases) {
     Problem p = make_problem(o);
     const DeviceProblem d(p, false);
     run_cuda(p, d);
