@@ -183,10 +183,24 @@ class Bench {
   long long spin_cycles_ = 0;
 };
 
-// The layer's device state for one shape: blending seeds cycle through the
-// four kinds and the four blending stages that train (one blueprint per
-// kind, shared by its seeds; own_rows: a row per seed, as germinate gives
-// by default); dormant seeds copy.
+// The bench's layers: blending seeds cycling through the four kinds and the
+// four blending stages that train, one blueprint row per kind shared by its
+// seeds (blend_mixed) or a row per seed as germinate gives by default
+// (blend_own); every seed a blending CONV seed (blend_conv: issue 7's halo
+// backward); or every seed dormant, a copy (dormant).
+enum class SeedsMode { blend_mixed, dormant, blend_conv, blend_own };
+
+const char* seeds_mode_name(SeedsMode m) {
+  switch (m) {
+    case SeedsMode::blend_mixed: return "blend-mixed";
+    case SeedsMode::dormant: return "dormant";
+    case SeedsMode::blend_conv: return "blend-conv";
+    case SeedsMode::blend_own: return "blend-own";
+  }
+  return "?";
+}
+
+// The layer's device state for one shape and seeds mode.
 struct DeviceLayer {
   int32_t S = 0, B = 64;
   int64_t C = 0;
@@ -196,9 +210,12 @@ struct DeviceLayer {
         *grad_stats = nullptr;
   int64_t* nonfinite = nullptr;
 
-  // conv_only: every seed a blending CONV seed (issue 7's halo backward).
-  DeviceLayer(const Shape& s, bool blending, bool conv_only = false, bool own_rows = false)
-      : S(s.seeds), B(own_rows ? std::max(64, s.seeds + 1) : 64), C(s.hidden / s.seeds) {
+  DeviceLayer(const Shape& s, SeedsMode mode)
+      : S(s.seeds), B(mode == SeedsMode::blend_own ? std::max(64, s.seeds + 1) : 64),
+        C(s.hidden / s.seeds) {
+    const bool blending = mode != SeedsMode::dormant;
+    const bool conv_only = mode == SeedsMode::blend_conv;
+    const bool own_rows = mode == SeedsMode::blend_own;
     std::vector<int32_t> st(S), kd(S), bp(S);
     std::vector<float> al(S, 0.5f), w(static_cast<std::size_t>(B * C)), sc(B, 1.0f);
     for (int32_t i = 0; i < S; ++i) {
@@ -308,12 +325,13 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
                     moved / (t * 1e3), floor_gbps, 100.0 * copy_us / t, true});
   }
 
-  for (int seeds_mode : {0, 1, 2, 3}) {  // blend-mixed, dormant, blend-conv, blend-own
-    const bool blending = seeds_mode != 1;
-    const bool conv_only = seeds_mode == 2;
-    const bool own_rows = seeds_mode == 3;
+  for (const SeedsMode seeds_mode : {SeedsMode::blend_mixed, SeedsMode::dormant,
+                                     SeedsMode::blend_conv, SeedsMode::blend_own}) {
+    const bool blending = seeds_mode != SeedsMode::dormant;
+    const bool conv_only = seeds_mode == SeedsMode::blend_conv;
+    const bool own_rows = seeds_mode == SeedsMode::blend_own;
     if (conv_only && (shape.hidden / shape.seeds < 3 || !candidates)) continue;
-    DeviceLayer layer(shape, blending, conv_only, own_rows);
+    DeviceLayer layer(shape, seeds_mode);
     kasmina::ForwardParams fp = forward_params_for(layer, shape, dtype, x, bench.stream());
     fp.y = y;
     fp.telemetry = layer.telemetry;
@@ -334,10 +352,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
     CHECK(cudaMemset(bp.workspace, 0, bp.workspace_bytes));
 
-    const std::string mode = conv_only  ? "blend-conv"
-                             : own_rows ? "blend-own"
-                             : blending ? "blend-mixed"
-                                        : "dormant";
+    const std::string mode = seeds_mode_name(seeds_mode);
     const std::string dname(kasmina::dtype_name(dtype));
     const double fwd_bytes = 2.0 * static_cast<double>(bytes);
     const double both_bytes = 5.0 * static_cast<double>(bytes);
@@ -583,7 +598,7 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
   } else {
     fill<__nv_bfloat16>(x, numel, 3);
   }
-  DeviceLayer layer(shape, true);
+  DeviceLayer layer(shape, SeedsMode::blend_mixed);
   std::vector<kasmina::ForwardParams> params(kLayers);
   std::vector<void*> owned;
   for (int i = 0; i < kLayers; ++i) {
@@ -671,7 +686,7 @@ void run_host_overhead(Bench& bench, std::vector<Row>& rows) {
   CHECK(cudaMalloc(&x, bytes));
   CHECK(cudaMalloc(&y, bytes));
   fill<float>(x, numel, 5);
-  DeviceLayer layer(shape, true);
+  DeviceLayer layer(shape, SeedsMode::blend_mixed);
   kasmina::ForwardParams fp = forward_params_for(layer, shape, kasmina::DType::f32, x, bench.stream());
   fp.y = y;
   fp.telemetry = layer.telemetry;
@@ -770,9 +785,11 @@ void run_timeline(const std::vector<Shape>& shapes) {
         fill<__nv_bfloat16>(x, numel, 1);
         fill<__nv_bfloat16>(dy, numel, 2);
       }
-      for (const char* mode : {"blend", "dormant", "own"}) {
-        const bool own = std::string_view(mode) == "own";
-        DeviceLayer layer(shape, own || std::string_view(mode) == "blend", false, own);
+      // The timeline's names of the layers (scripts/timeline_summary.py).
+      for (const auto& [mode, seeds_mode] :
+           {std::pair{"blend", SeedsMode::blend_mixed}, std::pair{"dormant", SeedsMode::dormant},
+            std::pair{"own", SeedsMode::blend_own}}) {
+        DeviceLayer layer(shape, seeds_mode);
         kasmina::ForwardParams fp = forward_params_for(layer, shape, dtype, x, bench.stream());
         fp.y = y;
         fp.telemetry = layer.telemetry;
