@@ -20,7 +20,9 @@
 // and an empty kernel's GPU time by the same events method (what any launch
 // pays before its first instruction).
 //
-//   bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...]
+//   bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] [--no-pdl]
+//
+// --no-pdl: the default rows without programmatic dependent launch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -187,8 +189,10 @@ class Bench {
 // four blending stages that train, one blueprint row per kind shared by its
 // seeds (blend_mixed) or a row per seed as germinate gives by default
 // (blend_own); every seed a blending CONV seed (blend_conv: issue 7's halo
-// backward); or every seed dormant, a copy (dormant).
-enum class SeedsMode { blend_mixed, dormant, blend_conv, blend_own };
+// backward); every seed dormant, a copy (dormant); or a network that grows:
+// every eighth seed blending as blend_mixed's (kinds and stages cycling), the
+// others dormant (growing).
+enum class SeedsMode { blend_mixed, dormant, blend_conv, blend_own, growing };
 
 const char* seeds_mode_name(SeedsMode m) {
   switch (m) {
@@ -196,6 +200,7 @@ const char* seeds_mode_name(SeedsMode m) {
     case SeedsMode::dormant: return "dormant";
     case SeedsMode::blend_conv: return "blend-conv";
     case SeedsMode::blend_own: return "blend-own";
+    case SeedsMode::growing: return "growing";
   }
   return "?";
 }
@@ -216,12 +221,15 @@ struct DeviceLayer {
     const bool blending = mode != SeedsMode::dormant;
     const bool conv_only = mode == SeedsMode::blend_conv;
     const bool own_rows = mode == SeedsMode::blend_own;
+    const bool growing = mode == SeedsMode::growing;
     std::vector<int32_t> st(S), kd(S), bp(S);
     std::vector<float> al(S, 0.5f), w(static_cast<std::size_t>(B * C)), sc(B, 1.0f);
     for (int32_t i = 0; i < S; ++i) {
-      kd[i] = conv_only ? 3 : (C >= 3) ? i % 4 : i % 3;
-      st[i] = blending ? 3 + i % 4 : 0;
-      bp[i] = !blending ? 0 : own_rows ? 1 + i : 1 + kd[i];
+      const int32_t j = growing ? i / 8 : i;  // growing: the j-th blending seed
+      const bool blends = blending && (!growing || i % 8 == 0);
+      kd[i] = conv_only ? 3 : (C >= 3) ? j % 4 : j % 3;
+      st[i] = blends ? 3 + j % 4 : 0;
+      bp[i] = !blends ? 0 : own_rows ? 1 + i : 1 + kd[i];
     }
     for (std::size_t i = 0; i < w.size(); ++i) w[i] = 0.5f + 0.001f * static_cast<float>(i % 97);
     upload(&stage, st);
@@ -288,6 +296,10 @@ kasmina::BackwardParams backward_params_for(const DeviceLayer& layer, const Shap
   return bp;
 }
 
+// The launch configuration of the default rows (--no-pdl and the other
+// switches of main() change it; candidates set their own).
+kasmina::CudaLaunchConfig g_default;
+
 void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool candidates,
                std::vector<Row>& rows) {
   const std::size_t esize = kasmina::dtype_size(dtype);
@@ -326,10 +338,13 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
   }
 
   for (const SeedsMode seeds_mode : {SeedsMode::blend_mixed, SeedsMode::dormant,
-                                     SeedsMode::blend_conv, SeedsMode::blend_own}) {
-    const bool blending = seeds_mode != SeedsMode::dormant;
+                                     SeedsMode::blend_conv, SeedsMode::blend_own,
+                                     SeedsMode::growing}) {
+    const bool blending = seeds_mode != SeedsMode::dormant && seeds_mode != SeedsMode::growing;
     const bool conv_only = seeds_mode == SeedsMode::blend_conv;
-    const bool own_rows = seeds_mode == SeedsMode::blend_own;
+    // Layers whose forward is another's (a row per seed) or whose point is
+    // the backward's balance (growing): forward+backward only.
+    const bool own_rows = seeds_mode == SeedsMode::blend_own || seeds_mode == SeedsMode::growing;
     if (conv_only && (shape.hidden / shape.seeds < 3 || !candidates)) continue;
     DeviceLayer layer(shape, seeds_mode);
     kasmina::ForwardParams fp = forward_params_for(layer, shape, dtype, x, bench.stream());
@@ -344,7 +359,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
       flat.forward_flat_reduction = true;
       kasmina::set_cuda_launch_config(flat);
       fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
-      kasmina::set_cuda_launch_config({});
+      kasmina::set_cuda_launch_config(g_default);
     }
     bp.workspace_bytes = kasmina::backward_workspace_bytes(bp, kasmina::Backend::cuda);
     CHECK(cudaMalloc(&fp.workspace, fp.workspace_bytes));
@@ -383,16 +398,16 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
                                     : "bwd CONV neighbours from L1, rows in flight 1",
                         shape, t, both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
       }
-      kasmina::set_cuda_launch_config({});
+      kasmina::set_cuda_launch_config(g_default);
       CHECK(cudaFree(fp.workspace));
       CHECK(cudaFree(bp.workspace));
       continue;
     }
     // The default launch configuration (the architecture's tuning).
-    kasmina::set_cuda_launch_config({});
+    kasmina::set_cuda_launch_config(g_default);
     // A row per seed: only the backward differs from blend-mixed's layer
     // (its last seed has no row of several seeds to sum), so only
-    // forward+backward is timed.
+    // forward+backward is timed; the same for the growing layer.
     if (own_rows) {
       const double t = time_both();
       rows.push_back({"forward+backward", dname, mode,
@@ -423,7 +438,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
         const double tb = time_both();
         rows.push_back({"forward+backward", dname, mode, "fwd+bwd default, plain launches (no PDL)",
                         shape, tb, both_bytes / (tb * 1e3), floor_gbps, pct(both_bytes, tb), true});
-        kasmina::set_cuda_launch_config({});
+        kasmina::set_cuda_launch_config(g_default);
       }
       for (int u : {1, 2, 4}) {
         if (u == 4 && esize == 2) continue;  // 2-byte types run at most 2 (ops.hpp)
@@ -545,7 +560,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
         rows.push_back({"forward+backward", dname, mode, label, shape, t, both_bytes / (t * 1e3),
                         floor_gbps, pct(both_bytes, t), true});
       }
-      kasmina::set_cuda_launch_config({});
+      kasmina::set_cuda_launch_config(g_default);
     }
     // Small inputs: the forward replayed from a CUDA graph of kGraphCalls
     // launches (launch gaps shrink to the graph's), per call; L2 is not
@@ -573,7 +588,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
         CHECK(cudaGraphExecDestroy(exec));
         CHECK(cudaGraphDestroy(graph));
       }
-      kasmina::set_cuda_launch_config({});
+      kasmina::set_cuda_launch_config(g_default);
     }
     CHECK(cudaFree(fp.workspace));
     CHECK(cudaFree(bp.workspace));
@@ -616,7 +631,7 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
       flat.forward_flat_reduction = true;
       kasmina::set_cuda_launch_config(flat);
       fp.workspace_bytes = kasmina::forward_workspace_bytes(fp, kasmina::Backend::cuda);
-      kasmina::set_cuda_launch_config({});
+      kasmina::set_cuda_launch_config(g_default);
     }
     CHECK(cudaMalloc(&ws, fp.workspace_bytes));
     CHECK(cudaMemset(ws, 0, fp.workspace_bytes));
@@ -639,7 +654,7 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
     add("forward x8 noPDL", "8 launches back to back without PDL, per forward", bench.time_us([&] {
           for (const auto& fp : params) kasmina::forward(fp, kasmina::Backend::cuda);
         }));
-    kasmina::set_cuda_launch_config({});
+    kasmina::set_cuda_launch_config(g_default);
   }
   add("forward x8 many", "one forward_many launch, per forward", bench.time_us([&] {
         kasmina::forward_many(params.data(), kLayers, kasmina::Backend::cuda);
@@ -666,7 +681,7 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
         bench.time_us([&] { CHECK(cudaGraphLaunch(exec, bench.stream())); }));
     CHECK(cudaGraphExecDestroy(exec));
     CHECK(cudaGraphDestroy(graph));
-    kasmina::set_cuda_launch_config({});
+    kasmina::set_cuda_launch_config(g_default);
   }
   for (void* p : owned) CHECK(cudaFree(p));
   CHECK(cudaFree(x));
@@ -846,6 +861,8 @@ int main(int argc, char** argv) {
       json_path = argv[++i];
     } else if (a == "--no-candidates") {
       candidates = false;
+    } else if (a == "--no-pdl") {
+      g_default.programmatic_launch = false;
 #ifdef KASMINA_TIMELINE
     } else if (a == "--timeline") {
       timeline = true;
@@ -870,7 +887,8 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr,
-                   "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...]\n");
+                   "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] "
+                   "[--no-pdl]\n");
       return 2;
     }
   }
