@@ -21,8 +21,13 @@
 // pays before its first instruction).
 //
 //   bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] [--no-pdl]
+//              [--tma-store] [--late-pdl]
 //
 // --no-pdl: the default rows without programmatic dependent launch.
+// --tma-store: the default rows with the TMA forward's y by TMA store
+// (CudaLaunchConfig::forward_tma_store; where the TMA forward runs).
+// --late-pdl: the default rows with the TMA forward's dependents launched
+// after its row loop (CudaLaunchConfig::forward_late_dependents).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -863,6 +868,10 @@ int main(int argc, char** argv) {
       candidates = false;
     } else if (a == "--no-pdl") {
       g_default.programmatic_launch = false;
+    } else if (a == "--tma-store") {
+      g_default.forward_tma_store = true;
+    } else if (a == "--late-pdl") {
+      g_default.forward_late_dependents = true;
 #ifdef KASMINA_TIMELINE
     } else if (a == "--timeline") {
       timeline = true;
@@ -888,7 +897,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] "
-                   "[--no-pdl]\n");
+                   "[--no-pdl] [--tma-store] [--late-pdl]\n");
       return 2;
     }
   }

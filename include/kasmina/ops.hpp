@@ -118,6 +118,22 @@ struct CudaLaunchConfig {
   // kernels changes. Off: plain stream order. Ignored below compute capability
   // 9.0 and for kernel code without sm_90 instructions (describe says so).
   bool programmatic_launch = true;
+  // The TMA forward's y by TMA store (sm_90a): each row pass's y goes to a
+  // shared-memory stage and reaches global memory as one tensor-map store of
+  // the pass's box, not as per-thread stores. The same bits and telemetry as
+  // the TMA forward without it. Its stages need more than the 48 KiB of
+  // shared memory every architecture gives without an opt-in; where they do
+  // not fit (or would hold fewer CTAs per SM than the generic kernel) the
+  // plain TMA forward runs and describe_forward says why. Only where the TMA
+  // forward runs. A measurement variant, not a default.
+  bool forward_tma_store = false;
+  // The TMA forward lets the next kernel on the stream start (programmatic
+  // dependent launch: griddepcontrol.launch_dependents) after its row loop,
+  // not at its first statement, so the dependent's early CTAs do not take
+  // SM slots and memory bandwidth from the forward's row passes. The same
+  // bits; only where the TMA forward runs with programmatic_launch. A
+  // measurement variant, not a default.
+  bool forward_late_dependents = false;
 };
 // Whether `stream` is capturing a CUDA graph (cudaStreamIsCapturing: the
 // capture is active or invalidated), what torch.cuda.is_current_stream_capturing()

@@ -22,6 +22,8 @@ std::atomic<bool> g_backward_halo{false};
 std::atomic<bool> g_backward_tma{false};
 std::atomic<int> g_backward_stages{0};
 std::atomic<bool> g_programmatic{true};
+std::atomic<bool> g_forward_tma_store{false};
+std::atomic<bool> g_forward_late_dependents{false};
 
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
@@ -80,6 +82,8 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   g_backward_tma.store(config.backward_tma, std::memory_order_relaxed);
   g_backward_stages.store(config.backward_stages, std::memory_order_relaxed);
   g_programmatic.store(config.programmatic_launch, std::memory_order_relaxed);
+  g_forward_tma_store.store(config.forward_tma_store, std::memory_order_relaxed);
+  g_forward_late_dependents.store(config.forward_late_dependents, std::memory_order_relaxed);
 }
 
 namespace {
@@ -172,6 +176,8 @@ CudaLaunchConfig cuda_launch_config() {
   c.backward_tma = g_backward_tma.load(std::memory_order_relaxed);
   c.backward_stages = g_backward_stages.load(std::memory_order_relaxed);
   c.programmatic_launch = g_programmatic.load(std::memory_order_relaxed);
+  c.forward_tma_store = g_forward_tma_store.load(std::memory_order_relaxed);
+  c.forward_late_dependents = g_forward_late_dependents.load(std::memory_order_relaxed);
   return c;
 }
 

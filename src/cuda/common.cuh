@@ -123,6 +123,13 @@ struct LaunchPlan {
   bool programmatic_asked = false;
   bool programmatic = false;
   const char* programmatic_refusal = nullptr;
+  // The TMA forward only: y by TMA store (CudaLaunchConfig::forward_tma_store:
+  // asked for where the TMA forward runs, then decided by forward_tma_finish),
+  // or why it was asked for and not; and the dependents launched after the
+  // row loop (forward_late_dependents).
+  bool tma_store = false;
+  const char* tma_store_refusal = nullptr;
+  bool late_dependents = false;
 };
 
 // Whether `kernel` as it loads on `device` (the current one) was compiled
@@ -262,11 +269,21 @@ inline int tiles_for_kernel(const void* kernel, const LaunchPlan& plan, int64_t 
 // its launch latency overlaps this kernel's work. Both are no-ops for a
 // kernel launched without the attribute, and are compiled out below sm_90
 // (the host never asks for the attribute there: finish_programmatic).
-__device__ __forceinline__ void pdl_prologue() {
+// The two halves are apart for a kernel that lets its dependents start
+// later than its first statement (CudaLaunchConfig::forward_late_dependents).
+__device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+__device__ __forceinline__ void pdl_prologue() {
+  pdl_wait();
+  pdl_launch_dependents();
 }
 
 template <typename T>
@@ -455,6 +472,21 @@ __device__ __forceinline__ void store_raw(T* p, const RawVec<T, V>& raw) {
     *p = raw;
   } else {
     __stwb(reinterpret_cast<uint4*>(p), raw);
+  }
+}
+
+// The same into shared memory (the TMA forward's y stage): one
+// st.shared.v4 (__stwb's st.global would fault on a shared address, and a
+// plain uint4 assignment may be split).
+template <typename T, int V>
+__device__ __forceinline__ void store_raw_shared(T* p, const RawVec<T, V>& raw) {
+  if constexpr (V == 1) {
+    *p = raw;
+  } else {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(
+                     static_cast<unsigned>(__cvta_generic_to_shared(p))),
+                 "r"(raw.x), "r"(raw.y), "r"(raw.z), "r"(raw.w)
+                 : "memory");
   }
 }
 

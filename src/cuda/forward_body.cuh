@@ -240,13 +240,25 @@ __device__ __forceinline__ void group_sum3(A& a, A& b, A& c, int G) {
 
 // The U input rows of one pass as the threads read them: pointers into
 // global memory (generic kernel) or into a shared-memory stage (TMA kernel);
-// rows past N point at a valid row and are skipped (active[u] false).
-template <typename T, int U>
+// rows past N point at a valid row and are skipped (active[u] false). The
+// output rows are in global memory, or with YShared in a shared-memory
+// stage that a TMA store writes out (CudaLaunchConfig::forward_tma_store).
+template <typename T, int U, bool YShared = false>
 struct PassRows {
   const T* x[U];
   T* y[U];
   bool active[U];
 };
+
+// One access of y: to global memory, or to the shared-memory y stage.
+template <typename T, int V, bool YShared>
+__device__ __forceinline__ void store_y(T* p, const RawVec<T, V>& raw) {
+  if constexpr (YShared) {
+    store_raw_shared<T, V>(p, raw);
+  } else {
+    store_raw<T, V>(p, raw);
+  }
+}
 
 // The drift's row sums (DESIGN 28). Float32 inputs: X.Y, |X|^2 and |Y|^2 in
 // float64 (products of floats are exact there) and 1 - cos from them. 16-bit
@@ -348,9 +360,9 @@ __device__ __forceinline__ void drift_row_sums_exact(const ForwardArgs& args, co
 // One row pass of one mode: y, the per-thread telemetry and the drift of
 // the thread's U rows. Every lane loads its vector of all U rows before it
 // computes on the first (U accesses in flight per thread).
-template <typename T, int V, int U, Mode M, bool Clamp>
+template <typename T, int V, int U, Mode M, bool Clamp, bool YShared>
 __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const SeedView& sv,
-                                             const float* table, const PassRows<T, U>& r,
+                                             const float* table, const PassRows<T, U, YShared>& r,
                                              int lane, ThreadStats& st) {
   constexpr bool kBlend = M != Mode::copy;
   constexpr bool kF32 = kDriftFloat32<T>;
@@ -382,7 +394,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
       decode_vec<T, V>(raw[u], xv);
       if constexpr (!kBlend && !Clamp) {
         // A copy stores the loaded bytes unchanged.
-        store_raw<T, V>(r.y[u] + c, raw[u]);
+        store_y<T, V, YShared>(r.y[u] + c, raw[u]);
       } else {
         float yv[V];
         float coef[V];
@@ -419,7 +431,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
           }
           yv[i] = Clamp ? clamp_output(true, clo, chi, yi) : yi;
         }
-        store_vec<T, V>(r.y[u] + c, yv);
+        store_y<T, V, YShared>(r.y[u] + c, encode_vec<T, V>(yv));
       }
       add_values<T, V>(st, raw[u], xv, thr, thr2);
     }

@@ -247,6 +247,9 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
       plan = one;
       plan.tma = true;
       plan.stages = vc.stages;
+      // Asked for; forward_tma_finish decides whether the store's stages fit.
+      plan.tma_store = knobs.set.forward_tma_store;
+      plan.late_dependents = knobs.set.forward_late_dependents;
     }
   }
   return plan;
@@ -488,6 +491,15 @@ std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
      << ", "
      << (plan.smem_bytes > 0 ? "coefficients in a shared-memory table"
                              : "coefficients computed per element (C too wide for the table)");
+  if (plan.tma_store) {
+    os << "; y by TMA store (" << kTmaStoreStages << " y stages)";
+  } else if (plan.tma_store_refusal != nullptr) {
+    os << "; y by per-thread stores (forward_tma_store refused: " << plan.tma_store_refusal << ")";
+  }
+  if (plan.late_dependents) {
+    os << "; dependents launched after the row loop"
+       << (plan.programmatic ? "" : " (no effect: plain launch)");
+  }
   return os.str();
 }
 }  // namespace

@@ -16,13 +16,39 @@
 // so the same bits. The kernel's body compiles for sm_90 only; the host runs
 // it only on compute capability 9.x (forward_tma_refusal), where the sm_90a
 // cubin is what loads.
+//
+// y by TMA store (CudaLaunchConfig::forward_tma_store, the Store instances):
+// the threads write a pass's y into a y stage laid out as the x stage (R rows
+// of C elements), and thread 0 writes the stage out with one tensor-map
+// store of the box (rows past N are clipped by the TMA unit). The y stages
+// are a ring of their own (kTmaStoreStages), not the x stage: CONV reads
+// the x neighbours of other lanes. Each thread's fence.proxy.async and the
+// end-of-pass barrier order its y writes before the store; thread 0's wait
+// for the store that last read the next pass's y stage sits before the same
+// barrier, so the store adds no barrier. The x and y stages may exceed the
+// 48 KiB every architecture gives, so these instances opt in to more (once
+// per instance and device; tuning.hpp's tma_store_smem_bytes).
+// Before the CTA's finish, thread 0 waits for its stores to complete: the
+// shared memory stays live until they are read, and y is in global memory
+// when the grid completes (what a programmatic dependent's
+// griddepcontrol.wait waits for).
+//
+// Late dependents (CudaLaunchConfig::forward_late_dependents, the Late
+// instances): griddepcontrol.launch_dependents after the row loop, not with
+// the wait at the first statement, so a programmatic dependent's early CTAs
+// (the backward's) take no SM slots or bandwidth from the row passes (an
+// H200 lost 5 % at 16384x4096/64 to them with the store).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "cuda/common.cuh"
@@ -50,25 +76,41 @@ struct TmaForwardArgs {
   ForwardArgs fwd;
   int stages;
   int stage_bytes;  // R * C * element size
+  // y, the same box: the Store instances only. Last, so the other fields'
+  // offsets (and the default instances' code) are those without it;
+  // 64-byte aligned as CUtensorMap is declared.
+  CUtensorMap map_y;
 };
+static_assert(offsetof(TmaForwardArgs, map_y) % 64 == 0, "a tensor map must be 64-byte aligned");
 
 // ------------------------------------------------------------------ kernel
 
-template <typename T, int V>
+// Store: y by TMA store; Late: dependents launched after the row loop (see
+// the top of this file). The default instance (both false) is the plain TMA
+// forward.
+template <typename T, int V, bool Store, bool Late>
 __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T), 1))
     forward_tma_kernel(const __grid_constant__ TmaForwardArgs targs) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-  pdl_prologue();
+  if constexpr (Late) {
+    pdl_wait();
+  } else {
+    pdl_prologue();
+  }
   KASMINA_FWD_TL(0);
-  extern __shared__ unsigned char tma_smem[];  // 128 bytes of slack, stages, coefficient table
+  // 128 bytes of slack, x stages, y stages (Store), coefficient table.
+  extern __shared__ unsigned char tma_smem[];
   __shared__ uint64_t full[kMaxTmaStages];
   const ForwardArgs& args = targs.fwd;
   const int stages = targs.stages;
   const int stage_bytes = targs.stage_bytes;
-  // TMA destinations 128-byte aligned whatever the dynamic base.
+  // TMA sources and destinations 128-byte aligned whatever the dynamic base;
+  // a stage's bytes are a multiple of 128 (R >= 8 rows of 16-byte multiples).
   unsigned char* ring = tma_smem + ((128u - (smem_u32(tma_smem) & 127u)) & 127u);
+  unsigned char* y_ring = ring + static_cast<std::size_t>(stages) * stage_bytes;
   // 16-byte aligned (mode_coefs): a stage is rows x C elements of 16-byte rows.
-  float* table_mem = reinterpret_cast<float*>(ring + static_cast<std::size_t>(stages) * stage_bytes);
+  float* table_mem = reinterpret_cast<float*>(
+      y_ring + static_cast<std::size_t>(Store ? kTmaStoreStages : 0) * stage_bytes);
 
   const int tiles = args.tiles;
   const int s = static_cast<int>(blockIdx.x) / tiles;
@@ -82,11 +124,15 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   const int64_t passes = (N + R - 1) / R;
   const int count = tile < passes ? static_cast<int>((passes - 1 - tile) / tiles + 1) : 0;
 
+  // The first row of this CTA's pass i.
+  const auto row0 = [&](int i) {
+    return static_cast<int>((tile + static_cast<int64_t>(i) * tiles) * R);
+  };
   const auto issue = [&](int i) {  // thread 0: pass i of this CTA into stage i % stages
     const int buf = i % stages;
     mbar_arrive_expect_tx(&full[buf], static_cast<unsigned>(stage_bytes));
-    tma_load_2d(ring + static_cast<std::size_t>(buf) * stage_bytes, &targs.map, s * C,
-                static_cast<int>((tile + static_cast<int64_t>(i) * tiles) * R), &full[buf]);
+    tma_load_2d(ring + static_cast<std::size_t>(buf) * stage_bytes, &targs.map, s * C, row0(i),
+                &full[buf]);
   };
   if (threadIdx.x == 0) {
     for (int k = 0; k < stages; ++k) mbar_init(&full[k], 1u);
@@ -101,25 +147,53 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   const CtaSeed cs = setup_seed(args, s, table_mem);
   KASMINA_FWD_TL(2);
   ThreadStats st = ThreadStats::identity<T>();
-  const int64_t col0 = static_cast<int64_t>(s) * C;
-  T* y = static_cast<T*>(args.y);
+  [[maybe_unused]] const int64_t col0 = static_cast<int64_t>(s) * C;  // y's chunk (not Store)
+  [[maybe_unused]] T* y = static_cast<T*>(args.y);
   with_mode(cs.mode, args.clamp.enabled, [&](auto m, auto clamp) {
     for (int i = 0; i < count; ++i) {
       const int buf = i % stages;
       mbar_wait(&full[buf], static_cast<unsigned>(i / stages) & 1u);
       if (i == 0) KASMINA_FWD_TL(3);
       const int64_t n = (tile + static_cast<int64_t>(i) * tiles) * R + group;
-      PassRows<T, 1> r;
+      PassRows<T, 1, Store> r;
       r.active[0] = n < N;
       r.x[0] = reinterpret_cast<const T*>(ring + static_cast<std::size_t>(buf) * stage_bytes) +
                static_cast<int64_t>(group) * C;
-      r.y[0] = y + (r.active[0] ? n : 0) * args.y_stride + col0;
+      if constexpr (Store) {
+        r.y[0] = reinterpret_cast<T*>(y_ring + static_cast<std::size_t>(i % kTmaStoreStages) *
+                                                   stage_bytes) +
+                 static_cast<int64_t>(group) * C;
+      } else {
+        r.y[0] = y + (r.active[0] ? n : 0) * args.y_stride + col0;
+      }
       forward_pass<T, V, 1, decltype(m)::value, decltype(clamp)::value>(args, cs.sv, cs.table, r,
                                                                        lane, st);
+      if constexpr (Store) {
+        // This thread's y-stage writes before the async proxy's reads (the
+        // store thread 0 issues after the barrier).
+        fence_proxy_async_shared();
+        // The store that last read the y stage of pass i + 1 (that of pass
+        // i + 1 - kTmaStoreStages; thread 0 has committed up to pass i - 1)
+        // is done reading before any thread passes the barrier to write it.
+        if (threadIdx.x == 0) bulk_wait_group_read<kTmaStoreStages - 2>();
+      }
       __syncthreads();  // every thread is done with the stage: refill it
-      if (threadIdx.x == 0 && i + stages < count) issue(i + stages);
+      if (threadIdx.x == 0) {
+        if (i + stages < count) issue(i + stages);
+        if constexpr (Store) {
+          tma_store_2d(&targs.map_y, s * C, row0(i),
+                       y_ring + static_cast<std::size_t>(i % kTmaStoreStages) * stage_bytes);
+          bulk_commit_group();
+        }
+      }
     }
   });
+  // The stores complete before the y stages go (the CTA's exit) and before
+  // the grid counts as complete.
+  if constexpr (Store) {
+    if (threadIdx.x == 0) bulk_wait_all();
+  }
+  if constexpr (Late) pdl_launch_dependents();
   KASMINA_FWD_TL(4);
   finish_seed<T>(args, s, tile, cs.sv.blends, st);
   KASMINA_FWD_TL(7);
@@ -131,23 +205,74 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
 #endif
 }
 
-const void* kernel_for(DType dtype) {
-  return with_storage_type(dtype, [](auto t) {
+using TmaKernel = void (*)(TmaForwardArgs);
+
+// The kernel instance of (dtype, store, late).
+TmaKernel instance(DType dtype, bool store, bool late) {
+  return with_storage_type(dtype, [&](auto t) -> TmaKernel {
     using T = decltype(t);
-    return reinterpret_cast<const void*>(&forward_tma_kernel<T, kTmaVector<T>>);
+    constexpr int V = kTmaVector<T>;
+    if (store) {
+      return late ? &forward_tma_kernel<T, V, true, true> : &forward_tma_kernel<T, V, true, false>;
+    }
+    return late ? &forward_tma_kernel<T, V, false, true> : &forward_tma_kernel<T, V, false, false>;
   });
 }
 
-bool has_sm90_code(DType dtype, int device) { return kernel_has_sm90_code(kernel_for(dtype), device); }
+// The Store instances may take the tuning's opt-in of dynamic shared memory:
+// set once per instance and device, before the occupancy query (which
+// counts no CTA above 48 KiB without it) and the launch.
+void allow_store_smem(const void* kernel, const DeviceInfo& dev) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  const std::pair<const void*, int> key{kernel, dev.ordinal};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(key) != 0) return;
+  KASMINA_CUDA_CHECK(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(tuning_for(dev.cc_major).tma_store_smem_bytes)));
+  done.insert(key);
+}
 
-std::size_t smem_for(const LaunchPlan& plan, int stages, int stage_bytes) {
-  return 128 + static_cast<std::size_t>(stages) * static_cast<std::size_t>(stage_bytes) +
+// The instance of (dtype, store, late) as the occupancy query and the launch
+// take it (the store's shared-memory opt-in set).
+const void* kernel_for(DType dtype, bool store, bool late, const DeviceInfo& dev) {
+  const void* kernel = reinterpret_cast<const void*>(instance(dtype, store, late));
+  if (store) allow_store_smem(kernel, dev);
+  return kernel;
+}
+
+// Every instance is compiled for the same architectures: the default one
+// answers for all.
+bool has_sm90_code(DType dtype, int device) {
+  return kernel_has_sm90_code(reinterpret_cast<const void*>(instance(dtype, false, false)), device);
+}
+
+// y_stages: kTmaStoreStages with the store, else 0.
+std::size_t smem_for(const LaunchPlan& plan, int stages, int stage_bytes, int y_stages) {
+  return 128 + static_cast<std::size_t>(stages + y_stages) * static_cast<std::size_t>(stage_bytes) +
          plan.smem_bytes;  // plan.smem_bytes: the coefficient table (0 without it)
 }
 
 int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
   return static_cast<int>(static_cast<int64_t>(plan.rows_per_pass) * C *
                           static_cast<int64_t>(dtype_size(p.dtype)));
+}
+
+// nullptr when the store can run with this plan: its y stages and two x
+// stages within the opt-in, holding no fewer CTAs per SM than the generic
+// kernel (whose tiles are one wave); else why not.
+const char* store_refusal(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
+                          int stage_bytes, int resident_generic) {
+  const std::size_t smem = smem_for(plan, 2, stage_bytes, kTmaStoreStages);
+  if (smem > tuning_for(dev.cc_major).tma_store_smem_bytes) {
+    return "TMA store needs its y stages and two x stages within the shared-memory opt-in";
+  }
+  const void* kernel = kernel_for(p.dtype, true, plan.late_dependents, dev);
+  if (resident_ctas_per_sm(kernel, plan.threads, smem) < resident_generic) {
+    return "TMA store's shared memory would hold fewer CTAs per SM than the generic kernel";
+  }
+  return nullptr;
 }
 
 }  // namespace
@@ -159,7 +284,8 @@ std::vector<unsigned long long> forward_timeline(int ctas) { return timeline_rea
 
 bool forward_tma_stages_fit(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
                             int64_t C, int stages) {
-  return smem_for(plan, stages, stage_bytes_of(plan, p, C)) <= tuning_for(dev.cc_major).smem_budget_bytes;
+  return smem_for(plan, stages, stage_bytes_of(plan, p, C), 0) <=
+         tuning_for(dev.cc_major).smem_budget_bytes;
 }
 
 const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
@@ -173,7 +299,7 @@ const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
   if (p.rows > std::numeric_limits<int32_t>::max()) return "TMA variant needs N < 2^31";
   if (plan.rows_per_pass > 256) return "TMA variant needs <= 256 rows per pass (box height)";
   const Tuning& t = tuning_for(dev.cc_major);
-  if (smem_for(plan, 2, stage_bytes_of(plan, p, C)) > t.smem_budget_bytes) {
+  if (smem_for(plan, 2, stage_bytes_of(plan, p, C), 0) > t.smem_budget_bytes) {
     return "TMA variant needs two stages within the shared-memory budget";
   }
   return nullptr;
@@ -184,15 +310,23 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
   const Tuning& t = tuning_for(dev.cc_major);
   const int64_t C = p.hidden / p.num_seeds;
   const int sb = stage_bytes_of(plan, p, C);
+  if (plan.tma_store) {
+    plan.tma_store_refusal = store_refusal(plan, p, dev, sb, resident_generic);
+    plan.tma_store = plan.tma_store_refusal == nullptr;
+  }
+  const int y_stages = plan.tma_store ? kTmaStoreStages : 0;
   int stages = plan.stages;
   if (stages == 0) stages = t.tma_stage_budget_bytes / sb;
   if (stages > kMaxTmaStages) stages = kMaxTmaStages;
-  // Within the budget every architecture gives without an opt-in.
-  while (stages > 2 && smem_for(plan, stages, sb) > t.smem_budget_bytes) --stages;
+  // Within the budget every architecture gives without an opt-in, or the
+  // store's opt-in.
+  const std::size_t budget = plan.tma_store ? t.tma_store_smem_bytes : t.smem_budget_bytes;
+  while (stages > 2 && smem_for(plan, stages, sb, y_stages) > budget) --stages;
   // No fewer CTAs per SM than the generic kernel: its tiles are one wave.
-  const void* kernel = kernel_for(p.dtype);
+  const void* kernel = kernel_for(p.dtype, plan.tma_store, plan.late_dependents, dev);
   while (stages > 2 &&
-         resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, stages, sb)) < resident_generic) {
+         resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, stages, sb, y_stages)) <
+             resident_generic) {
     --stages;
   }
   if (stages < 2) stages = 2;
@@ -207,15 +341,18 @@ void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const Fo
   TmaForwardArgs targs{};
   targs.map = tensor_map_2d(p.x, p.dtype, p.rows, p.hidden, args.x_stride, args.C,
                             args.rows_per_pass, device);
+  if (plan.tma_store) {
+    targs.map_y = tensor_map_2d(p.y, p.dtype, p.rows, p.hidden, args.y_stride, args.C,
+                                args.rows_per_pass, device);
+  }
   targs.fwd = args;
   targs.stages = plan.stages;
   targs.stage_bytes = stage_bytes_of(plan, p, args.C);
-  const std::size_t smem = smem_for(plan, plan.stages, targs.stage_bytes);
+  const std::size_t smem =
+      smem_for(plan, plan.stages, targs.stage_bytes, plan.tma_store ? kTmaStoreStages : 0);
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
-  with_storage_type(p.dtype, [&](auto t) {
-    using T = decltype(t);
-    launch_kernel(&forward_tma_kernel<T, kTmaVector<T>>, plan, grid, smem, p.stream, targs);
-  });
+  launch_kernel(instance(p.dtype, plan.tma_store, plan.late_dependents), plan, grid, smem, p.stream,
+                targs);
 }
 
 }  // namespace kasmina::cuda

@@ -78,11 +78,57 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
 #endif
 }
 
+// Shared-memory writes of this thread (generic proxy) visible to the async
+// proxy: before a TMA store reads what the threads wrote.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// The box at (column c0, row r0) of the tensor map from shared memory at
+// src (128-byte aligned), in this thread's current bulk group; rows and
+// columns past the tensor's edge are not written.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, int c0, int r0,
+                                             const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(r0), "r"(smem_u32(src))
+               : "memory");
+#endif
+}
+
+// Closes this thread's bulk group of stores issued since the last commit.
+__device__ __forceinline__ void bulk_commit_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+#endif
+}
+
+// Until at most `Pending` of this thread's latest bulk groups still read
+// their shared memory (the older ones' sources may be written again).
+template <int Pending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(Pending) : "memory");
+#endif
+}
+
+// Until every bulk group of this thread has completed: its writes are done
+// (visible to the grids after this one) and its sources read.
+__device__ __forceinline__ void bulk_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#endif
+}
+
 #endif
 
 // The tensor map of a row-major 2-D tensor `ptr` [rows, hidden] (row stride
 // `row_stride` elements, 16-byte multiple) with box [R rows, C columns],
-// no swizzle, rows past the edge zero-filled. Encoded once per (pointer,
+// no swizzle, rows past the edge zero-filled by a load and left unwritten
+// by a store (the TMA forward's y). Encoded once per (pointer,
 // shape, stride, dtype, box, device) and cached: a layer called again on the
 // same buffer (the caching allocator's usual case) pays a lookup. Throws
 // kasmina::Error (runtime) when the driver refuses the encoding.

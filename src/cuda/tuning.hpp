@@ -51,6 +51,14 @@ struct Tuning {
   // whose vectors would leave lanes idle).
   int forward_group_4byte;
   int forward_group_2byte;
+  // Dynamic shared memory per CTA the TMA forward may opt in to
+  // (cudaFuncAttributeMaxDynamicSharedMemorySize) when it stores y by TMA
+  // (CudaLaunchConfig::forward_tma_store): its y stages come on top of the x
+  // stages, and the 16 KiB boxes of 16384x4096/64 float32 (4 lanes per row)
+  // take 64 KiB in two of each. The generic kernel's CTAs per SM bound it
+  // further (forward_tma_finish). Not measured: the store is opt-in. 0: no
+  // TMA store.
+  std::size_t tma_store_smem_bytes;
 };
 
 // sm_80 (A100) and sm_90 (H100) share one memory-bound design: 16-byte
@@ -70,9 +78,9 @@ struct Tuning {
 // latency-bound and keeps the generic kernel. sm_80 keeps 8 lanes per row
 // (not measured there since).
 inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 1, 1}, {1, 1, 1}, 0, 8, 8};
+                                    {1, 1, 1}, {1, 1, 1}, 0, 8, 8, 0};
 inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 2, 2}, {1, 2, 2}, 16 * 1024, 4, 2};
+                                    {1, 2, 2}, {1, 2, 2}, 16 * 1024, 4, 2, 96 * 1024};
 
 inline constexpr const Tuning& tuning_for(int cc_major) {
   return cc_major >= 9 ? kTuningSm90 : kTuningSm80;
@@ -88,6 +96,12 @@ inline constexpr int kMaxBlockThreads = 256;
 inline constexpr int kForwardGroupThreads = 8;
 // The TMA forward's pipeline depth bound (its barrier array).
 inline constexpr int kMaxTmaStages = 8;
+// The y stages of the TMA forward's store (CudaLaunchConfig::forward_tma_store):
+// the TMA unit reads one while the threads write the next. At least 2 (the
+// kernel waits for the store of pass i - 1 at the end of pass i; 2 leaves
+// one pass of compute for it). A compile-time count: the wait's depth is an
+// immediate of cp.async.bulk.wait_group.read.
+inline constexpr int kTmaStoreStages = 2;
 // The forward's default lanes per row for a row of `vectors` 16-byte
 // vectors: the tuning's value for the element size, halved while more than
 // an eighth of the group's lane steps would be idle (C = 48 float32 is 12

@@ -434,6 +434,17 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
   plain.programmatic_launch = false;
   set_cuda_launch_config(plain);
   EXPECT_FALSE(cuda_launch_config().programmatic_launch);
+  // The TMA forward's store and late dependents: off by default, kept when set.
+  EXPECT_FALSE(CudaLaunchConfig{}.forward_tma_store);
+  EXPECT_FALSE(CudaLaunchConfig{}.forward_late_dependents);
+  EXPECT_FALSE(cuda_launch_config().forward_tma_store);
+  EXPECT_FALSE(cuda_launch_config().forward_late_dependents);
+  CudaLaunchConfig store;
+  store.forward_tma_store = true;
+  store.forward_late_dependents = true;
+  set_cuda_launch_config(store);
+  EXPECT_TRUE(cuda_launch_config().forward_tma_store);
+  EXPECT_TRUE(cuda_launch_config().forward_late_dependents);
   set_cuda_launch_config(saved);
 }
 

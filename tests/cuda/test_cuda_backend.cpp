@@ -584,6 +584,90 @@ TEST_F(SmallCuda, TmaForwardMatchesGeneric) {
   check_tma_matches_generic(shape(200, 128, 2, DType::f32, ++rng), 2);
 }
 
+// Bytes of y outside its window (the row padding) still hold the device's
+// 0xFF poison: the TMA store writes the box's columns only.
+void expect_padding_untouched(const Problem& p, const std::string& ctx) {
+  const std::size_t size = dtype_size(p.y.dtype);
+  for (int64_t n = 0; n < p.rows; ++n) {
+    for (int64_t j = p.hidden; j < p.row_stride; ++j) {
+      for (std::size_t b = 0; b < size; ++b) {
+        if (p.y.bytes[static_cast<std::size_t>(n * p.row_stride + j) * size + b] != 0xFF) {
+          ADD_FAILURE() << "y's row padding written in row " << n << ", " << ctx;
+          return;
+        }
+      }
+    }
+  }
+}
+
+// The TMA forward with y by TMA store (CudaLaunchConfig::forward_tma_store)
+// against the plain TMA forward on the same inputs: the same bits of y and
+// telemetry (only the path of y to global memory differs), and the
+// reference. The descriptions must name the store in one run and not in the
+// other, so the comparison cannot be two runs of one kernel.
+void check_tma_store_matches_plain(const ProblemOptions& o, int stages) {
+  Problem plain = make_problem(o);
+  Problem stored = plain;
+  const std::string ctx =
+      "tma store vs plain tma, " + std::to_string(stages) + " stages, " + describe(o);
+  SCOPED_TRACE(ctx);
+  const DeviceProblem d(plain, false);
+  CudaLaunchConfig c;
+  c.forward_rows_in_flight = 1;
+  c.forward_variant = CudaForwardVariant::tma;
+  c.forward_stages = stages;
+  {
+    const LaunchConfigGuard guard(c);
+    const std::string desc = describe_forward(d.forward_params(plain), Backend::cuda);
+    ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+    EXPECT_EQ(desc.find("TMA store"), std::string::npos) << desc;
+    run_cuda(plain, d, false);
+  }
+  c.forward_tma_store = true;
+  {
+    const LaunchConfigGuard guard(c);
+    const std::string desc = describe_forward(d.forward_params(stored), Backend::cuda);
+    ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+    ASSERT_NE(desc.find("; y by TMA store ("), std::string::npos) << desc;
+    if (stages != 0) {
+      EXPECT_NE(desc.find(std::to_string(stages) + "-stage"), std::string::npos) << desc;
+    }
+    run_cuda(stored, d, false);
+    Problem again = stored;
+    run_cuda(again, d, false);
+    expect_forward_bits_equal(stored, again, ctx + " (second run)");
+  }
+  expect_padding_untouched(stored, ctx);
+  expect_forward_matches(stored, reference::forward(stored.forward_params()), ctx);
+  expect_forward_bits_equal(plain, stored, ctx);
+}
+
+void check_programmatic_chain(DType dt, uint64_t rng, bool variants, bool tma_store = false,
+                              bool late_dependents = false);
+
+// The store on TmaForwardMatchesGeneric's problems (also under the
+// sanitizers): tails inside a pass (rows past N clipped by the store), the
+// rings wrapping, every dtype, clamp, a padded row stride, the pipeline
+// depths' ends and 16 KiB stages (two x and two y stages: past the 48 KiB
+// without an opt-in). Then the store's y read by the next kernels of a
+// stream under programmatic dependent launch.
+TEST_F(SmallCuda, TmaStoreMatchesPlainTma) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  uint64_t rng = 760;
+  check_tma_store_matches_plain(shape(1, 64, 3, DType::f32, ++rng), 0);
+  check_tma_store_matches_plain(shape(37, 48, 3, DType::bf16, ++rng), 0);
+  ProblemOptions o = shape(100, 64, 5, DType::f16, ++rng);
+  o.clamp = true;
+  check_tma_store_matches_plain(o, 0);
+  check_tma_store_matches_plain(shape(3000, 8, 64, DType::f32, ++rng), 2);  // 24 passes, 6 tiles
+  check_tma_store_matches_plain(shape(1500, 16, 64, DType::bf16, ++rng), 8);
+  o = shape(77, 64, 2, DType::f32, ++rng);
+  o.row_pad = 4;  // a row stride that is not hidden (16-byte multiple)
+  check_tma_store_matches_plain(o, 3);
+  check_tma_store_matches_plain(shape(200, 128, 2, DType::f32, ++rng), 2);
+  for (const DType dt : {DType::f32, DType::bf16}) check_programmatic_chain(dt, 780, true, true);
+}
+
 // Where the TMA forward cannot run, the generic one does and says why.
 TEST_F(SmallCuda, TmaForwardRefusalIsNamed) {
   CudaLaunchConfig c;
@@ -712,6 +796,15 @@ TEST_F(CudaBackend, TmaForwardLarge) {
   uint64_t rng = 7500;
   for (DType dt : kDTypes) check_tma_matches_generic(shape(2000, 64, 64, dt, ++rng), 0);
   check_tma_matches_generic(shape(2000, 256, 8, DType::bf16, ++rng), 0);
+}
+
+// The TMA store where each CTA's y ring wraps several times, and with the
+// 16 KiB boxes of a 256-wide bfloat16 chunk (two x and two y stages: 64 KiB).
+TEST_F(CudaBackend, TmaStoreLarge) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  uint64_t rng = 7600;
+  for (DType dt : kDTypes) check_tma_store_matches_plain(shape(2000, 64, 64, dt, ++rng), 0);
+  check_tma_store_matches_plain(shape(2000, 256, 8, DType::bf16, ++rng), 0);
 }
 
 TEST_F(CudaBackend, EveryKindAlone) {
@@ -1315,8 +1408,12 @@ TEST_F(SmallCuda, WorkspaceLeftZeroFilled) {
 // synchronisation (the workspaces reused kernel after kernel). With PDL each
 // kernel may start before its predecessor ends and must wait for it: the
 // outputs must be the bits of plain launches and match the reference on the
-// values the device produced. `variants`: the TMA forward and backward too.
-void check_programmatic_chain(DType dt, uint64_t rng, bool variants) {
+// values the device produced. `variants`: the TMA forward and backward too;
+// with them, `tma_store` and `late_dependents` (CudaLaunchConfig's
+// forward_tma_store, forward_late_dependents) in the programmatic rounds,
+// whose bits must still be the plain launches' of the plain TMA forward.
+void check_programmatic_chain(DType dt, uint64_t rng, bool variants, bool tma_store,
+                              bool late_dependents) {
   const ProblemOptions oa = shape(300, 64, 8, dt, rng), ob = shape(300, 64, 8, dt, rng + 1);
   const Problem a = make_problem(oa), b = make_problem(ob);
   Problem a0 = a, b0 = b;
@@ -1332,6 +1429,8 @@ void check_programmatic_chain(DType dt, uint64_t rng, bool variants) {
     if (variants) {
       c.forward_variant = CudaForwardVariant::tma;
       c.backward_tma = true;
+      c.forward_tma_store = programmatic && tma_store;
+      c.forward_late_dependents = programmatic && late_dependents;
     }
     const LaunchConfigGuard guard(c);
     Pair r{a, b};
@@ -1355,6 +1454,15 @@ void check_programmatic_chain(DType dt, uint64_t rng, bool variants) {
         EXPECT_NE(d.find(".tma"), std::string::npos) << d;
       }
     }
+    if (variants && device_is_sm90()) {
+      for (const ForwardParams& f : {fa, fb}) {
+        const std::string d = describe_forward(f, Backend::cuda);
+        EXPECT_EQ(d.find("; y by TMA store (") != std::string::npos, c.forward_tma_store) << d;
+        EXPECT_EQ(d.find("; dependents launched after the row loop") != std::string::npos,
+                  c.forward_late_dependents)
+            << d;
+      }
+    }
     for (int i = 0; i < rounds; ++i) {
       forward(fa, Backend::cuda);
       forward(fb, Backend::cuda);
@@ -1370,7 +1478,9 @@ void check_programmatic_chain(DType dt, uint64_t rng, bool variants) {
   };
   Pair on = chain(true, 3);
   const Pair off = chain(false, 1);
-  const std::string ctx = std::string("PDL chain ") + (variants ? "(TMA) " : "") + describe(oa);
+  const std::string ctx = std::string("PDL chain ") + (variants ? "(TMA) " : "") +
+                          (tma_store ? "(TMA store) " : "") +
+                          (late_dependents ? "(late dependents) " : "") + describe(oa);
   SCOPED_TRACE(ctx);
   expect_forward_bits_equal(on.a, off.a, ctx + ": layer A, PDL vs plain");
   expect_backward_bits_equal(on.a, off.a, ctx + ": layer A, PDL vs plain");
@@ -1390,6 +1500,18 @@ TEST_F(SmallCuda, ProgrammaticLaunchChains) {
   for (const DType dt : {DType::f32, DType::bf16}) {
     check_programmatic_chain(dt, 510, false);
     check_programmatic_chain(dt, 520, true);
+  }
+}
+
+// The TMA forward's dependents launched after its row loop
+// (CudaLaunchConfig::forward_late_dependents), with and without the TMA
+// store: forwards and backwards back to back under programmatic launch,
+// three rounds, against plain launches bit for bit and the reference.
+TEST_F(SmallCuda, TmaLateDependentsMatchReference) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  for (const DType dt : {DType::f32, DType::bf16}) {
+    check_programmatic_chain(dt, 530, true, false, true);
+    check_programmatic_chain(dt, 540, true, true, true);
   }
 }
 
