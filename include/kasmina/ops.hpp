@@ -125,7 +125,9 @@ struct CudaLaunchConfig {
   // shared memory every architecture gives without an opt-in; where they do
   // not fit (or would hold fewer CTAs per SM than the generic kernel) the
   // plain TMA forward runs and describe_forward says why. Only where the TMA
-  // forward runs. A measurement variant, not a default.
+  // forward runs. A measurement variant, not a default: on the H200 the
+  // forward alone gained up to 6 %, but forward+backward at 16384x4096/64
+  // float32 lost 4-5 % (docs/DESIGN.md 63).
   bool forward_tma_store = false;
   // The TMA forward lets the next kernel on the stream start (programmatic
   // dependent launch: griddepcontrol.launch_dependents) after its row loop,
