@@ -368,6 +368,27 @@ bool device_is_sm90() {
 // the same bits (same passes, same reduction trees), and the reference. The
 // description must name the TMA kernel, so the comparison cannot be two
 // runs of the generic one.
+// The TMA forward of p under launch config c, twice: the description names
+// the TMA kernel, the pipeline depth asked for (c.forward_stages, where not
+// 0) and `must_name` (where not empty), and the second run gives the first
+// run's bits.
+void run_tma_twice(Problem& p, const DeviceProblem& d, const CudaLaunchConfig& c,
+                   const std::string& must_name, const std::string& ctx) {
+  const LaunchConfigGuard guard(c);
+  const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
+  ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+  if (!must_name.empty()) {
+    ASSERT_NE(desc.find(must_name), std::string::npos) << desc;
+  }
+  if (c.forward_stages != 0) {
+    EXPECT_NE(desc.find(std::to_string(c.forward_stages) + "-stage"), std::string::npos) << desc;
+  }
+  run_cuda(p, d, false);
+  Problem again = p;
+  run_cuda(again, d, false);
+  expect_forward_bits_equal(p, again, ctx + " (second run)");
+}
+
 void check_tma_matches_generic(const ProblemOptions& o, int stages, bool misalign = false) {
   Problem generic = make_problem(o);
   Problem tma = generic;
@@ -399,18 +420,7 @@ void check_tma_matches_generic(const ProblemOptions& o, int stages, bool misalig
   c.forward_variant = CudaForwardVariant::tma;
   c.forward_stages = stages;
   c.forward_group = 0;
-  {
-    const LaunchConfigGuard guard(c);
-    const std::string desc = describe_forward(d.forward_params(tma), Backend::cuda);
-    ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
-    if (stages != 0) {
-      EXPECT_NE(desc.find(std::to_string(stages) + "-stage"), std::string::npos) << desc;
-    }
-    run_cuda(tma, d, false);
-    Problem again = tma;
-    run_cuda(again, d, false);
-    expect_forward_bits_equal(tma, again, ctx + " (second run)");
-  }
+  run_tma_twice(tma, d, c, "", ctx);
   expect_forward_matches(tma, reference::forward(tma.forward_params()), ctx);
   expect_forward_bits_equal(generic, tma, ctx);
 }
@@ -564,24 +574,31 @@ TEST_F(SmallCuda, DriftOfNearlyParallelBlends) {
   }
 }
 
-// The TMA forward on small problems (also under the sanitizers): tails
-// inside a pass, several passes per CTA so the stage ring wraps (64 seeds
-// give few tiles), every dtype, clamp, and both pipeline depths' ends.
-TEST_F(SmallCuda, TmaForwardMatchesGeneric) {
-  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
-  uint64_t rng = 700;
-  check_tma_matches_generic(shape(1, 64, 3, DType::f32, ++rng), 0);
-  check_tma_matches_generic(shape(37, 48, 3, DType::bf16, ++rng), 0);
+// The TMA forward's small problems (also under the sanitizers), each with
+// the pipeline depth to ask for: tails inside a pass, several passes per
+// CTA so the stage ring wraps (64 seeds give few tiles), every dtype,
+// clamp, a padded row stride, both pipeline depths' ends, and 16 KiB
+// stages (3 would pass the shared-memory budget, so 2 run).
+template <typename Check>
+void for_each_tma_problem(uint64_t rng, const Check& check) {
+  check(shape(1, 64, 3, DType::f32, ++rng), 0);
+  check(shape(37, 48, 3, DType::bf16, ++rng), 0);
   ProblemOptions o = shape(100, 64, 5, DType::f16, ++rng);
   o.clamp = true;
-  check_tma_matches_generic(o, 0);
-  check_tma_matches_generic(shape(3000, 8, 64, DType::f32, ++rng), 2);  // 24 passes over 6 tiles
-  check_tma_matches_generic(shape(1500, 16, 64, DType::bf16, ++rng), 8);
+  check(o, 0);
+  check(shape(3000, 8, 64, DType::f32, ++rng), 2);  // 24 passes over 6 tiles
+  check(shape(1500, 16, 64, DType::bf16, ++rng), 8);
   o = shape(77, 64, 2, DType::f32, ++rng);
   o.row_pad = 4;  // a row stride that is not hidden (16-byte multiple)
-  check_tma_matches_generic(o, 3);
-  // 16 KiB stages: 3 would pass the shared-memory budget, so 2 run.
-  check_tma_matches_generic(shape(200, 128, 2, DType::f32, ++rng), 2);
+  check(o, 3);
+  check(shape(200, 128, 2, DType::f32, ++rng), 2);
+}
+
+TEST_F(SmallCuda, TmaForwardMatchesGeneric) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  for_each_tma_problem(700, [](const ProblemOptions& o, int stages) {
+    check_tma_matches_generic(o, stages);
+  });
 }
 
 // Bytes of y outside its window (the row padding) still hold the device's
@@ -624,19 +641,7 @@ void check_tma_store_matches_plain(const ProblemOptions& o, int stages) {
     run_cuda(plain, d, false);
   }
   c.forward_tma_store = true;
-  {
-    const LaunchConfigGuard guard(c);
-    const std::string desc = describe_forward(d.forward_params(stored), Backend::cuda);
-    ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
-    ASSERT_NE(desc.find("; y by TMA store ("), std::string::npos) << desc;
-    if (stages != 0) {
-      EXPECT_NE(desc.find(std::to_string(stages) + "-stage"), std::string::npos) << desc;
-    }
-    run_cuda(stored, d, false);
-    Problem again = stored;
-    run_cuda(again, d, false);
-    expect_forward_bits_equal(stored, again, ctx + " (second run)");
-  }
+  run_tma_twice(stored, d, c, "; y by TMA store (", ctx);
   expect_padding_untouched(stored, ctx);
   expect_forward_matches(stored, reference::forward(stored.forward_params()), ctx);
   expect_forward_bits_equal(plain, stored, ctx);
@@ -646,25 +651,15 @@ void check_programmatic_chain(DType dt, uint64_t rng, bool variants, bool tma_st
                               bool late_dependents = false);
 
 // The store on TmaForwardMatchesGeneric's problems (also under the
-// sanitizers): tails inside a pass (rows past N clipped by the store), the
-// rings wrapping, every dtype, clamp, a padded row stride, the pipeline
-// depths' ends and 16 KiB stages (two x and two y stages: past the 48 KiB
-// without an opt-in). Then the store's y read by the next kernels of a
-// stream under programmatic dependent launch.
+// sanitizers): rows past N clipped by the store, the y ring wrapping, and
+// the 16 KiB stages (two x and two y stages: past the 48 KiB without an
+// opt-in). Then the store's y read by the next kernels of a stream under
+// programmatic dependent launch.
 TEST_F(SmallCuda, TmaStoreMatchesPlainTma) {
   if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
-  uint64_t rng = 760;
-  check_tma_store_matches_plain(shape(1, 64, 3, DType::f32, ++rng), 0);
-  check_tma_store_matches_plain(shape(37, 48, 3, DType::bf16, ++rng), 0);
-  ProblemOptions o = shape(100, 64, 5, DType::f16, ++rng);
-  o.clamp = true;
-  check_tma_store_matches_plain(o, 0);
-  check_tma_store_matches_plain(shape(3000, 8, 64, DType::f32, ++rng), 2);  // 24 passes, 6 tiles
-  check_tma_store_matches_plain(shape(1500, 16, 64, DType::bf16, ++rng), 8);
-  o = shape(77, 64, 2, DType::f32, ++rng);
-  o.row_pad = 4;  // a row stride that is not hidden (16-byte multiple)
-  check_tma_store_matches_plain(o, 3);
-  check_tma_store_matches_plain(shape(200, 128, 2, DType::f32, ++rng), 2);
+  for_each_tma_problem(760, [](const ProblemOptions& o, int stages) {
+    check_tma_store_matches_plain(o, stages);
+  });
   for (const DType dt : {DType::f32, DType::bf16}) check_programmatic_chain(dt, 780, true, true);
 }
 
