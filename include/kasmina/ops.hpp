@@ -134,7 +134,8 @@ struct CudaLaunchConfig {
   // not at its first statement, so the dependent's early CTAs do not take
   // SM slots and memory bandwidth from the forward's row passes. The same
   // bits; only where the TMA forward runs with programmatic_launch. A
-  // measurement variant, not a default.
+  // measurement variant, not a default: alone it changed nothing, with the
+  // store it halved the forward+backward loss (docs/DESIGN.md 63).
   bool forward_late_dependents = false;
 };
 // Whether `stream` is capturing a CUDA graph (cudaStreamIsCapturing: the

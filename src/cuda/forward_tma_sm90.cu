@@ -248,8 +248,9 @@ bool has_sm90_code(DType dtype, int device) {
   return kernel_has_sm90_code(reinterpret_cast<const void*>(instance(dtype, false, false)), device);
 }
 
-// y_stages: kTmaStoreStages with the store, else 0.
-std::size_t smem_for(const LaunchPlan& plan, int stages, int stage_bytes, int y_stages) {
+// With the store (asked for or decided: plan.tma_store) its y stages too.
+std::size_t smem_for(const LaunchPlan& plan, int stages, int stage_bytes) {
+  const int y_stages = plan.tma_store ? kTmaStoreStages : 0;
   return 128 + static_cast<std::size_t>(stages + y_stages) * static_cast<std::size_t>(stage_bytes) +
          plan.smem_bytes;  // plan.smem_bytes: the coefficient table (0 without it)
 }
@@ -264,7 +265,7 @@ int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
 // kernel (whose tiles are one wave); else why not.
 const char* store_refusal(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
                           int stage_bytes, int resident_generic) {
-  const std::size_t smem = smem_for(plan, 2, stage_bytes, kTmaStoreStages);
+  const std::size_t smem = smem_for(plan, 2, stage_bytes);
   if (smem > tuning_for(dev.cc_major).tma_store_smem_bytes) {
     return "TMA store needs its y stages and two x stages within the shared-memory opt-in";
   }
@@ -284,8 +285,7 @@ std::vector<unsigned long long> forward_timeline(int ctas) { return timeline_rea
 
 bool forward_tma_stages_fit(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
                             int64_t C, int stages) {
-  return smem_for(plan, stages, stage_bytes_of(plan, p, C), 0) <=
-         tuning_for(dev.cc_major).smem_budget_bytes;
+  return smem_for(plan, stages, stage_bytes_of(plan, p, C)) <= tuning_for(dev.cc_major).smem_budget_bytes;
 }
 
 const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
@@ -299,7 +299,7 @@ const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
   if (p.rows > std::numeric_limits<int32_t>::max()) return "TMA variant needs N < 2^31";
   if (plan.rows_per_pass > 256) return "TMA variant needs <= 256 rows per pass (box height)";
   const Tuning& t = tuning_for(dev.cc_major);
-  if (smem_for(plan, 2, stage_bytes_of(plan, p, C), 0) > t.smem_budget_bytes) {
+  if (smem_for(plan, 2, stage_bytes_of(plan, p, C)) > t.smem_budget_bytes) {
     return "TMA variant needs two stages within the shared-memory budget";
   }
   return nullptr;
@@ -314,19 +314,17 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
     plan.tma_store_refusal = store_refusal(plan, p, dev, sb, resident_generic);
     plan.tma_store = plan.tma_store_refusal == nullptr;
   }
-  const int y_stages = plan.tma_store ? kTmaStoreStages : 0;
   int stages = plan.stages;
   if (stages == 0) stages = t.tma_stage_budget_bytes / sb;
   if (stages > kMaxTmaStages) stages = kMaxTmaStages;
   // Within the budget every architecture gives without an opt-in, or the
   // store's opt-in.
   const std::size_t budget = plan.tma_store ? t.tma_store_smem_bytes : t.smem_budget_bytes;
-  while (stages > 2 && smem_for(plan, stages, sb, y_stages) > budget) --stages;
+  while (stages > 2 && smem_for(plan, stages, sb) > budget) --stages;
   // No fewer CTAs per SM than the generic kernel: its tiles are one wave.
   const void* kernel = kernel_for(p.dtype, plan.tma_store, plan.late_dependents, dev);
   while (stages > 2 &&
-         resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, stages, sb, y_stages)) <
-             resident_generic) {
+         resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, stages, sb)) < resident_generic) {
     --stages;
   }
   if (stages < 2) stages = 2;
@@ -348,8 +346,7 @@ void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const Fo
   targs.fwd = args;
   targs.stages = plan.stages;
   targs.stage_bytes = stage_bytes_of(plan, p, args.C);
-  const std::size_t smem =
-      smem_for(plan, plan.stages, targs.stage_bytes, plan.tma_store ? kTmaStoreStages : 0);
+  const std::size_t smem = smem_for(plan, plan.stages, targs.stage_bytes);
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
   launch_kernel(instance(p.dtype, plan.tma_store, plan.late_dependents), plan, grid, smem, p.stream,
                 targs);

@@ -56,8 +56,9 @@ struct Tuning {
   // (CudaLaunchConfig::forward_tma_store): its y stages come on top of the x
   // stages, and the 16 KiB boxes of 16384x4096/64 float32 (4 lanes per row)
   // take 64 KiB in two of each. The generic kernel's CTAs per SM bound it
-  // further (forward_tma_finish). Not measured: the store is opt-in. 0: no
-  // TMA store.
+  // further (forward_tma_finish). Not tuned (the store is opt-in; it ran
+  // with this cap in docs/PERFORMANCE.md's eighteenth session). 0: no TMA
+  // store.
   std::size_t tma_store_smem_bytes;
 };
 

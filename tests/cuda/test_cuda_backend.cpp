@@ -368,6 +368,16 @@ bool device_is_sm90() {
 // the same bits (same passes, same reduction trees), and the reference. The
 // description must name the TMA kernel, so the comparison cannot be two
 // runs of the generic one.
+// The TMA forward at one row in flight (the generic kernel's bits at the
+// same lanes per row) with the pipeline depth `stages` asked for.
+CudaLaunchConfig tma_config(int stages) {
+  CudaLaunchConfig c;
+  c.forward_rows_in_flight = 1;
+  c.forward_variant = CudaForwardVariant::tma;
+  c.forward_stages = stages;
+  return c;
+}
+
 // The TMA forward of p under launch config c, twice: the description names
 // the TMA kernel, the pipeline depth asked for (c.forward_stages, where not
 // 0) and `must_name` (where not empty), and the second run gives the first
@@ -395,10 +405,7 @@ void check_tma_matches_generic(const ProblemOptions& o, int stages, bool misalig
   const std::string ctx = "tma vs generic, " + std::to_string(stages) + " stages, " + describe(o);
   SCOPED_TRACE(ctx);
   const DeviceProblem d(generic, misalign);
-  CudaLaunchConfig c;
-  c.forward_rows_in_flight = 1;
-  c.forward_variant = CudaForwardVariant::tma;
-  c.forward_stages = stages;
+  CudaLaunchConfig c = tma_config(stages);
   // The TMA plan's lanes per row (a default group widens until its stages
   // fit), which the generic run then takes: the same plan, the same bits.
   int group = 0;
@@ -629,10 +636,7 @@ void check_tma_store_matches_plain(const ProblemOptions& o, int stages) {
       "tma store vs plain tma, " + std::to_string(stages) + " stages, " + describe(o);
   SCOPED_TRACE(ctx);
   const DeviceProblem d(plain, false);
-  CudaLaunchConfig c;
-  c.forward_rows_in_flight = 1;
-  c.forward_variant = CudaForwardVariant::tma;
-  c.forward_stages = stages;
+  CudaLaunchConfig c = tma_config(stages);
   {
     const LaunchConfigGuard guard(c);
     const std::string desc = describe_forward(d.forward_params(plain), Backend::cuda);
