@@ -21,13 +21,15 @@
 // pays before its first instruction).
 //
 //   bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] [--no-pdl]
-//              [--tma-store] [--late-pdl]
+//              [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl]
 //
 // --no-pdl: the default rows without programmatic dependent launch.
-// --tma-store: the default rows with the TMA forward's y by TMA store
-// (CudaLaunchConfig::forward_tma_store; where the TMA forward runs).
-// --late-pdl: the default rows with the TMA forward's dependents launched
-// after its row loop (CudaLaunchConfig::forward_late_dependents).
+// --tma-store / --no-tma-store: the default rows with the TMA forward's y by
+// TMA store switched on / off (CudaLaunchConfig::forward_tma_store; where
+// the TMA forward runs; without either, the architecture's default).
+// --late-pdl / --no-late-pdl: the default rows with the TMA forward's
+// dependents launched at its CTAs' exit switched on / off
+// (CudaLaunchConfig::forward_late_dependents; by default with the store).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -868,10 +870,11 @@ int main(int argc, char** argv) {
       candidates = false;
     } else if (a == "--no-pdl") {
       g_default.programmatic_launch = false;
-    } else if (a == "--tma-store") {
-      g_default.forward_tma_store = true;
-    } else if (a == "--late-pdl") {
-      g_default.forward_late_dependents = true;
+    } else if (a == "--tma-store" || a == "--no-tma-store") {
+      g_default.forward_tma_store = a == "--tma-store" ? kasmina::CudaSwitch::on : kasmina::CudaSwitch::off;
+    } else if (a == "--late-pdl" || a == "--no-late-pdl") {
+      g_default.forward_late_dependents =
+          a == "--late-pdl" ? kasmina::CudaSwitch::on : kasmina::CudaSwitch::off;
 #ifdef KASMINA_TIMELINE
     } else if (a == "--timeline") {
       timeline = true;
@@ -897,7 +900,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] "
-                   "[--no-pdl] [--tma-store] [--late-pdl]\n");
+                   "[--no-pdl] [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl]\n");
       return 2;
     }
   }

@@ -68,6 +68,10 @@ std::string describe_backward(const BackwardParams&, Backend);
 // gives the bits of the generic one with 1 row in flight.
 enum class CudaForwardVariant : int32_t { automatic = 0, generic = 1, tma = 2 };
 std::string_view cuda_forward_variant_name(CudaForwardVariant);
+// A switch whose default depends on the architecture and the shape class
+// (src/cuda/tuning.hpp): automatic takes that default; off and on force it.
+enum class CudaSwitch : int32_t { automatic = 0, off = 1, on = 2 };
+std::string_view cuda_switch_name(CudaSwitch);
 
 struct CudaLaunchConfig {
   int forward_rows_in_flight = 0;   // rows each thread loads before it computes: 1, 2 or 4 (2-byte types: at most 2)
@@ -125,18 +129,16 @@ struct CudaLaunchConfig {
   // shared memory every architecture gives without an opt-in; where they do
   // not fit (or would hold fewer CTAs per SM than the generic kernel) the
   // plain TMA forward runs and describe_forward says why. Only where the TMA
-  // forward runs. A measurement variant, not a default: on the H200 the
-  // forward alone gained up to 6 %, but forward+backward at 16384x4096/64
-  // float32 lost 4-5 % (docs/DESIGN.md 63).
-  bool forward_tma_store = false;
+  // forward runs. automatic: the architecture's default per shape class
+  // (tuning.hpp; docs/DESIGN.md 63 has the measurements).
+  CudaSwitch forward_tma_store = CudaSwitch::automatic;
   // The TMA forward lets the next kernel on the stream start (programmatic
-  // dependent launch: griddepcontrol.launch_dependents) after its row loop,
-  // not at its first statement, so the dependent's early CTAs do not take
-  // SM slots and memory bandwidth from the forward's row passes. The same
-  // bits; only where the TMA forward runs with programmatic_launch. A
-  // measurement variant, not a default: alone it changed nothing, with the
-  // store it halved the forward+backward loss (docs/DESIGN.md 63).
-  bool forward_late_dependents = false;
+  // dependent launch) only as its CTAs exit, not at its first statement
+  // (griddepcontrol.launch_dependents), so the dependent's early CTAs do
+  // not take SM slots and memory bandwidth from the forward's row passes.
+  // The same bits; only where the TMA forward runs with programmatic_launch.
+  // automatic: on wherever the store runs.
+  CudaSwitch forward_late_dependents = CudaSwitch::automatic;
 };
 // Whether `stream` is capturing a CUDA graph (cudaStreamIsCapturing: the
 // capture is active or invalidated), what torch.cuda.is_current_stream_capturing()

@@ -22,13 +22,17 @@ std::atomic<bool> g_backward_halo{false};
 std::atomic<bool> g_backward_tma{false};
 std::atomic<int> g_backward_stages{0};
 std::atomic<bool> g_programmatic{true};
-std::atomic<bool> g_forward_tma_store{false};
-std::atomic<bool> g_forward_late_dependents{false};
+std::atomic<int> g_forward_tma_store{0};
+std::atomic<int> g_forward_late_dependents{0};
 
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
 bool valid_backward_rows(int v) { return v == 0 || v == 1 || v == 2; }
 bool valid_variant(CudaForwardVariant v) {
+  const int i = static_cast<int>(v);
+  return i >= 0 && i <= 2;
+}
+bool valid_switch(CudaSwitch v) {
   const int i = static_cast<int>(v);
   return i >= 0 && i <= 2;
 }
@@ -45,6 +49,15 @@ std::string_view cuda_forward_variant_name(CudaForwardVariant v) {
     case CudaForwardVariant::automatic: return "automatic";
     case CudaForwardVariant::generic: return "generic";
     case CudaForwardVariant::tma: return "tma";
+  }
+  return "?";
+}
+
+std::string_view cuda_switch_name(CudaSwitch v) {
+  switch (v) {
+    case CudaSwitch::automatic: return "automatic";
+    case CudaSwitch::off: return "off";
+    case CudaSwitch::on: return "on";
   }
   return "?";
 }
@@ -71,6 +84,12 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   KASMINA_CHECK_VALUE(valid_threads(config.forward_block_threads),
                       "forward_block_threads must be 0 (default), 64, 128 or 256 (got ",
                       config.forward_block_threads, ")");
+  KASMINA_CHECK_VALUE(valid_switch(config.forward_tma_store),
+                      "forward_tma_store must be 0 (automatic), 1 (off) or 2 (on) (got ",
+                      static_cast<int>(config.forward_tma_store), ")");
+  KASMINA_CHECK_VALUE(valid_switch(config.forward_late_dependents),
+                      "forward_late_dependents must be 0 (automatic), 1 (off) or 2 (on) (got ",
+                      static_cast<int>(config.forward_late_dependents), ")");
   g_forward_rows.store(config.forward_rows_in_flight, std::memory_order_relaxed);
   g_backward_rows.store(config.backward_rows_in_flight, std::memory_order_relaxed);
   g_forward_variant.store(static_cast<int>(config.forward_variant), std::memory_order_relaxed);
@@ -82,8 +101,9 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   g_backward_tma.store(config.backward_tma, std::memory_order_relaxed);
   g_backward_stages.store(config.backward_stages, std::memory_order_relaxed);
   g_programmatic.store(config.programmatic_launch, std::memory_order_relaxed);
-  g_forward_tma_store.store(config.forward_tma_store, std::memory_order_relaxed);
-  g_forward_late_dependents.store(config.forward_late_dependents, std::memory_order_relaxed);
+  g_forward_tma_store.store(static_cast<int>(config.forward_tma_store), std::memory_order_relaxed);
+  g_forward_late_dependents.store(static_cast<int>(config.forward_late_dependents),
+                                  std::memory_order_relaxed);
 }
 
 namespace {
@@ -176,8 +196,10 @@ CudaLaunchConfig cuda_launch_config() {
   c.backward_tma = g_backward_tma.load(std::memory_order_relaxed);
   c.backward_stages = g_backward_stages.load(std::memory_order_relaxed);
   c.programmatic_launch = g_programmatic.load(std::memory_order_relaxed);
-  c.forward_tma_store = g_forward_tma_store.load(std::memory_order_relaxed);
-  c.forward_late_dependents = g_forward_late_dependents.load(std::memory_order_relaxed);
+  c.forward_tma_store =
+      static_cast<CudaSwitch>(g_forward_tma_store.load(std::memory_order_relaxed));
+  c.forward_late_dependents =
+      static_cast<CudaSwitch>(g_forward_late_dependents.load(std::memory_order_relaxed));
   return c;
 }
 

@@ -123,13 +123,17 @@ struct LaunchPlan {
   bool programmatic_asked = false;
   bool programmatic = false;
   const char* programmatic_refusal = nullptr;
-  // The TMA forward only: y by TMA store (CudaLaunchConfig::forward_tma_store:
-  // asked for where the TMA forward runs, then decided by forward_tma_finish),
-  // or why it was asked for and not; and the dependents launched after the
-  // row loop (forward_late_dependents).
+  // The TMA forward only: y by TMA store (CudaLaunchConfig::forward_tma_store
+  // or the tuning's default for the shape class: asked for where the TMA
+  // forward runs, then decided by forward_tma_finish), or why it was asked
+  // for and not, and whether it was set or the default; and the dependents
+  // launched at the CTAs' exit (forward_late_dependents; automatic: with the
+  // store, so late_auto drops it where the store is refused).
   bool tma_store = false;
   const char* tma_store_refusal = nullptr;
+  const char* tma_store_source = "default";
   bool late_dependents = false;
+  bool late_auto = false;
 };
 
 // Whether `kernel` as it loads on `device` (the current one) was compiled

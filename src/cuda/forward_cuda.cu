@@ -248,8 +248,14 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
       plan.tma = true;
       plan.stages = vc.stages;
       // Asked for; forward_tma_finish decides whether the store's stages fit.
-      plan.tma_store = knobs.set.forward_tma_store;
-      plan.late_dependents = knobs.set.forward_late_dependents;
+      const CudaSwitch store = knobs.set.forward_tma_store;
+      plan.tma_store = store == CudaSwitch::automatic
+                           ? t.forward_tma_store[static_cast<int>(knobs.shape)]
+                           : store == CudaSwitch::on;
+      plan.tma_store_source = store == CudaSwitch::automatic ? "default" : "set";
+      const CudaSwitch late = knobs.set.forward_late_dependents;
+      plan.late_auto = late == CudaSwitch::automatic;
+      plan.late_dependents = plan.late_auto ? plan.tma_store : late == CudaSwitch::on;
     }
   }
   return plan;
@@ -492,12 +498,14 @@ std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
      << (plan.smem_bytes > 0 ? "coefficients in a shared-memory table"
                              : "coefficients computed per element (C too wide for the table)");
   if (plan.tma_store) {
-    os << "; y by TMA store (" << kTmaStoreStages << " y stages)";
+    os << "; y by TMA store (" << plan.tma_store_source << ", " << kTmaStoreStages << " y stages)";
   } else if (plan.tma_store_refusal != nullptr) {
-    os << "; y by per-thread stores (forward_tma_store refused: " << plan.tma_store_refusal << ")";
+    os << "; y by per-thread stores (" << plan.tma_store_source
+       << " forward_tma_store refused: " << plan.tma_store_refusal << ")";
   }
   if (plan.late_dependents) {
-    os << "; dependents launched after the row loop"
+    os << "; dependents launched at the CTAs' exit ("
+       << (plan.late_auto ? "with the store" : "set") << ")"
        << (plan.programmatic ? "" : " (no effect: plain launch)");
   }
   return os.str();

@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   if constexpr (Store) {
     if (threadIdx.x == 0) bulk_wait_all();
   }
-  if constexpr (Late) pdl_launch_dependents();
+  // Late: no launch_dependents; the dependents launch at the CTAs' exit.
   KASMINA_FWD_TL(4);
   finish_seed<T>(args, s, tile, cs.sv.blends, st);
   KASMINA_FWD_TL(7);
@@ -313,6 +313,7 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
   if (plan.tma_store) {
     plan.tma_store_refusal = store_refusal(plan, p, dev, sb, resident_generic);
     plan.tma_store = plan.tma_store_refusal == nullptr;
+    if (!plan.tma_store && plan.late_auto) plan.late_dependents = false;
   }
   int stages = plan.stages;
   if (stages == 0) stages = t.tma_stage_budget_bytes / sb;

@@ -56,10 +56,13 @@ struct Tuning {
   // (CudaLaunchConfig::forward_tma_store): its y stages come on top of the x
   // stages, and the 16 KiB boxes of 16384x4096/64 float32 (4 lanes per row)
   // take 64 KiB in two of each. The generic kernel's CTAs per SM bound it
-  // further (forward_tma_finish). Not tuned (the store is opt-in; it ran
-  // with this cap in docs/PERFORMANCE.md's eighteenth session). 0: no TMA
+  // further (forward_tma_finish). Not tuned (it ran with this cap in
+  // docs/PERFORMANCE.md's eighteenth and nineteenth sessions). 0: no TMA
   // store.
   std::size_t tma_store_smem_bytes;
+  // Whether the TMA forward stores y by TMA where nothing is set
+  // (CudaLaunchConfig::forward_tma_store automatic), per shape class.
+  bool forward_tma_store[3];
 };
 
 // sm_80 (A100) and sm_90 (H100) share one memory-bound design: 16-byte
@@ -79,9 +82,10 @@ struct Tuning {
 // latency-bound and keeps the generic kernel. sm_80 keeps 8 lanes per row
 // (not measured there since).
 inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 1, 1}, {1, 1, 1}, 0, 8, 8, 0};
+                                    {1, 1, 1}, {1, 1, 1}, 0, 8, 8, 0, {false, false, false}};
 inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 2, 2}, {1, 2, 2}, 16 * 1024, 4, 2, 96 * 1024};
+                                    {1, 2, 2}, {1, 2, 2}, 16 * 1024, 4, 2, 96 * 1024,
+                                    {false, true, true}};
 
 inline constexpr const Tuning& tuning_for(int cc_major) {
   return cc_major >= 9 ? kTuningSm90 : kTuningSm80;

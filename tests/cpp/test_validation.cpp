@@ -434,17 +434,33 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
   plain.programmatic_launch = false;
   set_cuda_launch_config(plain);
   EXPECT_FALSE(cuda_launch_config().programmatic_launch);
-  // The TMA forward's store and late dependents: off by default, kept when set.
-  EXPECT_FALSE(CudaLaunchConfig{}.forward_tma_store);
-  EXPECT_FALSE(CudaLaunchConfig{}.forward_late_dependents);
-  EXPECT_FALSE(cuda_launch_config().forward_tma_store);
-  EXPECT_FALSE(cuda_launch_config().forward_late_dependents);
+  // The TMA forward's store and late dependents: automatic by default, kept
+  // when set; a value outside the switch is refused, changing nothing.
+  EXPECT_EQ(CudaLaunchConfig{}.forward_tma_store, CudaSwitch::automatic);
+  EXPECT_EQ(CudaLaunchConfig{}.forward_late_dependents, CudaSwitch::automatic);
+  set_cuda_launch_config(CudaLaunchConfig{});
+  EXPECT_EQ(cuda_launch_config().forward_tma_store, CudaSwitch::automatic);
+  EXPECT_EQ(cuda_launch_config().forward_late_dependents, CudaSwitch::automatic);
   CudaLaunchConfig store;
-  store.forward_tma_store = true;
-  store.forward_late_dependents = true;
+  store.forward_tma_store = CudaSwitch::on;
+  store.forward_late_dependents = CudaSwitch::off;
   set_cuda_launch_config(store);
-  EXPECT_TRUE(cuda_launch_config().forward_tma_store);
-  EXPECT_TRUE(cuda_launch_config().forward_late_dependents);
+  EXPECT_EQ(cuda_launch_config().forward_tma_store, CudaSwitch::on);
+  EXPECT_EQ(cuda_launch_config().forward_late_dependents, CudaSwitch::off);
+  for (int field = 0; field < 2; ++field) {
+    CudaLaunchConfig bad;
+    (field == 0 ? bad.forward_tma_store : bad.forward_late_dependents) = static_cast<CudaSwitch>(3);
+    expect_error([&] { set_cuda_launch_config(bad); },
+                 {ErrorKind::value,
+                  {field == 0 ? "forward_tma_store" : "forward_late_dependents",
+                   "0 (automatic), 1 (off) or 2 (on)", "got 3"}},
+                 "switch");
+    EXPECT_EQ(cuda_launch_config().forward_tma_store, CudaSwitch::on);
+    EXPECT_EQ(cuda_launch_config().forward_late_dependents, CudaSwitch::off);
+  }
+  EXPECT_EQ(cuda_switch_name(CudaSwitch::automatic), "automatic");
+  EXPECT_EQ(cuda_switch_name(CudaSwitch::off), "off");
+  EXPECT_EQ(cuda_switch_name(CudaSwitch::on), "on");
   set_cuda_launch_config(saved);
 }
 

@@ -637,6 +637,7 @@ void check_tma_store_matches_plain(const ProblemOptions& o, int stages) {
   SCOPED_TRACE(ctx);
   const DeviceProblem d(plain, false);
   CudaLaunchConfig c = tma_config(stages);
+  c.forward_tma_store = CudaSwitch::off;
   {
     const LaunchConfigGuard guard(c);
     const std::string desc = describe_forward(d.forward_params(plain), Backend::cuda);
@@ -644,7 +645,7 @@ void check_tma_store_matches_plain(const ProblemOptions& o, int stages) {
     EXPECT_EQ(desc.find("TMA store"), std::string::npos) << desc;
     run_cuda(plain, d, false);
   }
-  c.forward_tma_store = true;
+  c.forward_tma_store = CudaSwitch::on;
   run_tma_twice(stored, d, c, "; y by TMA store (", ctx);
   expect_padding_untouched(stored, ctx);
   expect_forward_matches(stored, reference::forward(stored.forward_params()), ctx);
@@ -804,6 +805,64 @@ TEST_F(CudaBackend, TmaStoreLarge) {
   uint64_t rng = 7600;
   for (DType dt : kDTypes) check_tma_store_matches_plain(shape(2000, 64, 64, dt, ++rng), 0);
   check_tma_store_matches_plain(shape(2000, 256, 8, DType::bf16, ++rng), 0);
+}
+
+// The store's default (CudaLaunchConfig::forward_tma_store automatic): on
+// sm_90 the TMA forward of the medium and large shape classes stores y by
+// TMA with its dependents launched at the CTAs' exit (tuning.hpp), the small
+// class does not; off and on override it. The default run of a medium
+// problem matches the reference and gives the bits of the store switched
+// off.
+TEST_F(CudaBackend, TmaStoreDefaultByShapeClass) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  uint64_t rng = 7700;
+  for (DType dt : {DType::f32, DType::bf16}) {
+    // 4096 x 1024: 8 or 16 MiB, the medium class.
+    const ProblemOptions o = shape(4096, 64, 16, dt, ++rng);
+    Problem auto_run = make_problem(o);
+    Problem off_run = auto_run;
+    const std::string ctx = "store default, " + describe(o);
+    SCOPED_TRACE(ctx);
+    const DeviceProblem d(auto_run, false);
+    {
+      const LaunchConfigGuard guard(CudaLaunchConfig{});
+      const std::string desc = describe_forward(d.forward_params(auto_run), Backend::cuda);
+      ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+      EXPECT_NE(desc.find("; y by TMA store (default"), std::string::npos) << desc;
+      EXPECT_NE(desc.find("; dependents launched at the CTAs' exit (with the store)"),
+                std::string::npos)
+          << desc;
+      run_cuda(auto_run, d, false);
+    }
+    CudaLaunchConfig off;
+    off.forward_tma_store = CudaSwitch::off;
+    run_tma_twice(off_run, d, off, "", ctx);
+    {
+      const LaunchConfigGuard guard(off);
+      const std::string desc = describe_forward(d.forward_params(off_run), Backend::cuda);
+      EXPECT_EQ(desc.find("TMA store"), std::string::npos) << desc;
+      EXPECT_EQ(desc.find("CTAs' exit"), std::string::npos) << desc;
+    }
+    expect_forward_matches(auto_run, reference::forward(auto_run.forward_params()), ctx);
+    expect_forward_bits_equal(auto_run, off_run, ctx);
+    // The small class keeps per-thread stores unless the store is set on.
+    Problem small = make_problem(shape(16, 64, 16, dt, ++rng));
+    const DeviceProblem ds(small, false);
+    CudaLaunchConfig tma;
+    tma.forward_variant = CudaForwardVariant::tma;
+    {
+      const LaunchConfigGuard guard(tma);
+      const std::string desc = describe_forward(ds.forward_params(small), Backend::cuda);
+      ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+      EXPECT_EQ(desc.find("TMA store"), std::string::npos) << desc;
+    }
+    tma.forward_tma_store = CudaSwitch::on;
+    {
+      const LaunchConfigGuard guard(tma);
+      const std::string desc = describe_forward(ds.forward_params(small), Backend::cuda);
+      EXPECT_NE(desc.find("; y by TMA store (set"), std::string::npos) << desc;
+    }
+  }
 }
 
 TEST_F(CudaBackend, EveryKindAlone) {
@@ -1428,8 +1487,9 @@ void check_programmatic_chain(DType dt, uint64_t rng, bool variants, bool tma_st
     if (variants) {
       c.forward_variant = CudaForwardVariant::tma;
       c.backward_tma = true;
-      c.forward_tma_store = programmatic && tma_store;
-      c.forward_late_dependents = programmatic && late_dependents;
+      c.forward_tma_store = programmatic && tma_store ? CudaSwitch::on : CudaSwitch::off;
+      c.forward_late_dependents =
+          programmatic && late_dependents ? CudaSwitch::on : CudaSwitch::off;
     }
     const LaunchConfigGuard guard(c);
     Pair r{a, b};
@@ -1456,9 +1516,11 @@ void check_programmatic_chain(DType dt, uint64_t rng, bool variants, bool tma_st
     if (variants && device_is_sm90()) {
       for (const ForwardParams& f : {fa, fb}) {
         const std::string d = describe_forward(f, Backend::cuda);
-        EXPECT_EQ(d.find("; y by TMA store (") != std::string::npos, c.forward_tma_store) << d;
-        EXPECT_EQ(d.find("; dependents launched after the row loop") != std::string::npos,
-                  c.forward_late_dependents)
+        EXPECT_EQ(d.find("; y by TMA store (") != std::string::npos,
+                  c.forward_tma_store == CudaSwitch::on)
+            << d;
+        EXPECT_EQ(d.find("; dependents launched at the CTAs' exit") != std::string::npos,
+                  c.forward_late_dependents == CudaSwitch::on)
             << d;
       }
     }
@@ -1502,7 +1564,7 @@ TEST_F(SmallCuda, ProgrammaticLaunchChains) {
   }
 }
 
-// The TMA forward's dependents launched after its row loop
+// The TMA forward's dependents launched at its CTAs' exit
 // (CudaLaunchConfig::forward_late_dependents), with and without the TMA
 // store: forwards and backwards back to back under programmatic launch,
 // three rounds, against plain launches bit for bit and the reference.
