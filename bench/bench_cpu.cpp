@@ -2,7 +2,9 @@
 // shape and dtype, each beside its byte floor measured in the same run with
 // the same thread count (forward: a threaded copy of x into y; backward: a
 // kernel reading x and dy and writing dx). Caches are flushed before every
-// timed repetition; the figure is the median.
+// timed repetition; op and floor alternate repetition by repetition; the
+// figure is the median, and "paired" the median of the repetitions' own
+// op / floor ratios.
 //
 //   bench_cpu [--json] [--shapes NxH:S,...] [--dtypes f32,bf16,f16] [--reps R] [--threads T]
 //             [--no-flush]   (no cache flush between repetitions: the compute cost of
@@ -150,25 +152,56 @@ struct Timing {
 // on a shared machine other processes inflate the median, never the best.
 bool g_flush = true;  // Options::flush
 
-Timing time_reps(int reps, const std::function<void()>& fn) {
-  for (int i = 0; i < 2; ++i) fn();  // warm-up: page faults, thread pool start
-  std::vector<double> times;
-  for (int i = 0; i < reps; ++i) {
-    if (g_flush) flush_caches();
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    const auto t1 = std::chrono::steady_clock::now();
-    times.push_back(std::chrono::duration<double>(t1 - t0).count());
-  }
+double seconds_of(const std::function<void()>& fn) {
+  if (g_flush) flush_caches();
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  const auto t1 = std::chrono::steady_clock::now();
+  return std::chrono::duration<double>(t1 - t0).count();
+}
+
+Timing timing_of(std::vector<double> times) {
   std::sort(times.begin(), times.end());
   return {times[times.size() / 2], times.front()};
+}
+
+// An op and its floor, timed in alternation (each repetition runs both,
+// which one first alternating): on a machine shared with other processes,
+// a slow phase then falls on both rather than on whichever ran during it.
+// `paired` is the median of the repetitions' own ratios (op / floor).
+struct PairTiming {
+  Timing time, floor;
+  double paired;
+};
+
+PairTiming time_pair(int reps, const std::function<void()>& fn, const std::function<void()>& floor_fn) {
+  for (int i = 0; i < 2; ++i) {  // warm-up: page faults, thread pool start
+    fn();
+    floor_fn();
+  }
+  std::vector<double> t, f, r;
+  for (int i = 0; i < reps; ++i) {
+    double a = 0, b = 0;
+    if (i % 2 == 0) {
+      a = seconds_of(fn);
+      b = seconds_of(floor_fn);
+    } else {
+      b = seconds_of(floor_fn);
+      a = seconds_of(fn);
+    }
+    t.push_back(a);
+    f.push_back(b);
+    r.push_back(a / b);
+  }
+  std::sort(r.begin(), r.end());
+  return {timing_of(t), timing_of(f), r[r.size() / 2]};
 }
 
 struct Result {
   std::string shape;
   std::string dtype;
   std::string op;
-  Timing time, floor;
+  PairTiming pt;
   double bytes;
   std::string kernel;
 };
@@ -331,15 +364,15 @@ int main(int argc, char** argv) {
       const double size = static_cast<double>(dtype_size(dtype));
 
       ForwardParams fp = p.forward_params(o.threads);
-      const Timing fwd = time_reps(o.reps, [&] { forward(fp, Backend::cpu); });
-      const Timing fwd_floor = time_reps(o.reps, [&] { copy_floor(p, o.threads, p.y.data()); });
-      results.push_back({shape_name, short_name(dtype), "forward+telemetry", fwd, fwd_floor, 2.0 * elems * size,
+      const PairTiming fwd = time_pair(o.reps, [&] { forward(fp, Backend::cpu); },
+                                       [&] { copy_floor(p, o.threads, p.y.data()); });
+      results.push_back({shape_name, short_name(dtype), "forward+telemetry", fwd, 2.0 * elems * size,
                          describe_forward(fp, Backend::cpu)});
 
       BackwardParams bp = p.backward_params(o.threads);
-      const Timing bwd = time_reps(o.reps, [&] { backward(bp, Backend::cpu); });
-      const Timing bwd_floor = time_reps(o.reps, [&] { add_floor(p, o.threads); });
-      results.push_back({shape_name, short_name(dtype), "backward", bwd, bwd_floor, 3.0 * elems * size,
+      const PairTiming bwd = time_pair(o.reps, [&] { backward(bp, Backend::cpu); },
+                                       [&] { add_floor(p, o.threads); });
+      results.push_back({shape_name, short_name(dtype), "backward", bwd, 3.0 * elems * size,
                          describe_backward(bp, Backend::cpu)});
     }
   }
@@ -352,24 +385,26 @@ int main(int argc, char** argv) {
       std::printf(
           "  {\"shape\": \"%s\", \"dtype\": \"%s\", \"op\": \"%s\", \"ms\": %.4f, \"best_ms\": %.4f, "
           "\"gbps\": %.3f, \"floor_ms\": %.4f, \"floor_best_ms\": %.4f, \"floor_gbps\": %.3f, "
-          "\"ratio_to_floor\": %.3f, \"best_ratio_to_floor\": %.3f, \"kernel\": \"%s\"}%s\n",
-          r.shape.c_str(), r.dtype.c_str(), r.op.c_str(), r.time.median * 1e3, r.time.best * 1e3,
-          r.bytes / r.time.median / 1e9, r.floor.median * 1e3, r.floor.best * 1e3, r.bytes / r.floor.median / 1e9,
-          r.time.median / r.floor.median, r.time.best / r.floor.best, r.kernel.c_str(),
-          i + 1 < results.size() ? "," : "");
+          "\"ratio_to_floor\": %.3f, \"best_ratio_to_floor\": %.3f, \"paired_ratio\": %.3f, "
+          "\"kernel\": \"%s\"}%s\n",
+          r.shape.c_str(), r.dtype.c_str(), r.op.c_str(), r.pt.time.median * 1e3, r.pt.time.best * 1e3,
+          r.bytes / r.pt.time.median / 1e9, r.pt.floor.median * 1e3, r.pt.floor.best * 1e3,
+          r.bytes / r.pt.floor.median / 1e9, r.pt.time.median / r.pt.floor.median,
+          r.pt.time.best / r.pt.floor.best, r.pt.paired, r.kernel.c_str(), i + 1 < results.size() ? "," : "");
     }
     std::printf("]}\n");
   } else {
-    std::printf("%-14s %-5s %-18s %9s %9s %8s %9s %9s %8s %7s %7s\n", "shape NxH:S", "dtype", "op", "ms",
-                "best ms", "GB/s", "floor ms", "best ms", "GB/s", "ratio", "best");
+    std::printf("%-14s %-5s %-18s %9s %9s %8s %9s %9s %8s %7s %7s %7s\n", "shape NxH:S", "dtype", "op", "ms",
+                "best ms", "GB/s", "floor ms", "best ms", "GB/s", "ratio", "best", "paired");
     for (const Result& r : results) {
-      std::printf("%-14s %-5s %-18s %9.3f %9.3f %8.2f %9.3f %9.3f %8.2f %7.2f %7.2f\n", r.shape.c_str(),
-                  r.dtype.c_str(), r.op.c_str(), r.time.median * 1e3, r.time.best * 1e3,
-                  r.bytes / r.time.median / 1e9, r.floor.median * 1e3, r.floor.best * 1e3,
-                  r.bytes / r.floor.median / 1e9, r.time.median / r.floor.median, r.time.best / r.floor.best);
+      std::printf("%-14s %-5s %-18s %9.3f %9.3f %8.2f %9.3f %9.3f %8.2f %7.2f %7.2f %7.2f\n", r.shape.c_str(),
+                  r.dtype.c_str(), r.op.c_str(), r.pt.time.median * 1e3, r.pt.time.best * 1e3,
+                  r.bytes / r.pt.time.median / 1e9, r.pt.floor.median * 1e3, r.pt.floor.best * 1e3,
+                  r.bytes / r.pt.floor.median / 1e9, r.pt.time.median / r.pt.floor.median,
+                  r.pt.time.best / r.pt.floor.best, r.pt.paired);
     }
-    std::printf("threads: %d, median (and best) of %d %s; GB/s from the median; "
-                "floor = the same bytes read+written\n",
+    std::printf("threads: %d, median (and best) of %d %s, op and floor alternating; GB/s from the median; "
+                "floor = the same bytes read+written; paired = median of each repetition's op / floor\n",
                 o.threads, o.reps,
                 o.flush ? "after a cache flush" : "WITHOUT a cache flush (in-cache compute cost)");
   }
