@@ -273,8 +273,8 @@ inline int tiles_for_kernel(const void* kernel, const LaunchPlan& plan, int64_t 
 // its launch latency overlaps this kernel's work. Both are no-ops for a
 // kernel launched without the attribute, and are compiled out below sm_90
 // (the host never asks for the attribute there: finish_programmatic).
-// The two halves are apart for a kernel that lets its dependents start
-// later than its first statement (CudaLaunchConfig::forward_late_dependents).
+// A kernel that lets its dependents start only at its CTAs' exit
+// (CudaLaunchConfig::forward_late_dependents) calls pdl_wait alone.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

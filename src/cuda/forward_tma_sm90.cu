@@ -34,10 +34,12 @@
 // griddepcontrol.wait waits for).
 //
 // Late dependents (CudaLaunchConfig::forward_late_dependents, the Late
-// instances): griddepcontrol.launch_dependents after the row loop, not with
-// the wait at the first statement, so a programmatic dependent's early CTAs
-// (the backward's) take no SM slots or bandwidth from the row passes (an
-// H200 lost 5 % at 16384x4096/64 to them with the store).
+// instances): no griddepcontrol.launch_dependents at all, so a programmatic
+// dependent (the backward) starts as the forward's CTAs exit, not with the
+// wait at the first statement: its early CTAs take no SM slots or
+// bandwidth from the row passes (with the store an H200 lost 5 % of
+// forward+backward at 16384x4096/64 to them, and 2-4 % with the trigger
+// after the row loop; docs/DESIGN.md 63).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
@@ -85,7 +87,7 @@ static_assert(offsetof(TmaForwardArgs, map_y) % 64 == 0, "a tensor map must be 6
 
 // ------------------------------------------------------------------ kernel
 
-// Store: y by TMA store; Late: dependents launched after the row loop (see
+// Store: y by TMA store; Late: dependents launched at the CTAs' exit (see
 // the top of this file). The default instance (both false) is the plain TMA
 // forward.
 template <typename T, int V, bool Store, bool Late>
