@@ -249,9 +249,10 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
       plan.stages = vc.stages;
       // Asked for; forward_tma_finish decides whether the store's stages fit.
       const CudaSwitch store = knobs.set.forward_tma_store;
-      plan.tma_store = store == CudaSwitch::automatic
-                           ? t.forward_tma_store[static_cast<int>(knobs.shape)]
-                           : store == CudaSwitch::on;
+      const bool* store_default =
+          knobs.elem_bytes == 4 ? t.forward_tma_store_4byte : t.forward_tma_store_2byte;
+      plan.tma_store = store == CudaSwitch::automatic ? store_default[static_cast<int>(knobs.shape)]
+                                                      : store == CudaSwitch::on;
       plan.tma_store_source = store == CudaSwitch::automatic ? "default" : "set";
       const CudaSwitch late = knobs.set.forward_late_dependents;
       plan.late_auto = late == CudaSwitch::automatic;

@@ -61,8 +61,10 @@ struct Tuning {
   // store.
   std::size_t tma_store_smem_bytes;
   // Whether the TMA forward stores y by TMA where nothing is set
-  // (CudaLaunchConfig::forward_tma_store automatic), per shape class.
-  bool forward_tma_store[3];
+  // (CudaLaunchConfig::forward_tma_store automatic), per shape class, for
+  // 4-byte and for 2-byte types.
+  bool forward_tma_store_4byte[3];
+  bool forward_tma_store_2byte[3];
 };
 
 // sm_80 (A100) and sm_90 (H100) share one memory-bound design: 16-byte
@@ -81,11 +83,21 @@ struct Tuning {
 // with 8; at 8192x768/16 TMA led by 3-10 %. The small class (16x4096) is
 // latency-bound and keeps the generic kernel. sm_80 keeps 8 lanes per row
 // (not measured there since).
+// sm_90's y by TMA store (nineteenth session, H100, docs/PERFORMANCE.md;
+// DESIGN 63): on by default for float32 at the large class only, with the
+// dependents launched at the CTAs' exit: forward 1.02-1.03x at
+// 16384x4096/64, forward+backward 1.00-1.01x. Not for 2-byte types (a
+// layer with one seed in eight blending lost 1-3 % of forward+backward on
+// the H100, and an H200 lost 3 % of the forward for blending seeds) nor the
+// medium class (forward+backward 0.95-0.99x where seeds are dormant: the
+// exit trigger gives up programmatic launch's overlap, which is worth 5-8 %
+// there).
 inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 1, 1}, {1, 1, 1}, 0, 8, 8, 0, {false, false, false}};
+                                    {1, 1, 1}, {1, 1, 1}, 0, 8, 8, 0, {false, false, false},
+                                    {false, false, false}};
 inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
                                     {1, 2, 2}, {1, 2, 2}, 16 * 1024, 4, 2, 96 * 1024,
-                                    {false, true, true}};
+                                    {false, false, true}, {false, false, false}};
 
 inline constexpr const Tuning& tuning_for(int cc_major) {
   return cc_major >= 9 ? kTuningSm90 : kTuningSm80;
