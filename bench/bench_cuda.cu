@@ -21,8 +21,11 @@
 // pays before its first instruction).
 //
 //   bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] [--no-pdl]
-//              [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl]
+//              [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N]
 //
+// --stages N: the default rows with the TMA forward's pipeline depth N (2 to
+// 8; CudaLaunchConfig::forward_stages; fewer where the shared memory does
+// not hold N, as describe_forward says).
 // --no-pdl: the default rows without programmatic dependent launch.
 // --tma-store / --no-tma-store: the default rows with the TMA forward's y by
 // TMA store switched on / off (CudaLaunchConfig::forward_tma_store; where
@@ -872,6 +875,8 @@ int main(int argc, char** argv) {
       g_default.programmatic_launch = false;
     } else if (a == "--tma-store" || a == "--no-tma-store") {
       g_default.forward_tma_store = a == "--tma-store" ? kasmina::CudaSwitch::on : kasmina::CudaSwitch::off;
+    } else if (a == "--stages" && i + 1 < argc) {
+      g_default.forward_stages = std::atoi(argv[++i]);
     } else if (a == "--late-pdl" || a == "--no-late-pdl") {
       g_default.forward_late_dependents =
           a == "--late-pdl" ? kasmina::CudaSwitch::on : kasmina::CudaSwitch::off;
@@ -900,9 +905,15 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] "
-                   "[--no-pdl] [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl]\n");
+                   "[--no-pdl] [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N]\n");
       return 2;
     }
+  }
+  try {  // the switches' values, checked before anything runs
+    kasmina::set_cuda_launch_config(g_default);
+  } catch (const kasmina::Error& e) {
+    std::fprintf(stderr, "bench_cuda: %s\n", e.what());
+    return 2;
   }
   if (!kasmina::backend_available(kasmina::Backend::cuda)) {
     std::fprintf(stderr, "bench_cuda: no CUDA device: %s\n",
