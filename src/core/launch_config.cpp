@@ -28,11 +28,9 @@ std::atomic<int> g_forward_late_dependents{0};
 bool valid_forward_rows(int v) { return v == 0 || v == 1 || v == 2 || v == 4; }
 // Four rows of X and G in flight spill past the backward's 128 registers.
 bool valid_backward_rows(int v) { return v == 0 || v == 1 || v == 2; }
-bool valid_variant(CudaForwardVariant v) {
-  const int i = static_cast<int>(v);
-  return i >= 0 && i <= 2;
-}
-bool valid_switch(CudaSwitch v) {
+// CudaForwardVariant and CudaSwitch: three values, 0 to 2.
+template <typename Enum>
+bool valid_three(Enum v) {
   const int i = static_cast<int>(v);
   return i >= 0 && i <= 2;
 }
@@ -69,7 +67,7 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   KASMINA_CHECK_VALUE(valid_backward_rows(config.backward_rows_in_flight),
                       "backward_rows_in_flight must be 0 (default), 1 or 2 (got ",
                       config.backward_rows_in_flight, ")");
-  KASMINA_CHECK_VALUE(valid_variant(config.forward_variant),
+  KASMINA_CHECK_VALUE(valid_three(config.forward_variant),
                       "forward_variant must be 0 (automatic), 1 (generic) or 2 (tma) (got ",
                       static_cast<int>(config.forward_variant), ")");
   KASMINA_CHECK_VALUE(valid_stages(config.backward_stages),
@@ -84,10 +82,10 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   KASMINA_CHECK_VALUE(valid_threads(config.forward_block_threads),
                       "forward_block_threads must be 0 (default), 64, 128 or 256 (got ",
                       config.forward_block_threads, ")");
-  KASMINA_CHECK_VALUE(valid_switch(config.forward_tma_store),
+  KASMINA_CHECK_VALUE(valid_three(config.forward_tma_store),
                       "forward_tma_store must be 0 (automatic), 1 (off) or 2 (on) (got ",
                       static_cast<int>(config.forward_tma_store), ")");
-  KASMINA_CHECK_VALUE(valid_switch(config.forward_late_dependents),
+  KASMINA_CHECK_VALUE(valid_three(config.forward_late_dependents),
                       "forward_late_dependents must be 0 (automatic), 1 (off) or 2 (on) (got ",
                       static_cast<int>(config.forward_late_dependents), ")");
   g_forward_rows.store(config.forward_rows_in_flight, std::memory_order_relaxed);
@@ -148,7 +146,7 @@ void set_cuda_tuned_table(const std::vector<CudaTunedEntry>& entries) {
     KASMINA_CHECK_VALUE(valid_backward_rows(e.backward_rows_in_flight),
                         "tuned entry: backward_rows_in_flight must be 0, 1 or 2 (got ",
                         e.backward_rows_in_flight, ")");
-    KASMINA_CHECK_VALUE(valid_variant(e.forward_variant),
+    KASMINA_CHECK_VALUE(valid_three(e.forward_variant),
                         "tuned entry: forward_variant must be 0, 1 or 2 (got ",
                         static_cast<int>(e.forward_variant), ")");
     KASMINA_CHECK_VALUE(valid_stages(e.forward_stages),

@@ -364,10 +364,6 @@ bool device_is_sm90() {
   return major == 9;
 }
 
-// The TMA forward (sm_90) against the generic one with 1 row in flight:
-// the same bits (same passes, same reduction trees), and the reference. The
-// description must name the TMA kernel, so the comparison cannot be two
-// runs of the generic one.
 // The TMA forward at one row in flight (the generic kernel's bits at the
 // same lanes per row) with the pipeline depth `stages` asked for.
 CudaLaunchConfig tma_config(int stages) {
@@ -399,6 +395,10 @@ void run_tma_twice(Problem& p, const DeviceProblem& d, const CudaLaunchConfig& c
   expect_forward_bits_equal(p, again, ctx + " (second run)");
 }
 
+// The TMA forward (sm_90) against the generic one with 1 row in flight:
+// the same bits (same passes, same reduction trees), and the reference. The
+// description must name the TMA kernel, so the comparison cannot be two
+// runs of the generic one.
 void check_tma_matches_generic(const ProblemOptions& o, int stages, bool misalign = false) {
   Problem generic = make_problem(o);
   Problem tma = generic;
