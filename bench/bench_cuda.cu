@@ -44,6 +44,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -171,6 +172,7 @@ class Bench {
     std::vector<float> ms;
     for (int r = 0; r < runs_; ++r) {
       CHECK(cudaMemsetAsync(flush_, r & 0xFF, flush_bytes_, stream_));
+      if (warm_) warm_();
       spin_kernel<<<1, 1, 0, stream_>>>(spin_cycles_);
       CHECK(cudaGetLastError());
       CHECK(cudaEventRecord(start_, stream_));
@@ -184,6 +186,8 @@ class Bench {
     return median(ms) * 1000.0;
   }
   cudaStream_t stream() const { return stream_; }
+  // Run after each flush, before the timed op (--warm-code): nothing by default.
+  std::function<void()> warm_;
 
  private:
   int runs_;
@@ -214,6 +218,15 @@ const char* seeds_mode_name(SeedsMode m) {
   }
   return "?";
 }
+
+// Device memory freed at scope exit.
+struct DeviceBuffer {
+  void* p = nullptr;
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { (void)cudaFree(p); }
+};
 
 // The layer's device state for one shape and seeds mode.
 struct DeviceLayer {
@@ -309,6 +322,11 @@ kasmina::BackwardParams backward_params_for(const DeviceLayer& layer, const Shap
 // The launch configuration of the default rows (--no-pdl and the other
 // switches of main() change it; candidates set their own).
 kasmina::CudaLaunchConfig g_default;
+// --warm-code (a diagnostic): before each timed forward, after the L2 flush,
+// a forward of 256 rows of another layer of the same kinds and stages with
+// the same kernel instance, so the kernel's code (and nothing of the timed
+// layer's state or data) is in L2.
+bool g_warm_code = false;
 
 void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool candidates,
                std::vector<Row>& rows) {
@@ -381,8 +399,48 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     const std::string dname(kasmina::dtype_name(dtype));
     const double fwd_bytes = 2.0 * static_cast<double>(bytes);
     const double both_bytes = 5.0 * static_cast<double>(bytes);
+    // --warm-code: the warming forward's layer, buffers and workspace.
+    const Shape wshape{256, shape.hidden, shape.seeds};
+    DeviceLayer wlayer(wshape, seeds_mode);
+    DeviceBuffer wx, wy, wws;
+    kasmina::ForwardParams wfp = fp;
+    if (g_warm_code) {
+      const std::size_t wbytes = static_cast<std::size_t>(wshape.rows * wshape.hidden) * esize;
+      CHECK(cudaMalloc(&wx.p, wbytes));
+      CHECK(cudaMalloc(&wy.p, wbytes));
+      CHECK(cudaMemset(wx.p, 0x3c, wbytes));
+      wfp = forward_params_for(wlayer, wshape, dtype, wx.p, bench.stream());
+      wfp.y = wy.p;
+      wfp.telemetry = wlayer.telemetry;
+      wfp.nonfinite_count = wlayer.nonfinite;
+      wfp.workspace_bytes = fp.workspace_bytes;
+      CHECK(cudaMalloc(&wws.p, wfp.workspace_bytes));
+      CHECK(cudaMemset(wws.p, 0, wfp.workspace_bytes));
+      wfp.workspace = wws.p;
+    }
     auto time_forward = [&] {
-      return bench.time_us([&] { kasmina::forward(fp, kasmina::Backend::cuda); });
+      if (g_warm_code) {
+        // The timed forward's instance: the TMA kernel with its store and
+        // dependents' settings (the generic one where TMA does not run).
+        const kasmina::CudaLaunchConfig saved = kasmina::cuda_launch_config();
+        const std::string d = kasmina::describe_forward(fp, kasmina::Backend::cuda);
+        kasmina::CudaLaunchConfig w = saved;
+        const bool tma = d.find("variant tma") != std::string::npos;
+        w.forward_variant = tma ? kasmina::CudaForwardVariant::tma : kasmina::CudaForwardVariant::generic;
+        w.forward_tma_store = d.find("y by TMA store") != std::string::npos ? kasmina::CudaSwitch::on
+                                                                             : kasmina::CudaSwitch::off;
+        w.forward_late_dependents = d.find("at the CTAs' exit") != std::string::npos
+                                        ? kasmina::CudaSwitch::on
+                                        : kasmina::CudaSwitch::off;
+        bench.warm_ = [&, w, saved] {
+          kasmina::set_cuda_launch_config(w);
+          kasmina::forward(wfp, kasmina::Backend::cuda);
+          kasmina::set_cuda_launch_config(saved);
+        };
+      }
+      const double t = bench.time_us([&] { kasmina::forward(fp, kasmina::Backend::cuda); });
+      bench.warm_ = nullptr;
+      return t;
     };
     auto time_both = [&] {
       return bench.time_us([&] {
@@ -871,6 +929,8 @@ int main(int argc, char** argv) {
       json_path = argv[++i];
     } else if (a == "--no-candidates") {
       candidates = false;
+    } else if (a == "--warm-code") {
+      g_warm_code = true;
     } else if (a == "--no-pdl") {
       g_default.programmatic_launch = false;
     } else if (a == "--tma-store" || a == "--no-tma-store") {
@@ -905,7 +965,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] "
-                   "[--no-pdl] [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N]\n");
+                   "[--no-pdl] [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N] [--warm-code]\n");
       return 2;
     }
   }
