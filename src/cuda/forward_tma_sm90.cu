@@ -318,7 +318,9 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
     if (!plan.tma_store && plan.late_auto) plan.late_dependents = false;
   }
   int stages = plan.stages;
-  if (stages == 0) stages = t.tma_stage_budget_bytes / sb;
+  if (stages == 0) {
+    stages = (plan.tma_store ? t.tma_store_stage_budget_bytes : t.tma_stage_budget_bytes) / sb;
+  }
   if (stages > kMaxTmaStages) stages = kMaxTmaStages;
   // Within the budget every architecture gives without an opt-in, or the
   // store's opt-in.

@@ -60,6 +60,13 @@ struct Tuning {
   // docs/PERFORMANCE.md's eighteenth and nineteenth sessions). 0: no TMA
   // store.
   std::size_t tma_store_smem_bytes;
+  // Shared memory the TMA forward's x stages may take by default when it
+  // stores y by TMA (stages = this / stage bytes, then as forward_tma_finish
+  // bounds them): on sm_90 3 stages of 12 KiB (8192x768/16 float32, where 3
+  // ran 1.04-1.07x faster than 2, twentieth session) and 2 of 16 KiB
+  // (16384x4096/64: float32 cannot hold 3 CTAs per SM with 3, and bfloat16
+  // ran 0.97x with 3).
+  int tma_store_stage_budget_bytes;
   // Whether the TMA forward stores y by TMA where nothing is set
   // (CudaLaunchConfig::forward_tma_store automatic), per shape class, for
   // 4-byte and for 2-byte types.
@@ -83,21 +90,23 @@ struct Tuning {
 // with 8; at 8192x768/16 TMA led by 3-10 %. The small class (16x4096) is
 // latency-bound and keeps the generic kernel. sm_80 keeps 8 lanes per row
 // (not measured there since).
-// sm_90's y by TMA store (nineteenth session, H100, docs/PERFORMANCE.md;
-// DESIGN 63): on by default for float32 at the large class only, with the
-// dependents launched at the CTAs' exit: forward 1.02-1.03x at
-// 16384x4096/64, forward+backward 1.00-1.01x. Not for 2-byte types (a
-// layer with one seed in eight blending lost 1-3 % of forward+backward on
-// the H100, and an H200 lost 3 % of the forward for blending seeds) nor the
-// medium class (forward+backward 0.95-0.99x where seeds are dormant: the
-// exit trigger gives up programmatic launch's overlap, which is worth 5-8 %
-// there).
+// sm_90's y by TMA store (nineteenth and twentieth sessions, H100,
+// docs/PERFORMANCE.md; DESIGN 63): on by default for float32 at the medium
+// and large classes, with the dependents launched at the CTAs' exit:
+// forward 1.02-1.03x at 16384x4096/64, forward+backward 1.00-1.01x; at
+// 8192x768/16 with three x stages (tma_store_stage_budget_bytes) forward
+// 1.04-1.07x, forward+backward 0.99-1.01x (with two x stages the store
+// gained nothing there and the exit trigger cost dormant seeds' forward+
+// backward 1-2 %). Not for 2-byte types: a layer with one seed in eight
+// blending lost 1-3 % of forward+backward on the H100, an H200 lost 3 % of
+// the forward for blending seeds, and at 8192x768/16 the store lost 2-6 %
+// of the forward.
 inline constexpr Tuning kTuningSm80{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 1, 1}, {1, 1, 1}, 0, 8, 8, 0, {false, false, false},
+                                    {1, 1, 1}, {1, 1, 1}, 0, 8, 8, 0, 0, {false, false, false},
                                     {false, false, false}};
 inline constexpr Tuning kTuningSm90{256, 3, 1024, 46 * 1024, 32u << 20, 1, 2, 2,
-                                    {1, 2, 2}, {1, 2, 2}, 16 * 1024, 4, 2, 96 * 1024,
-                                    {false, false, true}, {false, false, false}};
+                                    {1, 2, 2}, {1, 2, 2}, 16 * 1024, 4, 2, 96 * 1024, 36 * 1024,
+                                    {false, true, true}, {false, false, false}};
 
 inline constexpr const Tuning& tuning_for(int cc_major) {
   return cc_major >= 9 ? kTuningSm90 : kTuningSm80;

@@ -808,46 +808,56 @@ TEST_F(CudaBackend, TmaStoreLarge) {
 }
 
 // The store's default (CudaLaunchConfig::forward_tma_store automatic): on
-// sm_90 the TMA forward of float32 inputs of the large shape class stores y
-// by TMA with its dependents launched at the CTAs' exit (tuning.hpp); 2-byte
-// types and the smaller classes do not; off and on override it. The
-// default run of a large float32 problem matches the reference and gives the
-// bits of the store switched off.
+// sm_90 the TMA forward of float32 inputs of the medium and large shape
+// classes stores y by TMA with its dependents launched at the CTAs' exit
+// (tuning.hpp), the medium one's 12 KiB boxes in three x stages; 2-byte
+// types and the small class do not; off and on override it. The default run
+// matches the reference and gives the bits of the store switched off.
 TEST_F(CudaBackend, TmaStoreDefaultByShapeClass) {
   if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
   uint64_t rng = 7700;
-  // 16384 x 1024 float32: 64 MiB, the large class.
-  const ProblemOptions o = shape(16384, 64, 16, DType::f32, ++rng);
-  Problem auto_run = make_problem(o);
-  Problem off_run = auto_run;
-  const std::string ctx = "store default, " + describe(o);
-  SCOPED_TRACE(ctx);
-  const DeviceProblem d(auto_run, false);
-  {
-    const LaunchConfigGuard guard(CudaLaunchConfig{});
-    const std::string desc = describe_forward(d.forward_params(auto_run), Backend::cuda);
-    ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
-    EXPECT_NE(desc.find("; y by TMA store (default"), std::string::npos) << desc;
-    EXPECT_NE(desc.find("; dependents launched at the CTAs' exit (with the store)"),
-              std::string::npos)
-        << desc;
-    run_cuda(auto_run, d, false);
+  // 16384 x 1024 float32 (64 MiB, the large class: two x stages of 16 KiB)
+  // and 8192 x 768 (24 MiB, the medium class: three of 12 KiB).
+  const struct {
+    ProblemOptions o;
+    const char* stages;
+  } storing[] = {{shape(16384, 64, 16, DType::f32, ++rng), "into a 2-stage"},
+                 {shape(8192, 48, 16, DType::f32, ++rng), "into a 3-stage"}};
+  for (const auto& c : storing) {
+    const ProblemOptions& o = c.o;
+    Problem auto_run = make_problem(o);
+    Problem off_run = auto_run;
+    const std::string ctx = "store default, " + describe(o);
+    SCOPED_TRACE(ctx);
+    const DeviceProblem d(auto_run, false);
+    {
+      const LaunchConfigGuard guard(CudaLaunchConfig{});
+      const std::string desc = describe_forward(d.forward_params(auto_run), Backend::cuda);
+      ASSERT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+      EXPECT_NE(desc.find("; y by TMA store (default"), std::string::npos) << desc;
+      EXPECT_NE(desc.find(c.stages), std::string::npos) << desc;
+      EXPECT_NE(desc.find("; dependents launched at the CTAs' exit (with the store)"),
+                std::string::npos)
+          << desc;
+      run_cuda(auto_run, d, false);
+    }
+    CudaLaunchConfig off;
+    off.forward_tma_store = CudaSwitch::off;
+    run_tma_twice(off_run, d, off, "", ctx);
+    {
+      const LaunchConfigGuard guard(off);
+      const std::string desc = describe_forward(d.forward_params(off_run), Backend::cuda);
+      EXPECT_EQ(desc.find("TMA store"), std::string::npos) << desc;
+      EXPECT_EQ(desc.find("CTAs' exit"), std::string::npos) << desc;
+      EXPECT_NE(desc.find("into a 2-stage"), std::string::npos) << desc;
+    }
+    expect_forward_matches(auto_run, reference::forward(auto_run.forward_params()), ctx);
+    expect_forward_bits_equal(auto_run, off_run, ctx);
   }
-  CudaLaunchConfig off;
-  off.forward_tma_store = CudaSwitch::off;
-  run_tma_twice(off_run, d, off, "", ctx);
-  {
-    const LaunchConfigGuard guard(off);
-    const std::string desc = describe_forward(d.forward_params(off_run), Backend::cuda);
-    EXPECT_EQ(desc.find("TMA store"), std::string::npos) << desc;
-    EXPECT_EQ(desc.find("CTAs' exit"), std::string::npos) << desc;
-  }
-  expect_forward_matches(auto_run, reference::forward(auto_run.forward_params()), ctx);
-  expect_forward_bits_equal(auto_run, off_run, ctx);
-  // No store by default for bfloat16 of the large class, float32 of the
-  // medium class, or the small class; on where set.
+  // No store by default for bfloat16 of the large and medium classes or
+  // for the small class; on where set.
   const ProblemOptions others[] = {shape(32768, 64, 16, DType::bf16, ++rng),
-                                   shape(4096, 64, 16, DType::f32, ++rng),
+                                   shape(8192, 48, 16, DType::bf16, ++rng),
                                    shape(16, 64, 16, DType::f32, ++rng)};
   for (const ProblemOptions& q : others) {
     Problem p = make_problem(q);
