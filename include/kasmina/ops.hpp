@@ -130,8 +130,8 @@ struct CudaLaunchConfig {
   // not fit (or would hold fewer CTAs per SM than the generic kernel) the
   // plain TMA forward runs and describe_forward says why. Only where the TMA
   // forward runs. automatic: the architecture's default per element size
-  // and shape class (tuning.hpp: on sm_90 for float32 at the large class
-  // only; docs/DESIGN.md 63 has the measurements).
+  // and shape class (tuning.hpp: on sm_90 for float32 at the medium and
+  // large classes; docs/DESIGN.md 63 has the measurements).
   CudaSwitch forward_tma_store = CudaSwitch::automatic;
   // The TMA forward lets the next kernel on the stream start (programmatic
   // dependent launch) only as its CTAs exit, not at its first statement
