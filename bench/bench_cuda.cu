@@ -45,6 +45,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -401,7 +402,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     const double both_bytes = 5.0 * static_cast<double>(bytes);
     // --warm-code: the warming forward's layer, buffers and workspace.
     const Shape wshape{256, shape.hidden, shape.seeds};
-    DeviceLayer wlayer(wshape, seeds_mode);
+    std::optional<DeviceLayer> wlayer;  // only with --warm-code
     DeviceBuffer wx, wy, wws;
     kasmina::ForwardParams wfp = fp;
     if (g_warm_code) {
@@ -409,10 +410,11 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
       CHECK(cudaMalloc(&wx.p, wbytes));
       CHECK(cudaMalloc(&wy.p, wbytes));
       CHECK(cudaMemset(wx.p, 0x3c, wbytes));
-      wfp = forward_params_for(wlayer, wshape, dtype, wx.p, bench.stream());
+      wlayer.emplace(wshape, seeds_mode);
+      wfp = forward_params_for(*wlayer, wshape, dtype, wx.p, bench.stream());
       wfp.y = wy.p;
-      wfp.telemetry = wlayer.telemetry;
-      wfp.nonfinite_count = wlayer.nonfinite;
+      wfp.telemetry = wlayer->telemetry;
+      wfp.nonfinite_count = wlayer->nonfinite;
       wfp.workspace_bytes = fp.workspace_bytes;
       CHECK(cudaMalloc(&wws.p, wfp.workspace_bytes));
       CHECK(cudaMemset(wws.p, 0, wfp.workspace_bytes));
