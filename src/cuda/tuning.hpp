@@ -95,7 +95,8 @@ struct Tuning {
 // and large classes, with the dependents launched at the CTAs' exit:
 // forward 1.02-1.03x at 16384x4096/64, forward+backward 1.00-1.01x; at
 // 8192x768/16 with three x stages (tma_store_stage_budget_bytes) forward
-// 1.04-1.07x, forward+backward 0.99-1.01x (with two x stages the store
+// 1.04-1.07x, forward+backward 0.99-1.01x (an H200 in the twenty-first
+// session: 1.03-1.07x and 0.99-1.02x; with two x stages the store
 // gained nothing there and the exit trigger cost dormant seeds' forward+
 // backward 1-2 %). Not for 2-byte types: a layer with one seed in eight
 // blending lost 1-3 % of forward+backward on the H100, an H200 lost 3 % of
