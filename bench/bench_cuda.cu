@@ -22,7 +22,10 @@
 //
 //   bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] [--no-pdl]
 //              [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N]
+//              [--warm-code] [--copies]
 //
+// --copies: the two copy kernel rows (a grid-stride copy, and a copy in the
+// forward's column chunks and grid) even with --no-candidates.
 // --stages N: the default rows with the TMA forward's pipeline depth N (2 to
 // 8; CudaLaunchConfig::forward_stages; fewer where the shared memory does
 // not hold N, as describe_forward says).
@@ -95,6 +98,35 @@ __global__ void copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ d
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     dst[i] = src[i];
+  }
+}
+
+// The same copy with the forward's access pattern: CTA b copies seed
+// b / tiles's columns (chunk_vecs 16-byte words of each row) for the row
+// passes tile, tile + tiles, ... (rows_per_pass rows each), two passes in
+// flight per thread; `lanes` threads per row, each walking its words by
+// lanes. What moving the bytes in column chunks costs, with none of the
+// layer's arithmetic (PERFORMANCE.md, twenty-first session).
+__global__ void chunk_copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst,
+                                  int64_t rows, int64_t row_vecs, int chunk_vecs, int lanes,
+                                  int tiles) {
+  const int s = static_cast<int>(blockIdx.x) / tiles;
+  const int tile = static_cast<int>(blockIdx.x) - s * tiles;
+  const int R = static_cast<int>(blockDim.x) / lanes;
+  const int r = static_cast<int>(threadIdx.x) / lanes;
+  const int lane = static_cast<int>(threadIdx.x) - r * lanes;
+  if (r >= R) return;
+  const int64_t col = static_cast<int64_t>(s) * chunk_vecs;
+  for (int64_t p = tile; p * R < rows; p += 2 * static_cast<int64_t>(tiles)) {
+    const int64_t n0 = p * R + r;
+    const int64_t n1 = (p + tiles) * R + r;
+    for (int v = lane; v < chunk_vecs; v += lanes) {
+      uint4 a{}, b{};
+      if (n0 < rows) a = src[n0 * row_vecs + col + v];
+      if (n1 < rows) b = src[n1 * row_vecs + col + v];
+      if (n0 < rows) dst[n0 * row_vecs + col + v] = a;
+      if (n1 < rows) dst[n1 * row_vecs + col + v] = b;
+    }
   }
 }
 
@@ -328,6 +360,9 @@ kasmina::CudaLaunchConfig g_default;
 // the same kernel instance, so the kernel's code (and nothing of the timed
 // layer's state or data) is in L2.
 bool g_warm_code = false;
+// --copies: the copy kernel rows (plain and in column chunks) even with
+// --no-candidates.
+bool g_copies = false;
 
 void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool candidates,
                std::vector<Row>& rows) {
@@ -352,7 +387,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     CHECK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice, bench.stream()));
   });
   const double floor_gbps = 2.0 * static_cast<double>(bytes) / (copy_us * 1e3);
-  if (candidates && bytes % 16 == 0 && bytes > 0) {
+  if ((candidates || g_copies) && bytes % 16 == 0 && bytes > 0) {
     // One resident wave of 4 CTAs of 256 threads per SM.
     const unsigned grid = static_cast<unsigned>(bench.prop().multiProcessorCount) * 4u;
     const double t = bench.time_us([&] {
@@ -363,6 +398,28 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     const double moved = 2.0 * static_cast<double>(bytes);
     rows.push_back({"copy kernel", std::string(kasmina::dtype_name(dtype)), "copy",
                     "16-byte grid-stride copy kernel, SMs x 4 CTAs of 256 threads", shape, t,
+                    moved / (t * 1e3), floor_gbps, 100.0 * copy_us / t, true});
+  }
+  const std::size_t chunk_bytes = static_cast<std::size_t>(shape.hidden / shape.seeds) * esize;
+  if ((candidates || g_copies) && chunk_bytes % 16 == 0 && bytes > 0) {
+    // The forward's grid: 3 CTAs of 256 threads per SM for 4-byte types, 2
+    // for 2-byte ones, shared by the seeds; one 16-byte word per lane.
+    const int chunk_vecs = static_cast<int>(chunk_bytes / 16);
+    const int lanes = std::min(chunk_vecs, 32);
+    const int per_sm = esize == 4 ? 3 : 2;
+    const int tiles = std::max(1, bench.prop().multiProcessorCount * per_sm / shape.seeds);
+    const unsigned grid = static_cast<unsigned>(tiles) * static_cast<unsigned>(shape.seeds);
+    const double t = bench.time_us([&] {
+      chunk_copy_kernel<<<grid, 256, 0, bench.stream()>>>(
+          static_cast<const uint4*>(x), static_cast<uint4*>(y), shape.rows,
+          static_cast<int64_t>(shape.hidden) * static_cast<int64_t>(esize) / 16, chunk_vecs, lanes, tiles);
+      CHECK(cudaGetLastError());
+    });
+    const double moved = 2.0 * static_cast<double>(bytes);
+    std::ostringstream what;
+    what << "copy in column chunks of " << chunk_bytes << " B, the forward's grid: " << tiles << " tiles x "
+         << shape.seeds << " seeds of 256 threads, " << lanes << " lanes per row, two passes in flight";
+    rows.push_back({"chunk copy kernel", std::string(kasmina::dtype_name(dtype)), "copy", what.str(), shape, t,
                     moved / (t * 1e3), floor_gbps, 100.0 * copy_us / t, true});
   }
 
@@ -933,6 +990,8 @@ int main(int argc, char** argv) {
       candidates = false;
     } else if (a == "--warm-code") {
       g_warm_code = true;
+    } else if (a == "--copies") {
+      g_copies = true;
     } else if (a == "--no-pdl") {
       g_default.programmatic_launch = false;
     } else if (a == "--tma-store" || a == "--no-tma-store") {
@@ -967,7 +1026,8 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] "
-                   "[--no-pdl] [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N] [--warm-code]\n");
+                   "[--no-pdl] [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N] [--warm-code]\n"
+                   "       [--copies]\n");
       return 2;
     }
   }
