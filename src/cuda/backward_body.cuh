@@ -892,8 +892,9 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   }
 
   // The thread index and the seed's view again for the finishing steps,
-  // read anew rather than kept live across the loops (the kernel fits 80
-  // registers, 3 CTAs/SM; ptxas spilled the thread index otherwise).
+  // read anew rather than kept live across the loops (fewer live registers;
+  // when the float32 kernel fitted 80, 3 CTAs/SM, ptxas spilled the thread
+  // index otherwise; DESIGN 31).
   const int tid = thread_index();
   SeedView sv = load_seed_view(args.seeds, args.registry, s, C);
   const int kind = sv.kind;
