@@ -130,6 +130,16 @@ __global__ void chunk_copy_kernel(const uint4* __restrict__ src, uint4* __restri
   }
 }
 
+// Counts the 16-byte words in which a and b differ (the copy rows' check).
+__global__ void count_differences(const uint4* __restrict__ a, const uint4* __restrict__ b, int64_t n,
+                                  unsigned long long* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint4 u = a[i], v = b[i];
+    if (u.x != v.x || u.y != v.y || u.z != v.z || u.w != v.w) atomicAdd(out, 1ull);
+  }
+}
+
 template <typename T>
 __device__ T from_f(float v);
 template <>
@@ -387,18 +397,39 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     CHECK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice, bench.stream()));
   });
   const double floor_gbps = 2.0 * static_cast<double>(bytes) / (copy_us * 1e3);
+  // The copy kernel rows (candidates, --copies): each timed, then run once
+  // more into a poisoned y and checked word for word against x, so a row
+  // never times a copy that moved the wrong bytes.
+  const auto copy_row = [&](const char* name, const std::string& what, auto launch) {
+    const double t = bench.time_us(launch);
+    DeviceBuffer count;
+    CHECK(cudaMalloc(&count.p, sizeof(unsigned long long)));
+    CHECK(cudaMemsetAsync(count.p, 0, sizeof(unsigned long long), bench.stream()));
+    CHECK(cudaMemsetAsync(y, 0xFF, bytes, bench.stream()));
+    launch();
+    count_differences<<<1024, 256, 0, bench.stream()>>>(static_cast<const uint4*>(x), static_cast<const uint4*>(y),
+                                                        static_cast<int64_t>(bytes / 16),
+                                                        static_cast<unsigned long long*>(count.p));
+    CHECK(cudaGetLastError());
+    unsigned long long wrong = 0;
+    CHECK(cudaMemcpyAsync(&wrong, count.p, sizeof(wrong), cudaMemcpyDeviceToHost, bench.stream()));
+    CHECK(cudaStreamSynchronize(bench.stream()));
+    if (wrong != 0) {
+      throw std::runtime_error(std::string(name) + ": y differs from x in " + std::to_string(wrong) +
+                               " of " + std::to_string(bytes / 16) + " 16-byte words");
+    }
+    const double moved = 2.0 * static_cast<double>(bytes);
+    rows.push_back({name, std::string(kasmina::dtype_name(dtype)), "copy", what, shape, t, moved / (t * 1e3),
+                    floor_gbps, 100.0 * copy_us / t, true});
+  };
   if ((candidates || g_copies) && bytes % 16 == 0 && bytes > 0) {
     // One resident wave of 4 CTAs of 256 threads per SM.
     const unsigned grid = static_cast<unsigned>(bench.prop().multiProcessorCount) * 4u;
-    const double t = bench.time_us([&] {
+    copy_row("copy kernel", "16-byte grid-stride copy kernel, SMs x 4 CTAs of 256 threads", [&] {
       copy_kernel<<<grid, 256, 0, bench.stream()>>>(static_cast<const uint4*>(x), static_cast<uint4*>(y),
                                                      static_cast<int64_t>(bytes / 16));
       CHECK(cudaGetLastError());
     });
-    const double moved = 2.0 * static_cast<double>(bytes);
-    rows.push_back({"copy kernel", std::string(kasmina::dtype_name(dtype)), "copy",
-                    "16-byte grid-stride copy kernel, SMs x 4 CTAs of 256 threads", shape, t,
-                    moved / (t * 1e3), floor_gbps, 100.0 * copy_us / t, true});
   }
   const std::size_t chunk_bytes = static_cast<std::size_t>(shape.hidden / shape.seeds) * esize;
   if ((candidates || g_copies) && chunk_bytes % 16 == 0 && bytes > 0) {
@@ -409,18 +440,15 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     const int per_sm = esize == 4 ? 3 : 2;
     const int tiles = std::max(1, bench.prop().multiProcessorCount * per_sm / shape.seeds);
     const unsigned grid = static_cast<unsigned>(tiles) * static_cast<unsigned>(shape.seeds);
-    const double t = bench.time_us([&] {
+    std::ostringstream what;
+    what << "copy in column chunks of " << chunk_bytes << " B, the forward's grid: " << tiles << " tiles x "
+         << shape.seeds << " seeds of 256 threads, " << lanes << " lanes per row, two passes in flight";
+    copy_row("chunk copy kernel", what.str(), [&] {
       chunk_copy_kernel<<<grid, 256, 0, bench.stream()>>>(
           static_cast<const uint4*>(x), static_cast<uint4*>(y), shape.rows,
           static_cast<int64_t>(shape.hidden) * static_cast<int64_t>(esize) / 16, chunk_vecs, lanes, tiles);
       CHECK(cudaGetLastError());
     });
-    const double moved = 2.0 * static_cast<double>(bytes);
-    std::ostringstream what;
-    what << "copy in column chunks of " << chunk_bytes << " B, the forward's grid: " << tiles << " tiles x "
-         << shape.seeds << " seeds of 256 threads, " << lanes << " lanes per row, two passes in flight";
-    rows.push_back({"chunk copy kernel", std::string(kasmina::dtype_name(dtype)), "copy", what.str(), shape, t,
-                    moved / (t * 1e3), floor_gbps, 100.0 * copy_us / t, true});
   }
 
   for (const SeedsMode seeds_mode : {SeedsMode::blend_mixed, SeedsMode::dormant,
