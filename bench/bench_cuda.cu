@@ -22,10 +22,14 @@
 //
 //   bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] [--no-pdl]
 //              [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N]
-//              [--warm-code] [--copies]
+//              [--warm-code] [--copies] [--copy-per-sm N,...] [--group N]
 //
 // --copies: the two copy kernel rows (a grid-stride copy, and a copy in the
 // forward's column chunks and grid) even with --no-candidates.
+// --copy-per-sm N,...: the chunk copy row once per value, with N CTAs per SM
+// in its grid instead of the forward's (3 for 4-byte types, 2 for 2-byte).
+// --group N: the default rows with N lanes per row in the forward
+// (CudaLaunchConfig::forward_group: 1, 2, 4 or 8).
 // --stages N: the default rows with the TMA forward's pipeline depth N (2 to
 // 8; CudaLaunchConfig::forward_stages; fewer where the shared memory does
 // not hold N, as describe_forward says).
@@ -373,6 +377,8 @@ bool g_warm_code = false;
 // --copies: the copy kernel rows (plain and in column chunks) even with
 // --no-candidates.
 bool g_copies = false;
+// --copy-per-sm: the chunk copy's CTAs per SM (empty: the forward's grid).
+std::vector<int> g_copy_per_sm;
 
 void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool candidates,
                std::vector<Row>& rows) {
@@ -434,22 +440,28 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
   const std::size_t chunk_bytes = static_cast<std::size_t>(shape.hidden / shape.seeds) * esize;
   if ((candidates || g_copies) && chunk_bytes % 16 == 0 && bytes > 0) {
     // The forward's grid: 3 CTAs of 256 threads per SM for 4-byte types, 2
-    // for 2-byte ones, shared by the seeds; one 16-byte word per lane.
+    // for 2-byte ones, shared by the seeds (or --copy-per-sm's counts); one
+    // 16-byte word per lane.
     const int chunk_vecs = static_cast<int>(chunk_bytes / 16);
     const int lanes = std::min(chunk_vecs, 32);
-    const int per_sm = esize == 4 ? 3 : 2;
-    const int tiles = std::max(1, bench.prop().multiProcessorCount * per_sm / shape.seeds);
-    const unsigned grid = static_cast<unsigned>(tiles) * static_cast<unsigned>(shape.seeds);
-    std::ostringstream what;
-    what << "copy in column chunks of " << chunk_bytes << " B, the forward's grid: " << tiles << " tiles x "
-         << shape.seeds << " seeds of 256 threads, " << lanes << " lanes per row, two passes in flight";
-    copy_row("chunk copy kernel", what.str(), [&] {
-      chunk_copy_kernel<<<grid, 256, 0, bench.stream()>>>(
-          static_cast<const uint4*>(x), static_cast<uint4*>(y), shape.rows,
-          static_cast<int64_t>(shape.hidden) * static_cast<int64_t>(esize) / 16, chunk_vecs, lanes, tiles);
-      CHECK(cudaGetLastError());
-    });
+    std::vector<int> per_sm_list = g_copy_per_sm;
+    if (per_sm_list.empty()) per_sm_list.push_back(esize == 4 ? 3 : 2);
+    for (const int per_sm : per_sm_list) {
+      const int tiles = std::max(1, bench.prop().multiProcessorCount * per_sm / shape.seeds);
+      const unsigned grid = static_cast<unsigned>(tiles) * static_cast<unsigned>(shape.seeds);
+      std::ostringstream what;
+      what << "copy in column chunks of " << chunk_bytes << " B, " << per_sm << " CTAs per SM"
+           << (g_copy_per_sm.empty() ? " (the forward's grid)" : "") << ": " << tiles << " tiles x "
+           << shape.seeds << " seeds of 256 threads, " << lanes << " lanes per row, two passes in flight";
+      copy_row("chunk copy kernel", what.str(), [&] {
+        chunk_copy_kernel<<<grid, 256, 0, bench.stream()>>>(
+            static_cast<const uint4*>(x), static_cast<uint4*>(y), shape.rows,
+            static_cast<int64_t>(shape.hidden) * static_cast<int64_t>(esize) / 16, chunk_vecs, lanes, tiles);
+        CHECK(cudaGetLastError());
+      });
+    }
   }
+
 
   for (const SeedsMode seeds_mode : {SeedsMode::blend_mixed, SeedsMode::dormant,
                                      SeedsMode::blend_conv, SeedsMode::blend_own,
@@ -1020,6 +1032,20 @@ int main(int argc, char** argv) {
       g_warm_code = true;
     } else if (a == "--copies") {
       g_copies = true;
+    } else if (a == "--copy-per-sm" && i + 1 < argc) {
+      g_copies = true;
+      std::stringstream list(argv[++i]);
+      std::string item;
+      while (std::getline(list, item, ',')) {
+        const int n = std::atoi(item.c_str());
+        if (n < 1 || n > 32) {
+          std::fprintf(stderr, "bench_cuda: bad --copy-per-sm value '%s' (want 1 to 32)\n", item.c_str());
+          return 2;
+        }
+        g_copy_per_sm.push_back(n);
+      }
+    } else if (a == "--group" && i + 1 < argc) {
+      g_default.forward_group = std::atoi(argv[++i]);
     } else if (a == "--no-pdl") {
       g_default.programmatic_launch = false;
     } else if (a == "--tma-store" || a == "--no-tma-store") {
@@ -1055,7 +1081,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] "
                    "[--no-pdl] [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N] [--warm-code]\n"
-                   "       [--copies]\n");
+                   "       [--copies] [--copy-per-sm N,...] [--group N]\n");
       return 2;
     }
   }
