@@ -134,6 +134,10 @@ struct LaunchPlan {
   const char* tma_store_source = "default";
   bool late_dependents = false;
   bool late_auto = false;
+  // The TMA forward without the store whose two x stages exceed the shared
+  // memory every architecture gives (wide chunks: a float32 C = 192 or 256
+  // box): they take the tuning's opt-in (forward_tma_finish).
+  bool tma_x_opt_in = false;
 };
 
 // Whether `kernel` as it loads on `device` (the current one) was compiled

@@ -293,11 +293,15 @@ LaunchPlan plan_and_launch(LaunchPlan plan, const ForwardParams& p, const Device
       const int resident = resident_ctas_per_sm(
           reinterpret_cast<const void*>(&forward_kernel<T, V, 1>), plan.threads, plan.smem_bytes);
       plan = forward_tma_finish(plan, p, dev, resident);
-      if (args != nullptr) {
-        args->tiles = plan.tiles;
-        forward_tma_launch(plan, p, *args);
+      if (plan.tma) {
+        if (args != nullptr) {
+          args->tiles = plan.tiles;
+          forward_tma_launch(plan, p, *args);
+        }
+        return plan;
       }
-      return plan;
+      // Refused at the finish (forward_tma_finish says why): the generic
+      // kernel with the TMA plan's passes (finish_plan above).
     }
   }
   if (args == nullptr) return plan;
@@ -481,7 +485,8 @@ std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
   if (plan.tma) {
     os << "variant tma (" << plan.variant_source << "): each pass one tensor-map copy of "
        << plan.rows_per_pass << " x " << r.C << " into a " << plan.stages
-       << "-stage shared-memory ring (mbarrier pipeline), ";
+       << "-stage shared-memory ring (mbarrier pipeline"
+       << (plan.tma_x_opt_in ? ", in the shared-memory opt-in" : "") << "), ";
   } else if (plan.tma_refusal != nullptr) {
     os << "variant generic (" << plan.tma_refusal << "; TMA was " << plan.variant_source << "), ";
   } else {

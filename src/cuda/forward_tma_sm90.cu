@@ -221,10 +221,11 @@ TmaKernel instance(DType dtype, bool store, bool late) {
   });
 }
 
-// The Store instances may take the tuning's opt-in of dynamic shared memory:
-// set once per instance and device, before the occupancy query (which
-// counts no CTA above 48 KiB without it) and the launch.
-void allow_store_smem(const void* kernel, const DeviceInfo& dev) {
+// The Store instances, and the plain ones for wide chunks, may take the
+// tuning's opt-in of dynamic shared memory: set once per instance and
+// device, before the occupancy query (which counts no CTA above 48 KiB
+// without it) and the launch.
+void allow_opt_in_smem(const void* kernel, const DeviceInfo& dev) {
   static std::mutex mutex;
   static std::set<std::pair<const void*, int>> done;
   const std::pair<const void*, int> key{kernel, dev.ordinal};
@@ -237,10 +238,10 @@ void allow_store_smem(const void* kernel, const DeviceInfo& dev) {
 }
 
 // The instance of (dtype, store, late) as the occupancy query and the launch
-// take it (the store's shared-memory opt-in set).
-const void* kernel_for(DType dtype, bool store, bool late, const DeviceInfo& dev) {
+// take it (the shared-memory opt-in set with the store or where opt_in says).
+const void* kernel_for(DType dtype, bool store, bool late, const DeviceInfo& dev, bool opt_in = false) {
   const void* kernel = reinterpret_cast<const void*>(instance(dtype, store, late));
-  if (store) allow_store_smem(kernel, dev);
+  if (store || opt_in) allow_opt_in_smem(kernel, dev);
   return kernel;
 }
 
@@ -301,8 +302,11 @@ const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
   if (p.rows > std::numeric_limits<int32_t>::max()) return "TMA variant needs N < 2^31";
   if (plan.rows_per_pass > 256) return "TMA variant needs <= 256 rows per pass (box height)";
   const Tuning& t = tuning_for(dev.cc_major);
-  if (smem_for(plan, 2, stage_bytes_of(plan, p, C)) > t.smem_budget_bytes) {
-    return "TMA variant needs two stages within the shared-memory budget";
+  // Beyond the budget every architecture gives, two x stages may take the
+  // opt-in (wide chunks; forward_tma_finish checks the CTAs per SM).
+  const std::size_t two = smem_for(plan, 2, stage_bytes_of(plan, p, C));
+  if (two > t.smem_budget_bytes && two > t.tma_store_smem_bytes) {
+    return "TMA variant needs two stages within the shared-memory opt-in";
   }
   return nullptr;
 }
@@ -317,20 +321,36 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
     plan.tma_store = plan.tma_store_refusal == nullptr;
     if (!plan.tma_store && plan.late_auto) plan.late_dependents = false;
   }
+  // Without the store, x stages that do not fit two within the budget every
+  // architecture gives take the opt-in (forward_tma_refusal let them).
+  plan.tma_x_opt_in = !plan.tma_store && smem_for(plan, 2, sb) > t.smem_budget_bytes;
+  const bool opt_in = plan.tma_store || plan.tma_x_opt_in;
   int stages = plan.stages;
   if (stages == 0) {
     stages = (plan.tma_store ? t.tma_store_stage_budget_bytes : t.tma_stage_budget_bytes) / sb;
   }
   if (stages > kMaxTmaStages) stages = kMaxTmaStages;
   // Within the budget every architecture gives without an opt-in, or the
-  // store's opt-in.
-  const std::size_t budget = plan.tma_store ? t.tma_store_smem_bytes : t.smem_budget_bytes;
+  // opt-in.
+  const std::size_t budget = opt_in ? t.tma_store_smem_bytes : t.smem_budget_bytes;
   while (stages > 2 && smem_for(plan, stages, sb) > budget) --stages;
   // No fewer CTAs per SM than the generic kernel: its tiles are one wave.
-  const void* kernel = kernel_for(p.dtype, plan.tma_store, plan.late_dependents, dev);
+  const void* kernel = kernel_for(p.dtype, plan.tma_store, plan.late_dependents, dev, plan.tma_x_opt_in);
   while (stages > 2 &&
          resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, stages, sb)) < resident_generic) {
     --stages;
+  }
+  // Two stages in the opt-in that would hold fewer: the generic kernel runs
+  // (plan_and_launch), and says why.
+  if (plan.tma_x_opt_in &&
+      resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, 2, sb)) < resident_generic) {
+    plan.tma = false;
+    plan.tma_x_opt_in = false;
+    plan.late_dependents = false;  // a TMA kernel's switch
+    plan.rows_source = "the TMA plan's";
+    plan.tma_refusal =
+        "TMA variant's two stages in the shared-memory opt-in would hold fewer CTAs per SM than the generic kernel";
+    return plan;
   }
   if (stages < 2) stages = 2;
   plan.stages = stages;

@@ -798,6 +798,37 @@ TEST_F(CudaBackend, TmaForwardLarge) {
   check_tma_matches_generic(shape(2000, 256, 8, DType::bf16, ++rng), 0);
 }
 
+// Wide float32 chunks (C = 192 and 256: boxes of 24 and 32 KiB at 8 lanes
+// per row, two of which pass the 46 KiB every architecture gives) take the
+// shared-memory opt-in for their x stages instead of the generic kernel:
+// the description says so, and the bits are the generic kernel's with the
+// same plan (check_tma_matches_generic), within SPEC of the reference. The
+// store's y stages do not fit beside them, so it is refused and says why.
+TEST_F(SmallCuda, TmaForwardWideChunksOptIn) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  uint64_t rng = 7550;
+  for (const int64_t C : {192, 256}) {
+    const ProblemOptions o = shape(300, C, 8, DType::f32, ++rng);  // 10 passes, the last one partial
+    Problem p = make_problem(o);
+    const DeviceProblem d(p, false);
+    for (const CudaSwitch store : {CudaSwitch::off, CudaSwitch::on}) {
+      CudaLaunchConfig c = tma_config(0);
+      c.forward_tma_store = store;
+      const LaunchConfigGuard guard(c);
+      const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
+      EXPECT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+      EXPECT_NE(desc.find("8 lanes per row"), std::string::npos) << desc;
+      EXPECT_NE(desc.find("2-stage shared-memory ring (mbarrier pipeline, in the shared-memory opt-in)"),
+                std::string::npos)
+          << desc;
+      if (store == CudaSwitch::on) {
+        EXPECT_NE(desc.find("forward_tma_store refused"), std::string::npos) << desc;
+      }
+    }
+    check_tma_matches_generic(o, 0);
+  }
+}
+
 // The TMA store where each CTA's y ring wraps several times, and with the
 // 16 KiB boxes of a 256-wide bfloat16 chunk (two x and two y stages: 64 KiB).
 TEST_F(CudaBackend, TmaStoreLarge) {
