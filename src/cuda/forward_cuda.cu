@@ -205,6 +205,21 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   const RowsChoice choice = select_rows_in_flight(true, dev, knobs);
   plan.rows_in_flight = r.vector ? choice.rows : 1;
   plan.rows_source = r.vector ? choice.source : "scalar path";
+  // Wide rows (kWideRowVectors) by default: each lane walks many vectors of
+  // a row one load at a time, so as many rows in flight as the kernel takes
+  // (4, or 2 for 2-byte types), while the row passes over the seeds still
+  // give every SM one (at 8192x768/2 four rows left 128 CTAs and ran slower
+  // than two; PERFORMANCE.md, twenty-second session).
+  if (r.vector && std::string_view(choice.source) == "default" &&
+      r.C / plan.vector >= kWideRowVectors) {
+    int u = dtype_size(p.dtype) == 4 ? 4 : 2;
+    while (u > 1 && ceil_div(p.rows, static_cast<int64_t>(plan.threads / plan.group) * u) * p.num_seeds <
+                        dev.sm_count) {
+      u /= 2;
+    }
+    plan.rows_in_flight = u;
+    plan.rows_source = "default for wide rows";
+  }
   // 2-byte types at most 2: their 8-wide step with four rows spilled on
   // sm_80 (and ran no faster than two on the H100).
   if (dtype_size(p.dtype) == 2 && plan.rows_in_flight > 2) plan.rows_in_flight = 2;

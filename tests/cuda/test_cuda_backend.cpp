@@ -829,6 +829,28 @@ TEST_F(SmallCuda, TmaForwardWideChunksOptIn) {
   }
 }
 
+// Wide rows (512 bytes or more of a seed's chunk; tuning.hpp's
+// kWideRowVectors) past the TMA kernel's 256 columns: the generic kernel's
+// default plan takes 8 lanes per row and as many rows in flight as the
+// kernel takes (4 for float32, 2 for bfloat16) while the passes over the
+// seeds give every SM one; the result matches the reference.
+TEST_F(CudaBackend, WideRowsDefaultPlan) {
+  uint64_t rng = 7580;
+  for (const DType dt : {DType::f32, DType::bf16}) {
+    // 4096 rows of 8 chunks of 512: 32 passes of 128 (64) rows a seed.
+    const ProblemOptions o = shape(4096, 512, 8, dt, ++rng);
+    Problem p = make_problem(o);
+    const DeviceProblem d(p, false);
+    const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
+    EXPECT_NE(desc.find(dt == DType::f32
+                            ? "8 lanes per row (default), 4 rows in flight per thread (default for wide rows)"
+                            : "8 lanes per row (default), 2 rows in flight per thread (default for wide rows)"),
+              std::string::npos)
+        << desc;
+    check_problem(o);
+  }
+}
+
 // The TMA store where each CTA's y ring wraps several times, and with the
 // 16 KiB boxes of a 256-wide bfloat16 chunk (two x and two y stages: 64 KiB).
 TEST_F(CudaBackend, TmaStoreLarge) {
