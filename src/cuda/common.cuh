@@ -138,6 +138,9 @@ struct LaunchPlan {
   // memory every architecture gives (wide chunks: a float32 C = 192 or 256
   // box): they take the tuning's opt-in (forward_tma_finish).
   bool tma_x_opt_in = false;
+  // The TMA forward's column blocks per box row (tma_row_boxes: 1 for
+  // C <= 256, a 3-D tensor map beyond).
+  int tma_boxes = 1;
 };
 
 // Whether `kernel` as it loads on `device` (the current one) was compiled

@@ -499,7 +499,10 @@ std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
      << " rows per pass, ";
   if (plan.tma) {
     os << "variant tma (" << plan.variant_source << "): each pass one tensor-map copy of "
-       << plan.rows_per_pass << " x " << r.C << " into a " << plan.stages
+       << plan.rows_per_pass << " x " << r.C
+       << (plan.tma_boxes > 1 ? " (" + std::to_string(plan.tma_boxes) + " column blocks, a 3-D tensor map)"
+                              : std::string())
+       << " into a " << plan.stages
        << "-stage shared-memory ring (mbarrier pipeline"
        << (plan.tma_x_opt_in ? ", in the shared-memory opt-in" : "") << "), ";
   } else if (plan.tma_refusal != nullptr) {

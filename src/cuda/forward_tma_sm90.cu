@@ -74,10 +74,12 @@ namespace kasmina::cuda {
 namespace {
 
 struct TmaForwardArgs {
-  CUtensorMap map;  // x as a 2-D tensor [rows, hidden], box [R, C] (64-byte aligned)
+  CUtensorMap map;  // x as a 2-D tensor [rows, hidden], box [R, C] (64-byte aligned),
+                    // or for C > 256 the 3-D view of tensor_map_rows
   ForwardArgs fwd;
   int stages;
   int stage_bytes;  // R * C * element size
+  int boxes;        // column blocks of a chunk row (tma_row_boxes): 1 for a 2-D map
   // y, the same box: the Store instances only. Last, so the other fields'
   // offsets (and the default instances' code) are those without it;
   // 64-byte aligned as CUtensorMap is declared.
@@ -133,8 +135,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
   const auto issue = [&](int i) {  // thread 0: pass i of this CTA into stage i % stages
     const int buf = i % stages;
     mbar_arrive_expect_tx(&full[buf], static_cast<unsigned>(stage_bytes));
-    tma_load_2d(ring + static_cast<std::size_t>(buf) * stage_bytes, &targs.map, s * C, row0(i),
-                &full[buf]);
+    if (targs.boxes == 1) {
+      tma_load_2d(ring + static_cast<std::size_t>(buf) * stage_bytes, &targs.map, s * C, row0(i),
+                  &full[buf]);
+    } else {  // the seed's column blocks s * boxes .. (s + 1) * boxes - 1
+      tma_load_3d(ring + static_cast<std::size_t>(buf) * stage_bytes, &targs.map, s * targs.boxes,
+                  row0(i), &full[buf]);
+    }
   };
   if (threadIdx.x == 0) {
     for (int k = 0; k < stages; ++k) mbar_init(&full[k], 1u);
@@ -268,6 +275,9 @@ int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
 // kernel (whose tiles are one wave); else why not.
 const char* store_refusal(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
                           int stage_bytes, int resident_generic) {
+  if (tma_row_boxes(p.hidden / p.num_seeds, dtype_size(p.dtype)) != 1) {
+    return "TMA store needs C <= 256 (one tensor-map box per row)";
+  }
   const std::size_t smem = smem_for(plan, 2, stage_bytes);
   if (smem > tuning_for(dev.cc_major).tma_store_smem_bytes) {
     return "TMA store needs its y stages and two x stages within the shared-memory opt-in";
@@ -296,7 +306,10 @@ const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
   if (dev.cc_major != 9) return "TMA variant needs compute capability 9.x (sm_90a)";
   if (!has_sm90_code(p.dtype, dev.ordinal)) return "TMA variant needs a build with sm_90a code";
   if (!vector_path) return "TMA variant needs the 16-byte vector path";
-  if (C > 256) return "TMA variant needs C <= 256 (one tensor-map box per row)";
+  if (tma_row_boxes(C, dtype_size(p.dtype)) == 0) {
+    return "TMA variant needs C <= 256, or C split into column blocks of at most 256 values and "
+           "16-byte multiples";
+  }
   if (p.rows < 1) return "TMA variant needs N >= 1";
   // The box's row coordinate is a signed 32-bit value.
   if (p.rows > std::numeric_limits<int32_t>::max()) return "TMA variant needs N < 2^31";
@@ -316,6 +329,7 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
   const Tuning& t = tuning_for(dev.cc_major);
   const int64_t C = p.hidden / p.num_seeds;
   const int sb = stage_bytes_of(plan, p, C);
+  plan.tma_boxes = tma_row_boxes(C, dtype_size(p.dtype));
   if (plan.tma_store) {
     plan.tma_store_refusal = store_refusal(plan, p, dev, sb, resident_generic);
     plan.tma_store = plan.tma_store_refusal == nullptr;
@@ -362,8 +376,9 @@ void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const Fo
   int device = 0;
   KASMINA_CUDA_CHECK(cudaGetDevice(&device));
   TmaForwardArgs targs{};
-  targs.map = tensor_map_2d(p.x, p.dtype, p.rows, p.hidden, args.x_stride, args.C,
-                            args.rows_per_pass, device);
+  targs.boxes = tma_row_boxes(args.C, dtype_size(p.dtype));
+  targs.map = tensor_map_rows(p.x, p.dtype, p.rows, p.hidden, args.x_stride, args.C,
+                              args.rows_per_pass, targs.boxes, device);
   if (plan.tma_store) {
     targs.map_y = tensor_map_2d(p.y, p.dtype, p.rows, p.hidden, args.y_stride, args.C,
                                 args.rows_per_pass, device);

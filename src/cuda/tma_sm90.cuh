@@ -78,6 +78,19 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
 #endif
 }
 
+// The same for a 3-D tensor map (a row's chunk as boxes: tensor_map_rows):
+// the box at (0, column block b0, row r0).
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, int b0, int r0,
+                                            uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(0), "r"(b0), "r"(r0), "r"(smem_u32(bar))
+      : "memory");
+#endif
+}
+
 // Shared-memory writes of this thread (generic proxy) visible to the async
 // proxy: before a TMA store reads what the threads wrote.
 __device__ __forceinline__ void fence_proxy_async_shared() {
@@ -139,5 +152,18 @@ constexpr int kTmaVector = kVectorBytes / static_cast<int>(sizeof(T));
 
 CUtensorMap tensor_map_2d(const void* ptr, DType dtype, int64_t rows, int64_t hidden,
                           int64_t row_stride, int C, int R, int device);
+
+// A box is at most 256 elements wide: a chunk of C > 256 columns is read as
+// `boxes` column blocks of C / boxes elements each (the fewest that divide
+// C, are at most 256 wide and a multiple of 16 bytes), through a 3-D view
+// of the tensor (block columns, blocks, rows) whose box (C / boxes, boxes,
+// R) lands in shared memory as R rows of C elements, the layout of one 2-D
+// box. 1 for C <= 256; 0 where no split exists.
+int tma_row_boxes(int64_t C, std::size_t elem_bytes);
+
+// The tensor map of x for the TMA forward's passes: tensor_map_2d's for
+// boxes == 1, else the 3-D view above (box_cols = C / boxes).
+CUtensorMap tensor_map_rows(const void* ptr, DType dtype, int64_t rows, int64_t hidden,
+                            int64_t row_stride, int C, int R, int boxes, int device);
 
 }  // namespace kasmina::cuda

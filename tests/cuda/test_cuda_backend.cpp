@@ -829,16 +829,59 @@ TEST_F(SmallCuda, TmaForwardWideChunksOptIn) {
   }
 }
 
+// Chunks over 256 columns: the TMA forward reads each chunk row as column
+// blocks through a 3-D tensor map (bfloat16 C = 512: two blocks of 256;
+// float16 C = 384: two of 192), in the shared-memory opt-in: the generic
+// kernel's bits at the same plan and the reference; the store is refused
+// (one box per row). Float32 C = 320 (two blocks of 160: 40 KiB boxes)
+// would hold fewer CTAs per SM than the generic kernel, which runs and
+// says why.
+TEST_F(SmallCuda, TmaForwardColumnBlocks) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  uint64_t rng = 7570;
+  const std::pair<int64_t, DType> cases[] = {{512, DType::bf16}, {384, DType::f16}};
+  for (const auto& [C, dt] : cases) {
+    const ProblemOptions o = shape(300, C, 4, dt, ++rng);  // 32-row passes, the last one partial
+    Problem p = make_problem(o);
+    const DeviceProblem d(p, false);
+    CudaLaunchConfig c = tma_config(0);
+    c.forward_tma_store = CudaSwitch::on;
+    {
+      const LaunchConfigGuard guard(c);
+      const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
+      EXPECT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+      EXPECT_NE(desc.find("32 x " + std::to_string(C) + " (2 column blocks, a 3-D tensor map)"),
+                std::string::npos)
+          << desc;
+      EXPECT_NE(desc.find("in the shared-memory opt-in"), std::string::npos) << desc;
+      EXPECT_NE(desc.find("TMA store needs C <= 256"), std::string::npos) << desc;
+    }
+    check_tma_matches_generic(o, 0);
+  }
+  const ProblemOptions o = shape(300, 320, 2, DType::f32, ++rng);
+  Problem p = make_problem(o);
+  const DeviceProblem d(p, false);
+  const LaunchConfigGuard guard(tma_config(0));
+  const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
+  EXPECT_EQ(desc.rfind("cuda.forward.vec", 0), 0u) << desc;
+  EXPECT_NE(desc.find("would hold fewer CTAs per SM than the generic kernel"), std::string::npos)
+      << desc;
+  check_problem(o);
+}
+
 // Wide rows (512 bytes or more of a seed's chunk; tuning.hpp's
-// kWideRowVectors) past the TMA kernel's 256 columns: the generic kernel's
+// kWideRowVectors) that the TMA kernel does not take: the generic kernel's
 // default plan takes 8 lanes per row and as many rows in flight as the
 // kernel takes (4 for float32, 2 for bfloat16) while the passes over the
 // seeds give every SM one; the result matches the reference.
 TEST_F(CudaBackend, WideRowsDefaultPlan) {
   uint64_t rng = 7580;
   for (const DType dt : {DType::f32, DType::bf16}) {
-    // 4096 rows of 8 chunks of 512: 32 passes of 128 (64) rows a seed.
-    const ProblemOptions o = shape(4096, 512, 8, dt, ++rng);
+    // 4096 rows of chunks of 512 float32 (8 seeds) or 1024 bfloat16 (4
+    // seeds: 2 KiB rows, whose TMA boxes would not fit): 32 passes of 128
+    // rows a seed, or 64 of 64.
+    const ProblemOptions o =
+        dt == DType::f32 ? shape(4096, 512, 8, dt, ++rng) : shape(4096, 1024, 4, dt, ++rng);
     Problem p = make_problem(o);
     const DeviceProblem d(p, false);
     const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
