@@ -213,8 +213,8 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
   if (r.vector && std::string_view(choice.source) == "default" &&
       r.C / plan.vector >= kWideRowVectors) {
     int u = dtype_size(p.dtype) == 4 ? 4 : 2;
-    while (u > 1 && ceil_div(p.rows, static_cast<int64_t>(plan.threads / plan.group) * u) * p.num_seeds <
-                        dev.sm_count) {
+    const int64_t groups = plan.threads / plan.group;
+    while (u > 1 && ceil_div(p.rows, groups * u) * p.num_seeds < dev.sm_count) {
       u /= 2;
     }
     plan.rows_in_flight = u;
@@ -500,8 +500,9 @@ std::string format_forward(const ForwardParams& p, const cuda::LaunchPlan& plan,
   if (plan.tma) {
     os << "variant tma (" << plan.variant_source << "): each pass one tensor-map copy of "
        << plan.rows_per_pass << " x " << r.C
-       << (plan.tma_boxes > 1 ? " (" + std::to_string(plan.tma_boxes) + " column blocks, a 3-D tensor map)"
-                              : std::string())
+       << (plan.tma_boxes > 1
+               ? " (" + std::to_string(plan.tma_boxes) + " column blocks, a 3-D tensor map)"
+               : std::string())
        << " into a " << plan.stages
        << "-stage shared-memory ring (mbarrier pipeline"
        << (plan.tma_x_opt_in ? ", in the shared-memory opt-in" : "") << "), ";

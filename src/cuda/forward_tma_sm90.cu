@@ -246,7 +246,8 @@ void allow_opt_in_smem(const void* kernel, const DeviceInfo& dev) {
 
 // The instance of (dtype, store, late) as the occupancy query and the launch
 // take it (the shared-memory opt-in set with the store or where opt_in says).
-const void* kernel_for(DType dtype, bool store, bool late, const DeviceInfo& dev, bool opt_in = false) {
+const void* kernel_for(DType dtype, bool store, bool late, const DeviceInfo& dev,
+                       bool opt_in = false) {
   const void* kernel = reinterpret_cast<const void*>(instance(dtype, store, late));
   if (store || opt_in) allow_opt_in_smem(kernel, dev);
   return kernel;
@@ -349,7 +350,8 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
   const std::size_t budget = opt_in ? t.tma_store_smem_bytes : t.smem_budget_bytes;
   while (stages > 2 && smem_for(plan, stages, sb) > budget) --stages;
   // No fewer CTAs per SM than the generic kernel: its tiles are one wave.
-  const void* kernel = kernel_for(p.dtype, plan.tma_store, plan.late_dependents, dev, plan.tma_x_opt_in);
+  const void* kernel =
+      kernel_for(p.dtype, plan.tma_store, plan.late_dependents, dev, plan.tma_x_opt_in);
   while (stages > 2 &&
          resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, stages, sb)) < resident_generic) {
     --stages;
@@ -363,7 +365,8 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
     plan.late_dependents = false;  // a TMA kernel's switch
     plan.rows_source = "the TMA plan's";
     plan.tma_refusal =
-        "TMA variant's two stages in the shared-memory opt-in would hold fewer CTAs per SM than the generic kernel";
+        "TMA variant's two stages in the shared-memory opt-in would hold fewer CTAs per SM than the "
+        "generic kernel";
     return plan;
   }
   if (stages < 2) stages = 2;
