@@ -25,11 +25,14 @@
 // the scalar part of a row's chunks for the row's end (Avx2ForwardChunks),
 // which does it for 8 seeds at once on vectors when no chunk of the 8 needs
 // a fallback (the same operations as the scalar path, so the same bits). No
-// FMA (-ffp-contract=off and no _mm256_fmadd): the blend here performs the
+// FMA in the blend (-ffp-contract=off, no _mm256_fmadd_ps): it performs the
 // very operations of the Blend* functors, so the backward's clamp mask
-// (blend_chunk) sees the forward's bits.
+// (blend_chunk) sees the forward's bits; the backward's float64 sums, which
+// no bits elsewhere depend on, are fused multiply-adds (wfma).
 // Tails (C % 8) use masked loads and stores; masked lanes load 0, which adds
 // nothing to any sum, and are excluded from min, max and the dead count.
+// CONV's neighbours outside the chunk (x before it, g after it) are masked
+// off the same way, so neither pass copies the chunk for zero padding.
 #pragma once
 
 // The 8 lanes of a full vector, or the first `rem` of a tail.
@@ -704,6 +707,11 @@ inline Wide wsub(const Wide& a, const Wide& b) {
 inline Wide wadd(const Wide& a, const Wide& b) {
   return {_mm256_add_pd(a.lo, b.lo), _mm256_add_pd(a.hi, b.hi)};
 }
+// acc + a b with one rounding: the backward's float64 sums only, never Y's
+// blend (whose bits the clamp mask recomputes with the scalar functors).
+inline Wide wfma(const Wide& acc, const Wide& a, const Wide& b) {
+  return {_mm256_fmadd_pd(a.lo, b.lo, acc.lo), _mm256_fmadd_pd(a.hi, b.hi, acc.hi)};
+}
 // The 8 partial sums added in a fixed order.
 inline double wtotal(const Wide& a) {
   alignas(32) double t[8];
@@ -715,6 +723,9 @@ static_assert(sizeof(BackwardSeedState) + sizeof(BackwardChunkRecord) <= kSeedSt
 
 class Avx2BackwardChunks {
  public:
+  // CONV's neighbours past the chunk (x before it, g after it) are masked
+  // off as zeros: no padded copies (kind_chunk).
+  static constexpr bool kPaddedNeighbours = false;
   Avx2BackwardChunks(const BackwardJob& job, float* block_scratch)
       : chunk_(job.chunk),
         inv_chunk_(1.0 / static_cast<double>(job.chunk)),
@@ -826,7 +837,7 @@ class Avx2BackwardChunks {
       if constexpr (K == Kind::residual) {
         if constexpr (Grads) {
           lanes.store(acc + j, _mm256_add_ps(lanes.load(acc + j), gv));
-          q0 = wadd(q0, wmul(widen(lanes.load(graw + j)), widen(lanes.load(p.w + j))));
+          q0 = wfma(q0, widen(lanes.load(graw + j)), widen(lanes.load(p.w + j)));
         }
       } else if constexpr (K == Kind::attention) {
         if constexpr (Blend) {
@@ -838,7 +849,7 @@ class Avx2BackwardChunks {
           // G X (p - 1) in float64 (at most one rounding in x (p - 1)).
           const Wide pm = widen(lanes.load(p.vec + j));
           const Wide pm1{_mm256_sub_pd(pm.lo, one_d), _mm256_sub_pd(pm.hi, one_d)};
-          q1 = wadd(q1, wmul(widen(lanes.load(graw + j)), wmul(widen(xv), pm1)));
+          q1 = wfma(q1, widen(lanes.load(graw + j)), wmul(widen(xv), pm1));
         }
       } else if constexpr (K == Kind::mlp) {
         if constexpr (Blend || Grads) {
@@ -856,24 +867,42 @@ class Avx2BackwardChunks {
             const Wide hd = wmul(xd, widen(wv));
             const Wide r{_mm256_max_pd(hd.lo, dz), _mm256_max_pd(hd.hi, dz)};
             const Wide gd = widen(lanes.load(graw + j));
-            q0 = wadd(q0, wmul(gd, r));
-            q1 = wadd(q1, wmul(gd, xd));
+            q0 = wfma(q0, gd, r);
+            q1 = wfma(q1, gd, xd);
           }
         }
       } else {
         if constexpr (Blend) {
+          // G[j+1], G[j+2]: zeros past the chunk's end (masked lanes
+          // neither load nor fault).
+          __m256 g1, g2;
+          if (j + 10 <= n) {
+            g1 = _mm256_loadu_ps(g + j + 1);
+            g2 = _mm256_loadu_ps(g + j + 2);
+          } else {
+            g1 = _mm256_maskload_ps(g + j + 1, tail_mask(n - j - 1));
+            g2 = _mm256_maskload_ps(g + j + 2, tail_mask(n - j - 2));
+          }
           const __m256 conv = _mm256_add_ps(
-              _mm256_add_ps(_mm256_mul_ps(w0, gv), _mm256_mul_ps(w1, lanes.load(g + j + 1))),
-              _mm256_mul_ps(w2, lanes.load(g + j + 2)));
+              _mm256_add_ps(_mm256_mul_ps(w0, gv), _mm256_mul_ps(w1, g1)), _mm256_mul_ps(w2, g2));
           d = _mm256_add_ps(_mm256_mul_ps(om, gv), _mm256_mul_ps(a_sigma, conv));
         }
         if constexpr (Grads) {
           // The taps Σ G[j] X[j-k]; dsigma and dalpha follow from them
-          // (linear in X) at the chunk's end.
+          // (linear in X) at the chunk's end. X[-1], X[-2]: zeros.
+          __m256 x1, x2;
+          if (j == 0) {
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            x1 = lanes.load_masked(x - 1, _mm256_cmpgt_epi32(lane, _mm256_setzero_si256()));
+            x2 = lanes.load_masked(x - 2, _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(1)));
+          } else {
+            x1 = lanes.load(x + j - 1);
+            x2 = lanes.load(x + j - 2);
+          }
           const Wide gd = widen(lanes.load(graw + j));
-          q2 = wadd(q2, wmul(gd, widen(lanes.load(x + j))));
-          q3 = wadd(q3, wmul(gd, widen(lanes.load(x + j - 1))));
-          q4 = wadd(q4, wmul(gd, widen(lanes.load(x + j - 2))));
+          q2 = wfma(q2, gd, widen(lanes.load(x + j)));
+          q3 = wfma(q3, gd, widen(x1));
+          q4 = wfma(q4, gd, widen(x2));
         }
       }
       lanes.store(dx + j, d);

@@ -579,6 +579,8 @@ inline const float* form_g(const BackwardParams& p, const SeedPlan& plan, const 
 
 // The generic backward chunk kernels as the row loops' policy.
 struct GenericBackwardChunks {
+  // CONV's chunks come with two zeros before x and after g (copies).
+  static constexpr bool kPaddedNeighbours = true;
   GenericBackwardChunks(const BackwardJob& /*job*/, float* /*block_scratch*/) {}
 
   // dX of one row chunk, its statistics and the blueprint sums. x has two
@@ -643,14 +645,20 @@ void backward_rows(const BackwardJob& job, int64_t row_begin, int64_t row_end, G
       float* dx = dxrow + off;
       const bool is_conv = plan.kind == static_cast<int32_t>(Kind::conv);
       const bool neighbours = is_conv && (plan.blend || plan.grads);
-      if (neighbours) {
+      // CONV's neighbours past the chunk are zeros: copies with zero padding
+      // where the policy reads them as plain loads (generic), or where the
+      // clamp mask recomputes Y with the scalar blend (x); the AVX2 policy
+      // masks them off instead, a copy and its store-forwarding stalls fewer
+      // per CONV chunk.
+      const bool pad_g = neighbours && Chunks::kPaddedNeighbours;
+      if (neighbours && (Chunks::kPaddedNeighbours || (p.clamp.enabled && plan.blend))) {
         std::memcpy(conv_x, x, static_cast<std::size_t>(C) * sizeof(float));
         x = conv_x;
       }
 
       const float* graw = nullptr;
       double factor = 1.0;
-      const float* g = form_g(p, plan, x, dyrow + off, neighbours, ychunk, gchunk, graw_buf, C, graw, factor);
+      const float* g = form_g(p, plan, x, dyrow + off, pad_g, ychunk, gchunk, graw_buf, C, graw, factor);
 
       chunks.chunk(s, plan, x, g, graw, factor, dx, acc_block + off, C, parts[s]);
     }

@@ -19,7 +19,7 @@
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #pragma GCC push_options
-#pragma GCC target("avx2,f16c")
+#pragma GCC target("avx2,f16c,fma")
 #define KASMINA_CPU_ISA avx2
 #define KASMINA_CPU_F16C 1
 #define KASMINA_CPU_AVX2 1

@@ -27,7 +27,8 @@ int resolve_threads(int requested) {
 
 Isa select_isa() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                           __builtin_cpu_supports("fma");
   const char* forced = std::getenv("KASMINA_CPU_ISA");
   if (forced != nullptr && std::string(forced) == "generic") return Isa::generic;
   return avx2 ? Isa::avx2 : Isa::generic;
