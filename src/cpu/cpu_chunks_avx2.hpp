@@ -203,22 +203,27 @@ struct VecMlp {
     return _mm256_add_ps(_mm256_mul_ps(a_sigma, relu), _mm256_mul_ps(om, xv));
   }
 };
-// x needs no zero padding: the chunk's first vector reads x[-1], x[-2] as
-// zeros through masked loads (masked lanes neither load nor fault), so the
-// forward skips BlendConv's padded copy.
+// CONV's left neighbours of x[j..j+8): x[j-1..] and x[j-2..], with x[-1],
+// x[-2] as zeros: the chunk's first vector reads them through masked loads
+// (masked lanes neither load nor fault), so x needs no zero-padded copy.
+template <typename L>
+inline void conv_left(const float* x, int64_t j, const L& lanes, __m256& x1, __m256& x2) {
+  if (j == 0) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    x1 = lanes.load_masked(x - 1, _mm256_cmpgt_epi32(lane, _mm256_setzero_si256()));
+    x2 = lanes.load_masked(x - 2, _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(1)));
+  } else {
+    x1 = lanes.load(x + j - 1);
+    x2 = lanes.load(x + j - 2);
+  }
+}
+// The forward skips BlendConv's padded copy (conv_left).
 struct VecConv {
   __m256 c0, c1, c2, om;  // conv_taps
   template <typename L>
   __m256 operator()(__m256 xv, const float* x, int64_t j, const L& lanes) const {
     __m256 x1, x2;
-    if (j == 0) {
-      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      x1 = lanes.load_masked(x - 1, _mm256_cmpgt_epi32(lane, _mm256_setzero_si256()));
-      x2 = lanes.load_masked(x - 2, _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(1)));
-    } else {
-      x1 = lanes.load(x + j - 1);
-      x2 = lanes.load(x + j - 2);
-    }
+    conv_left(x, j, lanes, x1, x2);
     const __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(c0, xv), _mm256_mul_ps(c1, x1)),
                                    _mm256_mul_ps(c2, x2));
     return _mm256_add_ps(t, _mm256_mul_ps(om, xv));
@@ -891,14 +896,7 @@ class Avx2BackwardChunks {
           // The taps Σ G[j] X[j-k]; dsigma and dalpha follow from them
           // (linear in X) at the chunk's end. X[-1], X[-2]: zeros.
           __m256 x1, x2;
-          if (j == 0) {
-            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            x1 = lanes.load_masked(x - 1, _mm256_cmpgt_epi32(lane, _mm256_setzero_si256()));
-            x2 = lanes.load_masked(x - 2, _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(1)));
-          } else {
-            x1 = lanes.load(x + j - 1);
-            x2 = lanes.load(x + j - 2);
-          }
+          conv_left(x, j, lanes, x1, x2);
           const Wide gd = widen(lanes.load(graw + j));
           q2 = wfma(q2, gd, widen(lanes.load(x + j)));
           q3 = wfma(q3, gd, widen(x1));
