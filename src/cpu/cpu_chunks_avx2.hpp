@@ -150,10 +150,11 @@ struct ForwardSeedState {
   __m256 lo, hi;
   __m256i dead;
 };
+// The backward's pooled moments and shift are arrays over the seeds after
+// the records in the same way (4 doubles, 1 float per seed), so that the
+// row's end updates 4 seeds at once (Avx2BackwardChunks::moments_vector).
 struct BackwardSeedState {
   __m256 max_abs;
-  PooledMoments pooled;
-  float shift;
 };
 
 template <typename State>
@@ -724,7 +725,8 @@ inline double wtotal(const Wide& a) {
   _mm256_store_pd(t + 4, a.hi);
   return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
-static_assert(sizeof(BackwardSeedState) + sizeof(BackwardChunkRecord) <= kSeedStateFloats * sizeof(float));
+static_assert(sizeof(BackwardSeedState) + sizeof(BackwardChunkRecord) + 4 * sizeof(double) + sizeof(float) <=
+              kSeedStateFloats * sizeof(float));
 
 class Avx2BackwardChunks {
  public:
@@ -736,11 +738,16 @@ class Avx2BackwardChunks {
         inv_chunk_(1.0 / static_cast<double>(job.chunk)),
         num_seeds_(job.params.num_seeds),
         states_(seed_states<BackwardSeedState>(block_scratch)),
-        records_(reinterpret_cast<BackwardChunkRecord*>(states_ + job.params.num_seeds)) {
+        records_(reinterpret_cast<BackwardChunkRecord*>(states_ + job.params.num_seeds)),
+        chunks_(reinterpret_cast<double*>(records_ + job.params.num_seeds)),
+        mean_(chunks_ + job.params.num_seeds),
+        spread_(mean_ + job.params.num_seeds),
+        m2_(spread_ + job.params.num_seeds),
+        shift_(reinterpret_cast<float*>(m2_ + job.params.num_seeds)) {
     for (int32_t s = 0; s < job.params.num_seeds; ++s) {
       states_[s].max_abs = _mm256_setzero_ps();
-      states_[s].pooled = PooledMoments{};
-      states_[s].shift = std::numeric_limits<float>::quiet_NaN();
+      chunks_[s] = mean_[s] = spread_[s] = m2_[s] = 0.0;
+      shift_[s] = std::numeric_limits<float>::quiet_NaN();
     }
   }
 
@@ -775,7 +782,6 @@ class Avx2BackwardChunks {
   void end_row(GradPartial* parts) const {
     for (int32_t s = 0; s < num_seeds_; ++s) {
       const BackwardChunkRecord& r = records_[s];
-      BackwardSeedState& st = states_[s];
       GradPartial& part = parts[s];
       const float* sums = r.sums;
       const double* sc = r.scalar;
@@ -797,18 +803,62 @@ class Avx2BackwardChunks {
           break;
         case BackwardChunkRecord::Tail::none: break;
       }
-      add_chunk_moments(r.dx, chunk_, inv_chunk_, r.shift, sums[0], sums[1], st.pooled, st.shift);
+    }
+    for (int32_t s = 0; s < num_seeds_; s += 4) {
+      const int32_t count = std::min<int32_t>(4, num_seeds_ - s);
+      if (count == 4 && moments_vector(s)) continue;
+      for (int32_t i = s; i < s + count; ++i) {
+        const BackwardChunkRecord& r = records_[i];
+        PooledMoments pooled{chunks_[i], mean_[i], spread_[i], m2_[i]};
+        add_chunk_moments(r.dx, chunk_, inv_chunk_, r.shift, r.sums[0], r.sums[1], pooled, shift_[i]);
+        chunks_[i] = pooled.chunks;
+        mean_[i] = pooled.mean;
+        spread_[i] = pooled.spread;
+        m2_[i] = pooled.m2;
+      }
     }
   }
 
   void finish(GradPartial* parts, int32_t num_seeds, int64_t chunk) const {
     for (int32_t s = 0; s < num_seeds; ++s) {
-      states_[s].pooled.merge_into(parts[s].moments, chunk);
+      PooledMoments{chunks_[s], mean_[s], spread_[s], m2_[s]}.merge_into(parts[s].moments, chunk);
       parts[s].max_abs = std::max(parts[s].max_abs, hmax(states_[s].max_abs));
     }
   }
 
  private:
+  // add_chunk_moments of the recorded chunks of seeds s..s+4 at once, in its
+  // very operations (1/k by a division is PooledMoments' table value), when
+  // none needs the two-pass fallback; returns false (nothing done)
+  // otherwise.
+  bool moments_vector(int32_t s) const {
+    const BackwardChunkRecord* r = records_ + s;
+    const __m256d sd = _mm256_setr_pd(r[0].sums[0], r[1].sums[0], r[2].sums[0], r[3].sums[0]);
+    const __m256d dd = _mm256_setr_pd(r[0].sums[1], r[1].sums[1], r[2].sums[1], r[3].sums[1]);
+    const __m256d k = _mm256_setr_pd(r[0].shift, r[1].shift, r[2].shift, r[3].shift);
+    const __m256d mean_d = _mm256_mul_pd(sd, _mm256_set1_pd(inv_chunk_));
+    const __m256d m2 = _mm256_sub_pd(dd, _mm256_mul_pd(sd, mean_d));
+    // m2 >= dd / 4 and dd finite (|dd| <= FLT_MAX; NaN fails), as there.
+    const __m256d abs_dd = _mm256_andnot_pd(_mm256_set1_pd(-0.0), dd);
+    const __m256d ok = _mm256_and_pd(
+        _mm256_cmp_pd(m2, _mm256_mul_pd(_mm256_set1_pd(0.25), dd), _CMP_GE_OQ),
+        _mm256_cmp_pd(abs_dd, _mm256_set1_pd(std::numeric_limits<float>::max()), _CMP_LE_OQ));
+    if (_mm256_movemask_pd(ok) != 0xf) return false;
+    const __m256d mean = _mm256_add_pd(k, mean_d);
+    const __m256d chunks = _mm256_add_pd(_mm256_loadu_pd(chunks_ + s), _mm256_set1_pd(1.0));
+    const __m256d old_mean = _mm256_loadu_pd(mean_ + s);
+    const __m256d delta = _mm256_sub_pd(mean, old_mean);
+    const __m256d new_mean =
+        _mm256_add_pd(old_mean, _mm256_mul_pd(delta, _mm256_div_pd(_mm256_set1_pd(1.0), chunks)));
+    _mm256_storeu_pd(chunks_ + s, chunks);
+    _mm256_storeu_pd(mean_ + s, new_mean);
+    _mm256_storeu_pd(spread_ + s,
+                     _mm256_add_pd(_mm256_loadu_pd(spread_ + s), _mm256_mul_pd(delta, _mm256_sub_pd(mean, new_mean))));
+    _mm256_storeu_pd(m2_ + s, _mm256_add_pd(_mm256_loadu_pd(m2_ + s), m2));
+    _mm_storeu_ps(shift_ + s, _mm256_cvtpd_ps(mean));
+    return true;
+  }
+
   // dX (the formulas of residual_chunk .. conv_chunk, same operations), its
   // shifted sums (add_chunk_moments), sum of squares and max |dX|, and the
   // blueprint sums, in one sweep.
@@ -827,7 +877,7 @@ class Avx2BackwardChunks {
     BackwardSeedState& st = states_[seed];
     // The shift is the previous chunk's mean of dX; at the block start, 0
     // (gradients are mostly centred; the fallback covers the rest).
-    const float k = finite(st.shift) ? st.shift : 0.0f;
+    const float k = finite(shift_[seed]) ? shift_[seed] : 0.0f;
     const __m256 kv = _mm256_set1_ps(k);
     __m256 sd = zero, dd = zero, sq = zero;
     // The scalar sums in float64 from G before the clip (graw): dsigma,
@@ -949,4 +999,9 @@ class Avx2BackwardChunks {
   int32_t num_seeds_;
   BackwardSeedState* states_;
   BackwardChunkRecord* records_;
+  double* chunks_;  // PooledMoments of each seed, as arrays over the seeds
+  double* mean_;
+  double* spread_;
+  double* m2_;
+  float* shift_;
 };
