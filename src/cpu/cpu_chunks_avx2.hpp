@@ -720,10 +720,12 @@ inline Wide wfma(const Wide& acc, const Wide& a, const Wide& b) {
 }
 // The 8 partial sums added in a fixed order.
 inline double wtotal(const Wide& a) {
-  alignas(32) double t[8];
-  _mm256_store_pd(t, a.lo);
-  _mm256_store_pd(t + 4, a.hi);
-  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  // ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7)) on the vector unit:
+  // h = [t0+t1, t4+t5, t2+t3, t6+t7], then its halves added, then the two
+  // lanes (the same additions in the same order as the scalar tree).
+  const __m256d h = _mm256_hadd_pd(a.lo, a.hi);
+  const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
 }
 static_assert(sizeof(BackwardSeedState) + sizeof(BackwardChunkRecord) + 4 * sizeof(double) + sizeof(float) <=
               kSeedStateFloats * sizeof(float));
