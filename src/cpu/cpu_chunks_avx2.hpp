@@ -139,6 +139,34 @@ struct PooledMoments {
   }
 };
 
+// add_chunk_moments' chunk mean and M2 for 4 chunks at once from their
+// float32 sums sd = Σ(v-k), dd = Σ(v-k)^2 and shifts k, in its very
+// operations; returns the lanes whose M2 keeps at least a quarter of dd
+// (no fallback needed) as a movemask.
+inline int chunk_moments4(__m256d sd, __m256d dd, __m256d k, double inv_n, __m256d& mean, __m256d& m2) {
+  const __m256d mean_d = _mm256_mul_pd(sd, _mm256_set1_pd(inv_n));
+  m2 = _mm256_sub_pd(dd, _mm256_mul_pd(sd, mean_d));
+  mean = _mm256_add_pd(k, mean_d);
+  return _mm256_movemask_pd(_mm256_cmp_pd(m2, _mm256_mul_pd(_mm256_set1_pd(0.25), dd), _CMP_GE_OQ));
+}
+
+// PooledMoments::add on 4 seeds at once, their moments as arrays over the
+// seeds (at chunks, mean, spread, m2); 1/k by a division is the table's
+// value, so the same bits.
+inline void pooled_add4(double* chunks, double* mean, double* spread, double* m2, __m256d chunk_mean,
+                        __m256d chunk_m2) {
+  const __m256d count = _mm256_add_pd(_mm256_loadu_pd(chunks), _mm256_set1_pd(1.0));
+  const __m256d old_mean = _mm256_loadu_pd(mean);
+  const __m256d delta = _mm256_sub_pd(chunk_mean, old_mean);
+  const __m256d new_mean =
+      _mm256_add_pd(old_mean, _mm256_mul_pd(delta, _mm256_div_pd(_mm256_set1_pd(1.0), count)));
+  _mm256_storeu_pd(chunks, count);
+  _mm256_storeu_pd(mean, new_mean);
+  _mm256_storeu_pd(spread,
+                   _mm256_add_pd(_mm256_loadu_pd(spread), _mm256_mul_pd(delta, _mm256_sub_pd(chunk_mean, new_mean))));
+  _mm256_storeu_pd(m2, _mm256_add_pd(_mm256_loadu_pd(m2), chunk_m2));
+}
+
 // Per-seed state of one block, in the block scratch (32-byte aligned; after
 // the S states come S chunk records, kSeedStateFloats per seed in all).
 // The forward's pooled moments, shift (the previous chunk mean, NaN at the
@@ -533,32 +561,19 @@ class Avx2ForwardChunks {
     const __m256 drift_ok = _mm256_or_ps(_mm256_andnot_ps(blend, _mm256_castsi256_ps(_mm256_set1_epi32(-1))),
                                          _mm256_cmp_ps(d.drift, d.drift, _CMP_ORD_Q));
     if (_mm256_movemask_ps(_mm256_and_ps(fin, drift_ok)) != 0xff) return false;
-    const __m256d inv_n = _mm256_set1_pd(inv_chunk_), quarter = _mm256_set1_pd(0.25);
     __m256d mean[2], m2[2];
     for (int h = 0; h < 2; ++h) {
       const __m128 sdh = h ? _mm256_extractf128_ps(d.sd, 1) : _mm256_castps256_ps128(d.sd);
       const __m128 ddh = h ? _mm256_extractf128_ps(d.dd, 1) : _mm256_castps256_ps128(d.dd);
       const __m128 kh = h ? _mm256_extractf128_ps(d.k, 1) : _mm256_castps256_ps128(d.k);
-      const __m256d sd = _mm256_cvtps_pd(sdh), dd = _mm256_cvtps_pd(ddh);
-      const __m256d mean_d = _mm256_mul_pd(sd, inv_n);
-      m2[h] = _mm256_sub_pd(dd, _mm256_mul_pd(sd, mean_d));
-      mean[h] = _mm256_add_pd(_mm256_cvtps_pd(kh), mean_d);
-      if (_mm256_movemask_pd(_mm256_cmp_pd(m2[h], _mm256_mul_pd(quarter, dd), _CMP_GE_OQ)) != 0xf) return false;
+      if (chunk_moments4(_mm256_cvtps_pd(sdh), _mm256_cvtps_pd(ddh), _mm256_cvtps_pd(kh), inv_chunk_, mean[h],
+                         m2[h]) != 0xf) {
+        return false;
+      }
     }
     for (int h = 0; h < 2; ++h) {
       const int32_t i = s + 4 * h;
-      // PooledMoments::add on 4 lanes; 1/k by a division is the table's value.
-      const __m256d chunks = _mm256_add_pd(_mm256_loadu_pd(chunks_ + i), _mm256_set1_pd(1.0));
-      const __m256d old_mean = _mm256_loadu_pd(mean_ + i);
-      const __m256d delta = _mm256_sub_pd(mean[h], old_mean);
-      const __m256d inv = _mm256_div_pd(_mm256_set1_pd(1.0), chunks);
-      const __m256d new_mean = _mm256_add_pd(old_mean, _mm256_mul_pd(delta, inv));
-      const __m256d spread =
-          _mm256_add_pd(_mm256_loadu_pd(spread_ + i), _mm256_mul_pd(delta, _mm256_sub_pd(mean[h], new_mean)));
-      _mm256_storeu_pd(chunks_ + i, chunks);
-      _mm256_storeu_pd(mean_ + i, new_mean);
-      _mm256_storeu_pd(spread_ + i, spread);
-      _mm256_storeu_pd(m2_ + i, _mm256_add_pd(_mm256_loadu_pd(m2_ + i), m2[h]));
+      pooled_add4(chunks_ + i, mean_ + i, spread_ + i, m2_ + i, mean[h], m2[h]);
       _mm_storeu_ps(shift_ + i, _mm256_cvtpd_ps(mean[h]));
       // Copy chunks add no drift: their lanes add +0.
       const __m256 dsel = _mm256_and_ps(d.drift, blend);
@@ -838,25 +853,15 @@ class Avx2BackwardChunks {
     const __m256d sd = _mm256_setr_pd(r[0].sums[0], r[1].sums[0], r[2].sums[0], r[3].sums[0]);
     const __m256d dd = _mm256_setr_pd(r[0].sums[1], r[1].sums[1], r[2].sums[1], r[3].sums[1]);
     const __m256d k = _mm256_setr_pd(r[0].shift, r[1].shift, r[2].shift, r[3].shift);
-    const __m256d mean_d = _mm256_mul_pd(sd, _mm256_set1_pd(inv_chunk_));
-    const __m256d m2 = _mm256_sub_pd(dd, _mm256_mul_pd(sd, mean_d));
-    // m2 >= dd / 4 and dd finite (|dd| <= FLT_MAX; NaN fails), as there.
+    // dd finite (|dd| <= FLT_MAX; NaN fails), as add_chunk_moments tests.
     const __m256d abs_dd = _mm256_andnot_pd(_mm256_set1_pd(-0.0), dd);
-    const __m256d ok = _mm256_and_pd(
-        _mm256_cmp_pd(m2, _mm256_mul_pd(_mm256_set1_pd(0.25), dd), _CMP_GE_OQ),
-        _mm256_cmp_pd(abs_dd, _mm256_set1_pd(std::numeric_limits<float>::max()), _CMP_LE_OQ));
-    if (_mm256_movemask_pd(ok) != 0xf) return false;
-    const __m256d mean = _mm256_add_pd(k, mean_d);
-    const __m256d chunks = _mm256_add_pd(_mm256_loadu_pd(chunks_ + s), _mm256_set1_pd(1.0));
-    const __m256d old_mean = _mm256_loadu_pd(mean_ + s);
-    const __m256d delta = _mm256_sub_pd(mean, old_mean);
-    const __m256d new_mean =
-        _mm256_add_pd(old_mean, _mm256_mul_pd(delta, _mm256_div_pd(_mm256_set1_pd(1.0), chunks)));
-    _mm256_storeu_pd(chunks_ + s, chunks);
-    _mm256_storeu_pd(mean_ + s, new_mean);
-    _mm256_storeu_pd(spread_ + s,
-                     _mm256_add_pd(_mm256_loadu_pd(spread_ + s), _mm256_mul_pd(delta, _mm256_sub_pd(mean, new_mean))));
-    _mm256_storeu_pd(m2_ + s, _mm256_add_pd(_mm256_loadu_pd(m2_ + s), m2));
+    if (_mm256_movemask_pd(_mm256_cmp_pd(abs_dd, _mm256_set1_pd(std::numeric_limits<float>::max()), _CMP_LE_OQ)) !=
+        0xf) {
+      return false;
+    }
+    __m256d mean, m2;
+    if (chunk_moments4(sd, dd, k, inv_chunk_, mean, m2) != 0xf) return false;
+    pooled_add4(chunks_ + s, mean_ + s, spread_ + s, m2_ + s, mean, m2);
     _mm_storeu_ps(shift_ + s, _mm256_cvtpd_ps(mean));
     return true;
   }

@@ -271,14 +271,13 @@ int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
                           static_cast<int64_t>(dtype_size(p.dtype)));
 }
 
-// nullptr when the store can run with this plan: its y stages and two x
-// stages within the opt-in, holding no fewer CTAs per SM than the generic
-// kernel (whose tiles are one wave); else why not.
+// nullptr when the store can run with this plan (plan.tma_boxes set): one
+// box per row, its y stages and two x stages within the opt-in, holding no
+// fewer CTAs per SM than the generic kernel (whose tiles are one wave);
+// else why not.
 const char* store_refusal(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
                           int stage_bytes, int resident_generic) {
-  if (tma_row_boxes(p.hidden / p.num_seeds, dtype_size(p.dtype)) != 1) {
-    return "TMA store needs C <= 256 (one tensor-map box per row)";
-  }
+  if (plan.tma_boxes != 1) return "TMA store needs C <= 256 (one tensor-map box per row)";
   const std::size_t smem = smem_for(plan, 2, stage_bytes);
   if (smem > tuning_for(dev.cc_major).tma_store_smem_bytes) {
     return "TMA store needs its y stages and two x stages within the shared-memory opt-in";
@@ -379,7 +378,7 @@ void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const Fo
   int device = 0;
   KASMINA_CUDA_CHECK(cudaGetDevice(&device));
   TmaForwardArgs targs{};
-  targs.boxes = tma_row_boxes(args.C, dtype_size(p.dtype));
+  targs.boxes = plan.tma_boxes;
   targs.map = tensor_map_rows(p.x, p.dtype, p.rows, p.hidden, args.x_stride, args.C,
                               args.rows_per_pass, targs.boxes, device);
   if (plan.tma_store) {
