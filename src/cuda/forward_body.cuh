@@ -217,13 +217,32 @@ struct ForwardArgs {
   bool flat;            // CudaLaunchConfig::forward_flat_reduction
 };
 
-// group_sum of three drift sums over a row group of G <= 8 lanes
-// (kForwardGroupThreads): unrolled with immediate offsets, the three
-// butterflies interleaved; the same additions in the same order as
-// group_sum, so the same bits in every lane of the group.
-template <typename A>
+// group_sum of three drift sums over a row group of G lanes, the three
+// butterflies interleaved, with immediate offsets; the same additions in
+// the same order as group_sum, so the same bits in every lane of the group.
+// G <= 8 (kForwardGroupThreads), or with Wide up to a warp
+// (kForwardMaxGroupThreads: the TMA kernel's wide instances). Only those
+// instances carry the two wider steps: in every kernel they added 2-6 % to
+// the code (inlined at each kind's row loop), and the 8192x768/16 forward,
+// whose SMs wait on instruction fetch, ran 2-3 % slower (PERFORMANCE.md,
+// twenty-third session).
+template <bool Wide, typename A>
 __device__ __forceinline__ void group_sum3(A& a, A& b, A& c, int G) {
-  static_assert(kForwardGroupThreads <= 8, "group_sum3 unrolls three butterfly steps");
+  static_assert(kForwardGroupThreads == 8 && kForwardMaxGroupThreads == 32,
+                "group_sum3 unrolls three butterfly steps, five with Wide");
+  if constexpr (Wide) {
+#pragma unroll
+    for (int off = 16; off >= 8; off /= 2) {
+      if (off < G) {  // uniform
+        const A a2 = __shfl_xor_sync(0xffffffffu, a, off);
+        const A b2 = __shfl_xor_sync(0xffffffffu, b, off);
+        const A c2 = __shfl_xor_sync(0xffffffffu, c, off);
+        a += a2;
+        b += b2;
+        c += c2;
+      }
+    }
+  }
 #pragma unroll
   for (int off = 4; off >= 1; off /= 2) {
     if (off < G) {  // uniform; lane ^ off stays in the lane's aligned group
@@ -359,8 +378,9 @@ __device__ __forceinline__ void drift_row_sums_exact(const ForwardArgs& args, co
 
 // One row pass of one mode: y, the per-thread telemetry and the drift of
 // the thread's U rows. Every lane loads its vector of all U rows before it
-// computes on the first (U accesses in flight per thread).
-template <typename T, int V, int U, Mode M, bool Clamp, bool YShared>
+// computes on the first (U accesses in flight per thread). Wide: row groups
+// of up to 32 lanes (group_sum3), else at most 8.
+template <typename T, int V, int U, Mode M, bool Clamp, bool YShared, bool Wide = false>
 __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const SeedView& sv,
                                              const float* table, const PassRows<T, U, YShared>& r,
                                              int lane, ThreadStats& st) {
@@ -443,7 +463,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
     bool any_redo = false;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      group_sum3(s0[u], s1[u], s2[u], args.group);
+      group_sum3<Wide>(s0[u], s1[u], s2[u], args.group);
       drift[u] = 0;
       redo[u] = false;
       if constexpr (kF32) {
@@ -461,7 +481,7 @@ __device__ __forceinline__ void forward_pass(const ForwardArgs& args, const Seed
         for (int u = 0; u < U; ++u) {
           double dot = 0.0, xx = 0.0, yy = 0.0;
           if (r.active[u]) drift_row_sums_exact<T, V, M>(args, sv, table, r.x[u], lane, dot, xx, yy);
-          group_sum3(dot, xx, yy, args.group);
+          group_sum3<Wide>(dot, xx, yy, args.group);
           if (redo[u]) drift[u] = static_cast<float>(one_minus_cos_exact(dot, xx, yy));
         }
       }
@@ -683,9 +703,10 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
 const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
                                 const DeviceInfo& dev, int64_t C, bool vector_path);
 // Whether `stages` stages of the plan's box (and its coefficient table) fit
-// the shared memory every architecture gives without an opt-in.
+// the shared memory every architecture gives without an opt-in, or with
+// opt_in the tuning's opt-in (tma_store_smem_bytes).
 bool forward_tma_stages_fit(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
-                            int64_t C, int stages);
+                            int64_t C, int stages, bool opt_in);
 // Picks the pipeline depth (plan.stages: requested, else the tuning's stage
 // budget, then fewer while the TMA kernel would hold fewer CTAs per SM than
 // the generic one: `resident_generic`) and the dynamic shared memory.

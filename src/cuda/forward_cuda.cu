@@ -2,7 +2,8 @@
 // writes y and computes all telemetry.
 //
 // Grid: (row tiles x seeds), flattened. A CTA works on one seed's chunk; its
-// threads form row groups of G lanes (a power of two <= 8, tuning.hpp), each
+// threads form row groups of G lanes (a power of two: <= 8 by default, up
+// to 32 for the TMA plan of wide chunks or where set; tuning.hpp), each
 // group covers one chunk row V elements per lane per step (16-byte accesses
 // on the vector path) and loops along the row when C > G*V. The CTA visits
 // row passes tile, tile + tiles, ... so the tile count, and with it the
@@ -248,11 +249,20 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
     one.rows_source = "TMA variant";
     one.rows_per_pass = plan.threads / plan.group;
     // A default group widens until the pipeline's stages (those asked for,
-    // at least two) fit: fewer lanes per row mean taller boxes.
+    // at least two) fit: fewer lanes per row mean taller boxes. Up to 8
+    // lanes (kForwardGroupThreads) within the shared memory every
+    // architecture gives; from 8 lanes on, wide chunks take the opt-in
+    // (forward_tma_finish), and the group widens further, up to a warp,
+    // only while even that does not hold them (float32 C = 512 and 1024,
+    // 2-byte C = 1024, which would otherwise run the generic kernel), and
+    // while boxes keep 8 rows (a stage then stays a multiple of 128 bytes,
+    // the alignment of the TMA copies' destinations).
     if (std::string_view(plan.group_source) == "default" && r.vector) {
       const int want = vc.stages > 2 ? vc.stages : 2;
-      while (one.group < kForwardGroupThreads && one.group < needed &&
-             !forward_tma_stages_fit(one, p, dev, r.C, want)) {
+      while (one.group < kForwardMaxGroupThreads && one.group < needed &&
+             (one.group < kForwardGroupThreads || plan.threads / (2 * one.group) >= 8) &&
+             !forward_tma_stages_fit(one, p, dev, r.C, want,
+                                     one.group >= kForwardGroupThreads)) {
         one.group *= 2;
         one.rows_per_pass = plan.threads / one.group;
       }
@@ -299,6 +309,35 @@ LaunchPlan finish_plan(LaunchPlan plan, const ForwardParams& p, const DeviceInfo
   return plan;
 }
 
+ForwardArgs make_args(const ForwardParams& p, const LaunchPlan& plan, bool flat = false) {
+  const Resolved r = resolve(p);
+  ForwardArgs args{};
+  args.flat = flat;
+  args.x = p.x;
+  args.y = p.y;
+  args.rows = p.rows;
+  args.x_stride = r.x_stride;
+  args.y_stride = r.y_stride;
+  args.C = static_cast<int>(r.C);
+  args.group = plan.group;
+  args.row_groups = plan.threads / plan.group;
+  args.rows_per_pass = plan.rows_per_pass;
+  args.coef_table = plan.smem_bytes > 0;
+  args.seeds = p.seeds;
+  args.registry = p.registry;
+  args.clamp = p.clamp;
+  args.dead_threshold = p.dead_threshold;
+  args.telemetry = p.telemetry;
+  args.nonfinite_count = p.nonfinite_count;
+  auto* base = static_cast<unsigned char*>(p.workspace);
+  args.tickets = reinterpret_cast<unsigned*>(base);
+  args.partials = reinterpret_cast<FwdStats*>(base + tickets_bytes(p.num_seeds));
+  return args;
+}
+
+LaunchPlan dispatch(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
+                    ForwardArgs* args);
+
 template <typename T, int V, int U>
 LaunchPlan plan_and_launch(LaunchPlan plan, const ForwardParams& p, const DeviceInfo& dev,
                            ForwardArgs* args) {
@@ -316,9 +355,20 @@ LaunchPlan plan_and_launch(LaunchPlan plan, const ForwardParams& p, const Device
         return plan;
       }
       // Refused at the finish (forward_tma_finish says why): the generic
-      // kernel with the TMA plan's passes (finish_plan above).
+      // kernel with the TMA plan's passes (finish_plan above), or where
+      // those have row groups over 8 lanes (its group_sum3 takes at most
+      // 8), with its own plan.
+      if (plan.group > kForwardGroupThreads) {
+        LaunchPlan generic = plan_forward(p, dev, false);
+        generic.tma_refusal = plan.tma_refusal;
+        if (args == nullptr) return dispatch(generic, p, dev, nullptr);
+        ForwardArgs generic_args = make_args(p, generic, args->flat);
+        return dispatch(generic, p, dev, &generic_args);
+      }
     }
   }
+  KASMINA_CHECK_RUNTIME(plan.group <= kForwardGroupThreads, "internal: the generic forward with ",
+                        plan.group, " lanes per row");
   if (args == nullptr) return plan;
   args->tiles = plan.tiles;
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
@@ -360,32 +410,6 @@ void check_cuda_forward(const ForwardParams& p, const DeviceInfo& dev, bool flat
                       "), got ", p.workspace_bytes, " bytes at ", p.workspace);
   KASMINA_CHECK_VALUE(aligned16(p.workspace), "forward workspace must be 16-byte aligned (got ",
                       p.workspace, ")");
-}
-
-ForwardArgs make_args(const ForwardParams& p, const LaunchPlan& plan, bool flat = false) {
-  const Resolved r = resolve(p);
-  ForwardArgs args{};
-  args.flat = flat;
-  args.x = p.x;
-  args.y = p.y;
-  args.rows = p.rows;
-  args.x_stride = r.x_stride;
-  args.y_stride = r.y_stride;
-  args.C = static_cast<int>(r.C);
-  args.group = plan.group;
-  args.row_groups = plan.threads / plan.group;
-  args.rows_per_pass = plan.rows_per_pass;
-  args.coef_table = plan.smem_bytes > 0;
-  args.seeds = p.seeds;
-  args.registry = p.registry;
-  args.clamp = p.clamp;
-  args.dead_threshold = p.dead_threshold;
-  args.telemetry = p.telemetry;
-  args.nonfinite_count = p.nonfinite_count;
-  auto* base = static_cast<unsigned char*>(p.workspace);
-  args.tickets = reinterpret_cast<unsigned*>(base);
-  args.partials = reinterpret_cast<FwdStats*>(base + tickets_bytes(p.num_seeds));
-  return args;
 }
 
 // The streaming launch of one kernel instance: each problem's tiles as the

@@ -90,9 +90,11 @@ static_assert(offsetof(TmaForwardArgs, map_y) % 64 == 0, "a tensor map must be 6
 // ------------------------------------------------------------------ kernel
 
 // Store: y by TMA store; Late: dependents launched at the CTAs' exit (see
-// the top of this file). The default instance (both false) is the plain TMA
-// forward.
-template <typename T, int V, bool Store, bool Late>
+// the top of this file); Wide: row groups of 16 or 32 lanes (the plan of
+// chunks whose 8-lane boxes do not fit two stages in the opt-in; never with
+// Store, which takes one box per row, C <= 256). The default instance (all
+// false) is the plain TMA forward.
+template <typename T, int V, bool Store, bool Late, bool Wide>
 __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T), 1))
     forward_tma_kernel(const __grid_constant__ TmaForwardArgs targs) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
@@ -175,8 +177,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
       } else {
         r.y[0] = y + (r.active[0] ? n : 0) * args.y_stride + col0;
       }
-      forward_pass<T, V, 1, decltype(m)::value, decltype(clamp)::value>(args, cs.sv, cs.table, r,
-                                                                       lane, st);
+      forward_pass<T, V, 1, decltype(m)::value, decltype(clamp)::value, Store, Wide>(
+          args, cs.sv, cs.table, r, lane, st);
       if constexpr (Store) {
         // This thread's y-stage writes before the async proxy's reads (the
         // store thread 0 issues after the barrier).
@@ -216,15 +218,24 @@ __global__ void __launch_bounds__(kMaxBlockThreads, forward_min_blocks(sizeof(T)
 
 using TmaKernel = void (*)(TmaForwardArgs);
 
-// The kernel instance of (dtype, store, late).
-TmaKernel instance(DType dtype, bool store, bool late) {
+// The kernel instance of (dtype, store, late, wide); wide plans never store
+// (forward_tma_finish: the store needs one box per row).
+TmaKernel instance(DType dtype, bool store, bool late, bool wide) {
+  KASMINA_CHECK_RUNTIME(!(store && wide), "internal: the TMA store with row groups over ",
+                        kForwardGroupThreads, " lanes");
   return with_storage_type(dtype, [&](auto t) -> TmaKernel {
     using T = decltype(t);
     constexpr int V = kTmaVector<T>;
-    if (store) {
-      return late ? &forward_tma_kernel<T, V, true, true> : &forward_tma_kernel<T, V, true, false>;
+    if (wide) {
+      return late ? &forward_tma_kernel<T, V, false, true, true>
+                  : &forward_tma_kernel<T, V, false, false, true>;
     }
-    return late ? &forward_tma_kernel<T, V, false, true> : &forward_tma_kernel<T, V, false, false>;
+    if (store) {
+      return late ? &forward_tma_kernel<T, V, true, true, false>
+                  : &forward_tma_kernel<T, V, true, false, false>;
+    }
+    return late ? &forward_tma_kernel<T, V, false, true, false>
+                : &forward_tma_kernel<T, V, false, false, false>;
   });
 }
 
@@ -244,11 +255,15 @@ void allow_opt_in_smem(const void* kernel, const DeviceInfo& dev) {
   done.insert(key);
 }
 
-// The instance of (dtype, store, late) as the occupancy query and the launch
-// take it (the shared-memory opt-in set with the store or where opt_in says).
-const void* kernel_for(DType dtype, bool store, bool late, const DeviceInfo& dev,
+// Row groups wider than 8 lanes: the Wide instances.
+bool wide_groups(const LaunchPlan& plan) { return plan.group > kForwardGroupThreads; }
+
+// The instance of (dtype, store, late, wide) as the occupancy query and the
+// launch take it (the shared-memory opt-in set with the store or where
+// opt_in says).
+const void* kernel_for(DType dtype, bool store, bool late, bool wide, const DeviceInfo& dev,
                        bool opt_in = false) {
-  const void* kernel = reinterpret_cast<const void*>(instance(dtype, store, late));
+  const void* kernel = reinterpret_cast<const void*>(instance(dtype, store, late, wide));
   if (store || opt_in) allow_opt_in_smem(kernel, dev);
   return kernel;
 }
@@ -256,7 +271,8 @@ const void* kernel_for(DType dtype, bool store, bool late, const DeviceInfo& dev
 // Every instance is compiled for the same architectures: the default one
 // answers for all.
 bool has_sm90_code(DType dtype, int device) {
-  return kernel_has_sm90_code(reinterpret_cast<const void*>(instance(dtype, false, false)), device);
+  return kernel_has_sm90_code(reinterpret_cast<const void*>(instance(dtype, false, false, false)),
+                              device);
 }
 
 // With the store (asked for or decided: plan.tma_store) its y stages too.
@@ -278,11 +294,12 @@ int stage_bytes_of(const LaunchPlan& plan, const ForwardParams& p, int64_t C) {
 const char* store_refusal(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
                           int stage_bytes, int resident_generic) {
   if (plan.tma_boxes != 1) return "TMA store needs C <= 256 (one tensor-map box per row)";
+  if (wide_groups(plan)) return "TMA store needs at most 8 lanes per row";
   const std::size_t smem = smem_for(plan, 2, stage_bytes);
   if (smem > tuning_for(dev.cc_major).tma_store_smem_bytes) {
     return "TMA store needs its y stages and two x stages within the shared-memory opt-in";
   }
-  const void* kernel = kernel_for(p.dtype, true, plan.late_dependents, dev);
+  const void* kernel = kernel_for(p.dtype, true, plan.late_dependents, false, dev);
   if (resident_ctas_per_sm(kernel, plan.threads, smem) < resident_generic) {
     return "TMA store's shared memory would hold fewer CTAs per SM than the generic kernel";
   }
@@ -297,8 +314,10 @@ std::vector<unsigned long long> forward_timeline(int ctas) { return timeline_rea
 #endif
 
 bool forward_tma_stages_fit(const LaunchPlan& plan, const ForwardParams& p, const DeviceInfo& dev,
-                            int64_t C, int stages) {
-  return smem_for(plan, stages, stage_bytes_of(plan, p, C)) <= tuning_for(dev.cc_major).smem_budget_bytes;
+                            int64_t C, int stages, bool opt_in) {
+  const Tuning& t = tuning_for(dev.cc_major);
+  return smem_for(plan, stages, stage_bytes_of(plan, p, C)) <=
+         (opt_in ? t.tma_store_smem_bytes : t.smem_budget_bytes);
 }
 
 const char* forward_tma_refusal(const ForwardParams& p, const LaunchPlan& plan,
@@ -350,7 +369,8 @@ LaunchPlan forward_tma_finish(LaunchPlan plan, const ForwardParams& p, const Dev
   while (stages > 2 && smem_for(plan, stages, sb) > budget) --stages;
   // No fewer CTAs per SM than the generic kernel: its tiles are one wave.
   const void* kernel =
-      kernel_for(p.dtype, plan.tma_store, plan.late_dependents, dev, plan.tma_x_opt_in);
+      kernel_for(p.dtype, plan.tma_store, plan.late_dependents, wide_groups(plan), dev,
+                 plan.tma_x_opt_in);
   while (stages > 2 &&
          resident_ctas_per_sm(kernel, plan.threads, smem_for(plan, stages, sb)) < resident_generic) {
     --stages;
@@ -390,7 +410,8 @@ void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const Fo
   targs.stage_bytes = stage_bytes_of(plan, p, args.C);
   const std::size_t smem = smem_for(plan, plan.stages, targs.stage_bytes);
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
-  launch_kernel(instance(p.dtype, plan.tma_store, plan.late_dependents), plan, grid, smem, p.stream,
+  launch_kernel(instance(p.dtype, plan.tma_store, plan.late_dependents, wide_groups(plan)), plan,
+                grid, smem, p.stream,
                 targs);
 }
 

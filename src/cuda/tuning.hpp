@@ -122,6 +122,11 @@ inline constexpr int kMaxBlockThreads = 256;
 // Lanes per row in the forward: 8 lanes x 16 bytes = one 128-byte line per
 // row and access, while per-row reductions are shared by 4 rows a warp.
 inline constexpr int kForwardGroupThreads = 8;
+// The widest row group the forward takes: only the TMA kernel's wide
+// instances, where the TMA plan's boxes at 8 lanes per row do not fit two
+// stages of the shared-memory opt-in (float32 C = 512 and 1024, 2-byte C =
+// 1024); CudaLaunchConfig::forward_group stays at most 8.
+inline constexpr int kForwardMaxGroupThreads = 32;
 // The TMA forward's pipeline depth bound (its barrier array).
 inline constexpr int kMaxTmaStages = 8;
 // The y stages of the TMA forward's store (CudaLaunchConfig::forward_tma_store):

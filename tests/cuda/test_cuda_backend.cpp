@@ -869,13 +869,67 @@ TEST_F(SmallCuda, TmaForwardColumnBlocks) {
   check_problem(o);
 }
 
+// Chunks whose rows at 8 lanes per row make boxes too tall for two stages
+// in the shared-memory opt-in (float32 C = 512 and 1024, bfloat16 C =
+// 1024): the TMA plan's default group widens to 16 or 32 lanes (boxes of 16
+// or 8 rows, column blocks of a 3-D tensor map), in the opt-in, by default
+// too. Those groups run only in the TMA kernel's wide instances (the
+// generic kernel takes at most 8 lanes), so the check is the reference and
+// the same bits twice. Where the finish refuses such a plan (float32 C =
+// 1024 at 128 threads per CTA: 16 lanes, 8-row boxes, whose 68 KiB would
+// hold fewer CTAs per SM than the generic kernel), the generic kernel runs
+// with its own plan of 8 lanes and says why.
+TEST_F(SmallCuda, TmaForwardWideGroups) {
+  if (!device_is_sm90()) GTEST_SKIP() << "the TMA forward runs on compute capability 9.x only";
+  uint64_t rng = 7590;
+  const struct {
+    int64_t C;
+    DType dt;
+    const char* lanes;
+  } cases[] = {{512, DType::f32, "16 lanes per row (default)"},
+               {1024, DType::f32, "32 lanes per row (default)"},
+               {1024, DType::bf16, "16 lanes per row (default)"}};
+  for (const auto& c : cases) {
+    const ProblemOptions o = shape(300, c.C, 2, c.dt, ++rng);  // the last pass partial
+    const std::string ctx = "wide groups, " + describe(o);
+    SCOPED_TRACE(ctx);
+    Problem p = make_problem(o);
+    const DeviceProblem d(p, false);
+    for (const bool set : {false, true}) {
+      const LaunchConfigGuard guard(set ? tma_config(0) : CudaLaunchConfig{});
+      const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
+      EXPECT_EQ(desc.rfind("cuda.forward.tma", 0), 0u) << desc;
+      EXPECT_NE(desc.find(c.lanes), std::string::npos) << desc;
+      EXPECT_NE(desc.find("in the shared-memory opt-in"), std::string::npos) << desc;
+    }
+    run_tma_twice(p, d, tma_config(0), c.lanes, ctx);
+    expect_forward_matches(p, reference::forward(p.forward_params()), ctx);
+  }
+  const ProblemOptions o = shape(300, 1024, 2, DType::f32, ++rng);
+  Problem p = make_problem(o);
+  const DeviceProblem d(p, false);
+  CudaLaunchConfig c = tma_config(0);
+  c.forward_block_threads = 128;
+  const LaunchConfigGuard guard(c);
+  const std::string desc = describe_forward(d.forward_params(p), Backend::cuda);
+  EXPECT_EQ(desc.rfind("cuda.forward.vec", 0), 0u) << desc;
+  EXPECT_NE(desc.find("8 lanes per row (default)"), std::string::npos) << desc;
+  EXPECT_NE(desc.find("would hold fewer CTAs per SM than the generic kernel"), std::string::npos)
+      << desc;
+  check_problem(o);
+}
+
 // Wide rows (512 bytes or more of a seed's chunk; tuning.hpp's
-// kWideRowVectors) that the TMA kernel does not take: the generic kernel's
-// default plan takes 8 lanes per row and as many rows in flight as the
-// kernel takes (4 for float32, 2 for bfloat16) while the passes over the
-// seeds give every SM one; the result matches the reference.
+// kWideRowVectors) on the generic kernel: its default plan takes 8 lanes
+// per row and as many rows in flight as the kernel takes (4 for float32, 2
+// for bfloat16) while the passes over the seeds give every SM one; the
+// result matches the reference. (On sm_90 the TMA kernel takes these
+// chunks by default, TmaForwardWideGroups; here the generic one is set.)
 TEST_F(CudaBackend, WideRowsDefaultPlan) {
   uint64_t rng = 7580;
+  CudaLaunchConfig generic;
+  generic.forward_variant = CudaForwardVariant::generic;
+  const LaunchConfigGuard guard(generic);
   for (const DType dt : {DType::f32, DType::bf16}) {
     // 4096 rows of chunks of 512 float32 (8 seeds) or 1024 bfloat16 (4
     // seeds: 2 KiB rows, whose TMA boxes would not fit): 32 passes of 128
