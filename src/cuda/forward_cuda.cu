@@ -253,16 +253,20 @@ LaunchPlan plan_forward(const ForwardParams& p, const DeviceInfo& dev, bool allo
     // lanes (kForwardGroupThreads) within the shared memory every
     // architecture gives; from 8 lanes on, wide chunks take the opt-in
     // (forward_tma_finish), and the group widens further, up to a warp,
-    // only while even that does not hold them (float32 C = 512 and 1024,
-    // 2-byte C = 1024, which would otherwise run the generic kernel), and
-    // while boxes keep 8 rows (a stage then stays a multiple of 128 bytes,
-    // the alignment of the TMA copies' destinations).
+    // only while even two stages do not fit that (float32 C = 512 and
+    // 1024, 2-byte C = 1024, which would otherwise run the generic kernel;
+    // stages asked for beyond two do not widen it), and while boxes keep 8
+    // rows (a stage then stays a multiple of 128 bytes, the alignment of
+    // the TMA copies' destinations).
     if (std::string_view(plan.group_source) == "default" && r.vector) {
       const int want = vc.stages > 2 ? vc.stages : 2;
+      const auto fits = [&](const LaunchPlan& q) {
+        const bool opt_in = q.group >= kForwardGroupThreads;
+        return forward_tma_stages_fit(q, p, dev, r.C, opt_in ? 2 : want, opt_in);
+      };
       while (one.group < kForwardMaxGroupThreads && one.group < needed &&
              (one.group < kForwardGroupThreads || plan.threads / (2 * one.group) >= 8) &&
-             !forward_tma_stages_fit(one, p, dev, r.C, want,
-                                     one.group >= kForwardGroupThreads)) {
+             !fits(one)) {
         one.group *= 2;
         one.rows_per_pass = plan.threads / one.group;
       }

@@ -875,7 +875,10 @@ TEST_F(SmallCuda, TmaForwardColumnBlocks) {
 // or 8 rows, column blocks of a 3-D tensor map), in the opt-in, by default
 // too. Those groups run only in the TMA kernel's wide instances (the
 // generic kernel takes at most 8 lanes), so the check is the reference and
-// the same bits twice. Where the finish refuses such a plan (float32 C =
+// the same bits twice; every seed blends (GRAFTING, the four kinds), so
+// the drift's row sums cross the whole group, and the bfloat16 case has
+// non-finite and denormal inputs too (its float64 redo of such rows
+// crosses the group as well). Where the finish refuses such a plan (float32 C =
 // 1024 at 128 threads per CTA: 16 lanes, 8-row boxes, whose 68 KiB would
 // hold fewer CTAs per SM than the generic kernel), the generic kernel runs
 // with its own plan of 8 lanes and says why.
@@ -890,7 +893,9 @@ TEST_F(SmallCuda, TmaForwardWideGroups) {
                {1024, DType::f32, "32 lanes per row (default)"},
                {1024, DType::bf16, "16 lanes per row (default)"}};
   for (const auto& c : cases) {
-    const ProblemOptions o = shape(300, c.C, 2, c.dt, ++rng);  // the last pass partial
+    ProblemOptions o = shape(300, c.C, 4, c.dt, ++rng);  // the last pass partial
+    o.only_stage = static_cast<int32_t>(Stage::grafting);
+    if (c.dt == DType::bf16) o.special_fraction = 0.01;
     const std::string ctx = "wide groups, " + describe(o);
     SCOPED_TRACE(ctx);
     Problem p = make_problem(o);
