@@ -230,21 +230,10 @@ template <bool Wide, typename A>
 __device__ __forceinline__ void group_sum3(A& a, A& b, A& c, int G) {
   static_assert(kForwardGroupThreads == 8 && kForwardMaxGroupThreads == 32,
                 "group_sum3 unrolls three butterfly steps, five with Wide");
-  if constexpr (Wide) {
+  // The widest step of the instance's groups first (Wide: 16, else 4).
+  constexpr int kFirst = (Wide ? kForwardMaxGroupThreads : kForwardGroupThreads) / 2;
 #pragma unroll
-    for (int off = 16; off >= 8; off /= 2) {
-      if (off < G) {  // uniform
-        const A a2 = __shfl_xor_sync(0xffffffffu, a, off);
-        const A b2 = __shfl_xor_sync(0xffffffffu, b, off);
-        const A c2 = __shfl_xor_sync(0xffffffffu, c, off);
-        a += a2;
-        b += b2;
-        c += c2;
-      }
-    }
-  }
-#pragma unroll
-  for (int off = 4; off >= 1; off /= 2) {
+  for (int off = kFirst; off >= 1; off /= 2) {
     if (off < G) {  // uniform; lane ^ off stays in the lane's aligned group
       const A a2 = __shfl_xor_sync(0xffffffffu, a, off);
       const A b2 = __shfl_xor_sync(0xffffffffu, b, off);
