@@ -2,8 +2,8 @@
 // writes y and computes all telemetry.
 //
 // Grid: (row tiles x seeds), flattened. A CTA works on one seed's chunk; its
-// threads form row groups of G lanes (a power of two: <= 8 by default, up
-// to 32 for the TMA plan of wide chunks or where set; tuning.hpp), each
+// threads form row groups of G lanes (a power of two <= 8; up to 32 in the
+// TMA kernel's plan for wide chunks, forward_tma_sm90.cu; tuning.hpp), each
 // group covers one chunk row V elements per lane per step (16-byte accesses
 // on the vector path) and loops along the row when C > G*V. The CTA visits
 // row passes tile, tile + tiles, ... so the tile count, and with it the
