@@ -462,7 +462,6 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     }
   }
 
-
   for (const SeedsMode seeds_mode : {SeedsMode::blend_mixed, SeedsMode::dormant,
                                      SeedsMode::blend_conv, SeedsMode::blend_own,
                                      SeedsMode::growing}) {

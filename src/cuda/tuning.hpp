@@ -135,17 +135,17 @@ inline constexpr int kMaxTmaStages = 8;
 // one pass of compute for it). A compile-time count: the wait's depth is an
 // immediate of cp.async.bulk.wait_group.read.
 inline constexpr int kTmaStoreStages = 2;
-// The forward's default lanes per row for a row of `vectors` 16-byte
-// vectors: the tuning's value for the element size, halved while more than
-// an eighth of the group's lane steps would be idle (C = 48 float32 is 12
-// vectors: 8 lanes take two steps with 4 lanes idle on the second, 4 lanes
-// take three steps with none idle).
 // Rows of this many 16-byte vectors or more (512 bytes: float32 C >= 128,
 // 2-byte C >= 256) are wide: the forward's default plan gives them 8 lanes
 // per row and, on the generic kernel, more rows in flight (forward_cuda.cu's
 // plan_forward; PERFORMANCE.md, twenty-second session: float32 C = 512 and
 // 1024 ran 1.2-1.35x faster, bfloat16 C = 384 1.4x).
 inline constexpr int64_t kWideRowVectors = 32;
+// The forward's default lanes per row for a row of `vectors` 16-byte
+// vectors: 8 for wide rows, else the tuning's value for the element size, halved while more than
+// an eighth of the group's lane steps would be idle (C = 48 float32 is 12
+// vectors: 8 lanes take two steps with 4 lanes idle on the second, 4 lanes
+// take three steps with none idle).
 inline constexpr int forward_group_default(const Tuning& t, std::size_t elem_bytes,
                                            int64_t vectors) {
   if (vectors >= kWideRowVectors) return kForwardGroupThreads;
