@@ -43,15 +43,66 @@ struct FwdStats {
     nonfinite += b.nonfinite;
     drift_sum += b.drift_sum;
   }
-  __device__ __forceinline__ FwdStats shfl_down(int off) const {
-    return {mom.shfl_down(off),
-            __shfl_down_sync(0xffffffffu, lo, off),
-            __shfl_down_sync(0xffffffffu, hi, off),
-            __shfl_down_sync(0xffffffffu, dead, off),
-            __shfl_down_sync(0xffffffffu, nonfinite, off),
-            __shfl_down_sync(0xffffffffu, drift_sum, off)};
-  }
 };
+
+// FwdStats over a group of `Width` lanes (32: a warp; 8: warp 0 over the
+// warps' results), every lane of the group with the same bits: a butterfly
+// (each step adds the same two values in either lane) of the counts, of
+// n * mean in float64, of the drift sums and the extremes; the group's mean
+// from those; then a butterfly of m2 + n (mean - group mean)^2. That is
+// Chan's merge of many groups at once (no E[x^2] - E[x]^2, no
+// cancellation: SPEC section 4), in two chains of additions instead of a
+// chain of pairwise merges, each with a division and two count
+// conversions (DESIGN 64).
+template <int Width>
+__device__ __forceinline__ FwdStats group_stats(const FwdStats& v) {
+  constexpr unsigned kAll = 0xffffffffu;
+  unsigned long long n = v.mom.n;
+  unsigned long long dead = v.dead;
+  unsigned long long nonfinite = v.nonfinite;
+  double sum = static_cast<double>(v.mom.n) * static_cast<double>(v.mom.mean);
+  double drift = v.drift_sum;
+  float lo = v.lo;
+  float hi = v.hi;
+#pragma unroll
+  for (int off = Width / 2; off >= 1; off /= 2) {
+    n += __shfl_xor_sync(kAll, n, off);
+    sum += __shfl_xor_sync(kAll, sum, off);
+    dead += __shfl_xor_sync(kAll, dead, off);
+    nonfinite += __shfl_xor_sync(kAll, nonfinite, off);
+    drift += __shfl_xor_sync(kAll, drift, off);
+    lo = fminf(lo, __shfl_xor_sync(kAll, lo, off));
+    hi = fmaxf(hi, __shfl_xor_sync(kAll, hi, off));
+  }
+  // The group's mean (0 when empty): a fast division of the float sum
+  // (2 ulp), or in float64 where that sum is past float32's range.
+  const float fsum = static_cast<float>(sum);
+  float mean = 0.0f;
+  if (n > 0) {
+    mean = isfinite(fsum) ? __fdividef(fsum, static_cast<float>(n))
+                          : static_cast<float>(sum / static_cast<double>(n));
+  }
+  const float d = v.mom.mean - mean;
+  float m2 = v.mom.n > 0 ? fmaf(static_cast<float>(v.mom.n) * d, d, v.mom.m2) : 0.0f;
+#pragma unroll
+  for (int off = Width / 2; off >= 1; off /= 2) m2 += __shfl_xor_sync(kAll, m2, off);
+  return {{n, mean, m2}, lo, hi, dead, nonfinite, drift};
+}
+
+// The CTA's FwdStats in a fixed order (group_stats over each warp, then
+// over the warps' results in warp 0), valid in thread 0. blockDim.x a
+// multiple of 32 and at most 256.
+__device__ __forceinline__ FwdStats block_reduce_stats(FwdStats v, FwdStats* scratch /* [8] */) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int warps = static_cast<int>(blockDim.x) >> 5;
+  v = group_stats<32>(v);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) v = group_stats<8>(lane < warps ? scratch[lane] : FwdStats::identity());
+  return v;
+}
 
 __device__ __forceinline__ FwdStats load_partial(const FwdStats* p) {
   FwdStats s;
@@ -614,7 +665,7 @@ __device__ __forceinline__ void finish_seed_flat(const ForwardArgs& args, int s,
   for (int64_t i = threadIdx.x; i < per_seed; i += blockDim.x) {
     acc.merge(load_partial(seed_partials + i));
   }
-  acc = block_reduce(acc, red_scratch);  // its barriers order the reads before the clears
+  acc = block_reduce_stats(acc, red_scratch);  // its barriers order the reads before the clears
   for (int64_t i = threadIdx.x; i < per_seed; i += blockDim.x) seed_partials[i] = FwdStats{};
   if (threadIdx.x == 0) {
     write_telemetry(args, s, acc, blends);
@@ -647,7 +698,7 @@ __device__ __forceinline__ void finish_seed(const ForwardArgs& args, int s, int 
   FwdStats v = st.widen<T>();
 #pragma unroll 1
   for (int round = 0;; ++round) {
-    v = block_reduce(v, red_scratch);
+    v = block_reduce_stats(v, red_scratch);
     if (round == 1) break;
     KASMINA_FWD_TL(5);
     // The seed's only CTA: its statistics are the seed's (no partials, no
