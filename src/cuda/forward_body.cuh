@@ -60,7 +60,9 @@ __device__ __forceinline__ FwdStats group_stats(const FwdStats& v) {
   unsigned long long n = v.mom.n;
   unsigned long long dead = v.dead;
   unsigned long long nonfinite = v.nonfinite;
-  double sum = static_cast<double>(v.mom.n) * static_cast<double>(v.mom.mean);
+  // Rounded here, not fused into the first addition: every lane adds the
+  // same two values.
+  double sum = __dmul_rn(static_cast<double>(v.mom.n), static_cast<double>(v.mom.mean));
   double drift = v.drift_sum;
   float lo = v.lo;
   float hi = v.hi;
