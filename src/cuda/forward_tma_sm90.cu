@@ -411,8 +411,7 @@ void forward_tma_launch(const LaunchPlan& plan, const ForwardParams& p, const Fo
   const std::size_t smem = smem_for(plan, plan.stages, targs.stage_bytes);
   const unsigned grid = static_cast<unsigned>(plan.tiles) * static_cast<unsigned>(p.num_seeds);
   launch_kernel(instance(p.dtype, plan.tma_store, plan.late_dependents, wide_groups(plan)), plan,
-                grid, smem, p.stream,
-                targs);
+                grid, smem, p.stream, targs);
 }
 
 }  // namespace kasmina::cuda
