@@ -66,7 +66,16 @@ class DeviceBuffer {
   void download(void* host, std::size_t n) const {
     if (n > 0) CUDA_OK(cudaMemcpy(host, get(), n, cudaMemcpyDeviceToHost));
   }
-  void fill(int byte) const { CUDA_OK(cudaMemset(get(), byte, bytes_)); }
+  // Complete before it returns: cudaMemset runs on the legacy default stream,
+  // asynchronously to the host, and a kernel on a non-blocking stream (the
+  // graph replay's) is not ordered after it. Without the wait the poison
+  // could land after that kernel's writes: under load from other processes
+  // on the GPU (twenty-fifth session) SmallCuda.GraphReplay saw poisoned
+  // telemetry and gradients after a replay whose kernels were correct.
+  void fill(int byte) const {
+    CUDA_OK(cudaMemset(get(), byte, bytes_));
+    CUDA_OK(cudaDeviceSynchronize());
+  }
 
  private:
   void* base_ = nullptr;
