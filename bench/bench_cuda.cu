@@ -491,6 +491,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     CHECK(cudaMalloc(&bp.workspace, bp.workspace_bytes));
     CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
     CHECK(cudaMemset(bp.workspace, 0, bp.workspace_bytes));
+    CHECK(cudaDeviceSynchronize());  // the legacy stream's memset before the bench stream's kernels
 
     const std::string mode = seeds_mode_name(seeds_mode);
     const std::string dname(kasmina::dtype_name(dtype));
@@ -514,6 +515,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
       wfp.workspace_bytes = fp.workspace_bytes;
       CHECK(cudaMalloc(&wws.p, wfp.workspace_bytes));
       CHECK(cudaMemset(wws.p, 0, wfp.workspace_bytes));
+      CHECK(cudaDeviceSynchronize());  // the legacy stream's memset before the bench stream's kernels
       wfp.workspace = wws.p;
     }
     auto time_forward = [&] {
@@ -801,6 +803,7 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
     }
     CHECK(cudaMalloc(&ws, fp.workspace_bytes));
     CHECK(cudaMemset(ws, 0, fp.workspace_bytes));
+    CHECK(cudaDeviceSynchronize());  // the legacy stream's memset before the bench stream's kernels
     fp.workspace = ws;
     owned.insert(owned.end(), {y, tel, ws});
   }
@@ -981,6 +984,7 @@ void run_timeline(const std::vector<Shape>& shapes) {
         CHECK(cudaMalloc(&bp.workspace, bp.workspace_bytes));
         CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
         CHECK(cudaMemset(bp.workspace, 0, bp.workspace_bytes));
+        CHECK(cudaDeviceSynchronize());  // the legacy stream's memset before the bench stream's kernels
         for (int rep = 0; rep < 3; ++rep) {
           kasmina::cuda::forward_timeline_reset();
           kasmina::cuda::backward_timeline_reset();
