@@ -70,8 +70,8 @@ class DeviceBuffer {
   // asynchronously to the host, and a kernel on a non-blocking stream (the
   // graph replay's) is not ordered after it. Without the wait the poison
   // could land after that kernel's writes: under load from other processes
-  // on the GPU (twenty-fifth session) SmallCuda.GraphReplay saw poisoned
-  // telemetry and gradients after a replay whose kernels were correct.
+  // on the GPU (twenty-fifth session) SmallCuda.GraphReplay saw the poison
+  // in telemetry and gradients after a replay.
   void fill(int byte) const {
     CUDA_OK(cudaMemset(get(), byte, bytes_));
     CUDA_OK(cudaDeviceSynchronize());
