@@ -163,6 +163,9 @@ template <typename T>
 void fill(void* p, int64_t n, uint64_t salt) {
   fill_kernel<T><<<1024, 256>>>(static_cast<T*>(p), n, salt);
   CHECK(cudaGetLastError());
+  // Done before it returns: nothing orders the bench's non-blocking stream
+  // after the legacy stream's kernels.
+  CHECK(cudaDeviceSynchronize());
 }
 
 struct Shape {
@@ -314,6 +317,9 @@ struct DeviceLayer {
     CHECK(cudaMalloc(&dscales, sizeof(float) * B));
     CHECK(cudaMalloc(&dalpha, sizeof(float) * S));
     CHECK(cudaMalloc(&grad_stats, sizeof(float) * S * 3));
+    // A pageable cudaMemcpy may return before its DMA is done, and the
+    // bench's non-blocking stream is not ordered after it.
+    CHECK(cudaDeviceSynchronize());
   }
   ~DeviceLayer() {
     for (void* p : std::initializer_list<void*>{stage, kind, blueprint, alpha, weights, scales, telemetry,
@@ -489,9 +495,8 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     bp.workspace_bytes = kasmina::backward_workspace_bytes(bp, kasmina::Backend::cuda);
     CHECK(cudaMalloc(&fp.workspace, fp.workspace_bytes));
     CHECK(cudaMalloc(&bp.workspace, bp.workspace_bytes));
-    CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
-    CHECK(cudaMemset(bp.workspace, 0, bp.workspace_bytes));
-    CHECK(cudaDeviceSynchronize());  // the legacy stream's memset before the bench stream's kernels
+    CHECK(cudaMemsetAsync(fp.workspace, 0, fp.workspace_bytes, bench.stream()));
+    CHECK(cudaMemsetAsync(bp.workspace, 0, bp.workspace_bytes, bench.stream()));
 
     const std::string mode = seeds_mode_name(seeds_mode);
     const std::string dname(kasmina::dtype_name(dtype));
@@ -506,7 +511,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
       const std::size_t wbytes = static_cast<std::size_t>(wshape.rows * wshape.hidden) * esize;
       CHECK(cudaMalloc(&wx.p, wbytes));
       CHECK(cudaMalloc(&wy.p, wbytes));
-      CHECK(cudaMemset(wx.p, 0x3c, wbytes));
+      CHECK(cudaMemsetAsync(wx.p, 0x3c, wbytes, bench.stream()));
       wlayer.emplace(wshape, seeds_mode);
       wfp = forward_params_for(*wlayer, wshape, dtype, wx.p, bench.stream());
       wfp.y = wy.p;
@@ -514,8 +519,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
       wfp.nonfinite_count = wlayer->nonfinite;
       wfp.workspace_bytes = fp.workspace_bytes;
       CHECK(cudaMalloc(&wws.p, wfp.workspace_bytes));
-      CHECK(cudaMemset(wws.p, 0, wfp.workspace_bytes));
-      CHECK(cudaDeviceSynchronize());  // the legacy stream's memset before the bench stream's kernels
+      CHECK(cudaMemsetAsync(wws.p, 0, wfp.workspace_bytes, bench.stream()));
       wfp.workspace = wws.p;
     }
     auto time_forward = [&] {
@@ -802,8 +806,7 @@ void run_streaming(Bench& bench, kasmina::DType dtype, std::vector<Row>& rows) {
       kasmina::set_cuda_launch_config(g_default);
     }
     CHECK(cudaMalloc(&ws, fp.workspace_bytes));
-    CHECK(cudaMemset(ws, 0, fp.workspace_bytes));
-    CHECK(cudaDeviceSynchronize());  // the legacy stream's memset before the bench stream's kernels
+    CHECK(cudaMemsetAsync(ws, 0, fp.workspace_bytes, bench.stream()));
     fp.workspace = ws;
     owned.insert(owned.end(), {y, tel, ws});
   }
@@ -982,9 +985,8 @@ void run_timeline(const std::vector<Shape>& shapes) {
         bp.workspace_bytes = kasmina::backward_workspace_bytes(bp, kasmina::Backend::cuda);
         CHECK(cudaMalloc(&fp.workspace, fp.workspace_bytes));
         CHECK(cudaMalloc(&bp.workspace, bp.workspace_bytes));
-        CHECK(cudaMemset(fp.workspace, 0, fp.workspace_bytes));
-        CHECK(cudaMemset(bp.workspace, 0, bp.workspace_bytes));
-        CHECK(cudaDeviceSynchronize());  // the legacy stream's memset before the bench stream's kernels
+        CHECK(cudaMemsetAsync(fp.workspace, 0, fp.workspace_bytes, bench.stream()));
+        CHECK(cudaMemsetAsync(bp.workspace, 0, bp.workspace_bytes, bench.stream()));
         for (int rep = 0; rep < 3; ++rep) {
           kasmina::cuda::forward_timeline_reset();
           kasmina::cuda::backward_timeline_reset();
