@@ -24,8 +24,9 @@
 //              [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N]
 //              [--warm-code] [--copies] [--copy-per-sm N,...] [--group N]
 //
-// --copies: the two copy kernel rows (a grid-stride copy, and a copy in the
-// forward's column chunks and grid) even with --no-candidates.
+// --copies: the copy kernel rows (a grid-stride copy, a copy in the
+// forward's column chunks and grid, and one in that grid on whole rows) even
+// with --no-candidates.
 // --copy-per-sm N,...: the chunk copy row once per value, with N CTAs per SM
 // in its grid instead of the forward's (3 for 4-byte types, 2 for 2-byte).
 // --group N: the default rows with N lanes per row in the forward
@@ -463,6 +464,21 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
         chunk_copy_kernel<<<grid, 256, 0, bench.stream()>>>(
             static_cast<const uint4*>(x), static_cast<uint4*>(y), shape.rows,
             static_cast<int64_t>(shape.hidden) * static_cast<int64_t>(esize) / 16, chunk_vecs, lanes, tiles);
+        CHECK(cudaGetLastError());
+      });
+      // The same grid and mechanism with every CTA on whole rows (one
+      // 16-byte word per lane, up to 256 lanes per row): what the column
+      // chunks' layout costs, apart from the grid and the bytes in flight.
+      const int64_t row_vecs = static_cast<int64_t>(shape.hidden) * static_cast<int64_t>(esize) / 16;
+      const int row_lanes = static_cast<int>(std::min<int64_t>(row_vecs, 256));
+      std::ostringstream band;
+      band << "copy in row bands, " << per_sm << " CTAs per SM"
+           << (g_copy_per_sm.empty() ? " (the forward's grid)" : "") << ": " << grid
+           << " CTAs of 256 threads on whole rows, " << row_lanes << " lanes per row, two passes in flight";
+      copy_row("row band copy kernel", band.str(), [&] {
+        chunk_copy_kernel<<<grid, 256, 0, bench.stream()>>>(
+            static_cast<const uint4*>(x), static_cast<uint4*>(y), shape.rows, row_vecs,
+            static_cast<int>(row_vecs), row_lanes, static_cast<int>(grid));
         CHECK(cudaGetLastError());
       });
     }
