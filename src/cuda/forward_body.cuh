@@ -45,36 +45,58 @@ struct FwdStats {
   }
 };
 
+// A 64-bit count summed over the whole warp, exactly, by the warp's integer
+// reduction unit (redux.sync, sm_80+): three 22-bit pieces, each piece's sum
+// over 32 lanes under 2^27, so no 32-bit sum overflows. One instruction a
+// piece, against a five-step butterfly of two shuffles and an add each.
+__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
+  constexpr unsigned kAll = 0xffffffffu;
+  constexpr unsigned kMask = (1u << 22) - 1u;
+  const unsigned s0 = __reduce_add_sync(kAll, static_cast<unsigned>(v) & kMask);
+  const unsigned s1 = __reduce_add_sync(kAll, static_cast<unsigned>(v >> 22) & kMask);
+  const unsigned s2 = __reduce_add_sync(kAll, static_cast<unsigned>(v >> 44));
+  return static_cast<unsigned long long>(s0) + (static_cast<unsigned long long>(s1) << 22) +
+         (static_cast<unsigned long long>(s2) << 44);
+}
+
+// A float as an int of the same order (finite values and infinities; -0
+// below +0), and back: the extremes by the warp's integer min and max.
+__device__ __forceinline__ int ordered_int(float f) {
+  const int i = __float_as_int(f);
+  return i ^ ((i >> 31) & 0x7fffffff);
+}
+__device__ __forceinline__ float ordered_float(int i) {
+  return __int_as_float(i ^ ((i >> 31) & 0x7fffffff));
+}
+
 // FwdStats over a group of `Width` lanes (32: a warp; 8: warp 0 over the
-// warps' results), every lane of the group with the same bits: a butterfly
-// (each step adds the same two values in either lane) of the counts, of
-// n * mean in float64, of the drift sums and the extremes; the group's mean
-// from those; then a butterfly of m2 + n (mean - group mean)^2. That is
-// Chan's merge of many groups at once (no E[x^2] - E[x]^2, no
+// warps' results, its lanes 8-31 holding identities), every lane of the
+// group with the same bits: a butterfly (each step adds the same two values
+// in either lane) of n * mean in float64 and of the drift sums; the group's
+// mean from those; then a butterfly of m2 + n (mean - group mean)^2. That
+// is Chan's merge of many groups at once (no E[x^2] - E[x]^2, no
 // cancellation: SPEC section 4), in two chains of additions instead of a
 // chain of pairwise merges, each with a division and two count
-// conversions (DESIGN 64).
+// conversions (DESIGN 64). The counts and extremes need no butterfly: the
+// warp's integer reduction unit sums and orders them over all 32 lanes
+// (exact, so any order gives the same bits; for Width 8 the other lanes add
+// zeros and infinities).
 template <int Width>
 __device__ __forceinline__ FwdStats group_stats(const FwdStats& v) {
   constexpr unsigned kAll = 0xffffffffu;
-  unsigned long long n = v.mom.n;
-  unsigned long long dead = v.dead;
-  unsigned long long nonfinite = v.nonfinite;
+  const unsigned long long n = warp_sum_u64(v.mom.n);
+  const unsigned long long dead = warp_sum_u64(v.dead);
+  const unsigned long long nonfinite = warp_sum_u64(v.nonfinite);
+  const float lo = ordered_float(__reduce_min_sync(kAll, ordered_int(v.lo)));
+  const float hi = ordered_float(__reduce_max_sync(kAll, ordered_int(v.hi)));
   // Rounded here, not fused into the first addition: every lane adds the
   // same two values.
   double sum = __dmul_rn(static_cast<double>(v.mom.n), static_cast<double>(v.mom.mean));
   double drift = v.drift_sum;
-  float lo = v.lo;
-  float hi = v.hi;
 #pragma unroll
   for (int off = Width / 2; off >= 1; off /= 2) {
-    n += __shfl_xor_sync(kAll, n, off);
     sum += __shfl_xor_sync(kAll, sum, off);
-    dead += __shfl_xor_sync(kAll, dead, off);
-    nonfinite += __shfl_xor_sync(kAll, nonfinite, off);
     drift += __shfl_xor_sync(kAll, drift, off);
-    lo = fminf(lo, __shfl_xor_sync(kAll, lo, off));
-    hi = fmaxf(hi, __shfl_xor_sync(kAll, hi, off));
   }
   // The group's mean (0 when empty): a fast division of the float sum
   // (2 ulp), or in float64 where that sum is past float32's range.
