@@ -15,7 +15,8 @@
 // Telemetry: per-thread statistics (shifted sums folded into Chan-merged
 // moments, DESIGN 30; the drift's row sums in float64 for float32 inputs,
 // DESIGN 28), a fixed shuffle/warp-order block reduction (sums in two
-// chains per level, DESIGN 64) into one partial per CTA in the
+// chains per level, DESIGN 64; counts and extremes by the warp's integer
+// reduction, DESIGN 65) into one partial per CTA in the
 // workspace, and the last CTA of each seed (an integer ticket taken with
 // acquire-release semantics) merges the seed's partials in a fixed tree, writes the
 // telemetry row, clears the partials and resets its ticket, so the
