@@ -451,6 +451,7 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
     // 16-byte word per lane.
     const int chunk_vecs = static_cast<int>(chunk_bytes / 16);
     const int lanes = std::min(chunk_vecs, 32);
+    const int64_t row_vecs = static_cast<int64_t>(shape.hidden) * static_cast<int64_t>(esize) / 16;
     std::vector<int> per_sm_list = g_copy_per_sm;
     if (per_sm_list.empty()) per_sm_list.push_back(esize == 4 ? 3 : 2);
     for (const int per_sm : per_sm_list) {
@@ -462,14 +463,13 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
            << shape.seeds << " seeds of 256 threads, " << lanes << " lanes per row, two passes in flight";
       copy_row("chunk copy kernel", what.str(), [&] {
         chunk_copy_kernel<<<grid, 256, 0, bench.stream()>>>(
-            static_cast<const uint4*>(x), static_cast<uint4*>(y), shape.rows,
-            static_cast<int64_t>(shape.hidden) * static_cast<int64_t>(esize) / 16, chunk_vecs, lanes, tiles);
+            static_cast<const uint4*>(x), static_cast<uint4*>(y), shape.rows, row_vecs, chunk_vecs, lanes,
+            tiles);
         CHECK(cudaGetLastError());
       });
       // The same grid and mechanism with every CTA on whole rows (one
       // 16-byte word per lane, up to 256 lanes per row): what the column
       // chunks' layout costs, apart from the grid and the bytes in flight.
-      const int64_t row_vecs = static_cast<int64_t>(shape.hidden) * static_cast<int64_t>(esize) / 16;
       const int row_lanes = static_cast<int>(std::min<int64_t>(row_vecs, 256));
       std::ostringstream band;
       band << "copy in row bands, " << per_sm << " CTAs per SM"
