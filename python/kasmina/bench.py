@@ -5,7 +5,12 @@ For each shape, dtype and pass (forward; forward+backward) it times
 * kasmina          - ``KasminaLayer.forward`` (and ``.backward``), the library op;
 * eager            - ``kasmina.reference.forward``, the same math in PyTorch ops;
 * compile          - the same under ``torch.compile``;
-* floor            - a copy of the same bytes, measured in the same run:
+* host             - the host's time per kasmina call (``time.perf_counter``
+                     around the call; on CUDA without waiting for the GPU).
+                     Where it comes close to the kasmina time the GPU
+                     waited for the host: the row times the host (Python,
+                     autograd, launches), not the kernels;
+floor            - a copy of the same bytes, measured in the same run:
                      forward: read x + write y (``y.copy_(x)``);
                      forward+backward: that + read x, dy + write dx
                      (``torch.add(x, dy, out=dx)``).
@@ -89,8 +94,11 @@ class Timer:
             # Larger than any L2 we target (H100: 50 MB), written before each call.
             self.flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
 
+    host_ms: float | None = None  # the last call's median host time per fn()
+
     def __call__(self, fn: Callable[[], Any]) -> float:
-        """Median time of ``fn`` in milliseconds."""
+        """Median time of ``fn`` in milliseconds; ``host_ms`` then holds the
+        median host time of one ``fn()`` (on CUDA not waiting for the GPU)."""
         if self.cuda:
             return self._cuda(fn)
         return self._cpu(fn)
@@ -101,15 +109,19 @@ class Timer:
         torch.cuda.synchronize(self.device)
         reps = 50 if self.quick else 100
         pairs = []
+        host = []
         for _ in range(reps):
             self.flush.zero_()
             a = torch.cuda.Event(enable_timing=True)
             b = torch.cuda.Event(enable_timing=True)
             a.record()
+            t0 = time.perf_counter()
             fn()
+            host.append(time.perf_counter() - t0)
             b.record()
             pairs.append((a, b))
         torch.cuda.synchronize(self.device)
+        self.host_ms = 1e3 * statistics.median(host)
         return statistics.median(a.elapsed_time(b) for a, b in pairs)
 
     def _cpu(self, fn) -> float:
@@ -126,7 +138,8 @@ class Timer:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
+        self.host_ms = 1e3 * statistics.median(times)
+        return self.host_ms
 
 
 # --------------------------------------------------------------------------
@@ -237,9 +250,13 @@ def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer
             if fn is None:
                 res[f"{name}_ms"] = None
                 continue
+            if name == "kasmina":
+                res["kasmina_host_ms"] = None
             progress(f"{shape} {dtype_name} {pas}: {name}")
             try:
                 res[f"{name}_ms"] = timer(fn)
+                if name == "kasmina":
+                    res["kasmina_host_ms"] = timer.host_ms
             except Exception as exc:  # a failing baseline must not hide the others
                 res[f"{name}_ms"] = None
                 res[f"{name}_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -258,7 +275,8 @@ def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer
 # output
 
 COLUMNS = (("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("pass", "pass", "{}"),
-           ("kasmina_ms", "kasmina ms", "{:.4f}"), ("eager_ms", "eager ms", "{:.4f}"),
+           ("kasmina_ms", "kasmina ms", "{:.4f}"), ("kasmina_host_ms", "host ms", "{:.4f}"),
+           ("eager_ms", "eager ms", "{:.4f}"),
            ("compile_ms", "compile ms", "{:.4f}"), ("floor_ms", "floor ms", "{:.4f}"),
            ("pct_of_floor", "% floor", "{:.0f}%"), ("speedup_vs_eager", "vs eager", "{:.2f}x"),
            ("speedup_vs_compile", "vs compile", "{:.2f}x"))
@@ -287,7 +305,9 @@ def format_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     body = ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
     note = (f"Measured by `kasmina bench` on {meta['device_name']} ({meta['device']}), "
             f"torch {meta['torch']}, kasmina {meta['kasmina']}; {meta['method']}. "
-            "Shape is NxH:S; % floor = copy-floor time / kasmina time.")
+            "Shape is NxH:S; % floor = copy-floor time / kasmina time; host ms = the host's "
+            "time per kasmina call (on CUDA not waiting for the GPU): where it comes close to "
+            "kasmina ms, the row times the host, not the kernels.")
     return "\n".join([note, "", head, sep, *body])
 
 
@@ -358,4 +378,7 @@ def emit(result: dict[str, Any], *, as_json: bool, markdown: bool) -> str:
     m = result["meta"]
     head = f"kasmina bench on {m['device_name']} ({m['device']}): {m['method']}"
     tail = [f"note: {n}" for n in m["notes"]]
+    if m["device"].startswith("cuda"):
+        tail.append("note: host ms = the host's time per kasmina call, not waiting for the GPU; "
+                    "where it comes close to kasmina ms, the row times the host, not the kernels")
     return "\n".join([head, "", format_table(result["rows"]), *tail])
