@@ -10,7 +10,7 @@ For each shape, dtype and pass (forward; forward+backward) it times
                      Where it comes close to the kasmina time the GPU
                      waited for the host: the row times the host (Python,
                      autograd, launches), not the kernels;
-floor            - a copy of the same bytes, measured in the same run:
+* floor            - a copy of the same bytes, measured in the same run:
                      forward: read x + write y (``y.copy_(x)``);
                      forward+backward: that + read x, dy + write dx
                      (``torch.add(x, dy, out=dx)``).
