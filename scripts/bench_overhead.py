@@ -14,6 +14,12 @@ there. Rows, from the full module call down to the bare binding:
 - kasmina._C.forward (the bare binding: DLPack C exchange views, checks,
   launch);
 - x + 1, a trivial torch op on the same tensor.
+Then a training step on the same input (grads reset to None, forward,
+backward(dy)): the layer's, and for scale the same step through a trivial
+Python torch.autograd.Function (y = 2x; dx = 2 dy) and through native
+autograd (x * 2). The layer's step costs what autograd and a Python
+Function cost, plus its two binding calls; on CUDA, autograd also hands
+the backward to its device thread.
 
     python scripts/bench_overhead.py [--device cpu|cuda] [--calls 5000]
 
@@ -56,6 +62,18 @@ def measure(rows, calls, repeats, sync):
                 sync()
                 times[name].append((time.perf_counter() - t0) / calls * 1e6)
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+class _Double(torch.autograd.Function):
+    """y = 2x through a Python autograd.Function: the floor of a step through one."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy * 2
 
 
 def main():
@@ -137,6 +155,25 @@ def main():
             C._cuda_isCurrentStreamCapturing, False)
     r = measure(rows, args.calls, args.repeats, sync)
 
+    xg = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+
+    def step(fn, params):
+        def run():
+            xg.grad = None
+            for p in params:
+                p.grad = None
+            fn(xg).backward(dy)
+        return run
+
+    steps = {
+        "layer": (step(layer, [alpha, weights, scales]), True),
+        "Python autograd.Function (y = 2x)": (step(_Double.apply, []), True),
+        "native autograd (x * 2)": (step(lambda t: t * 2, []), True),
+    }
+    step_calls = max(100, args.calls // 10)
+    rs = measure(steps, step_calls, args.repeats, sync)
+
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"device: {dev} ({name}), torch {torch.__version__}, kasmina {kasmina.__version__}")
     print(f"DLPack C exchange API: {_C.has_exchange_api(x)}")
@@ -152,6 +189,10 @@ def main():
     print("parts (each alone, no_grad):")
     for k in list(rows)[5:]:
         print(f"  {k:38s} {r[k][0]:8.2f} us/call   [{r[k][1]:.2f}]")
+    print(f"training step (grads reset, forward, backward; {args.repeats} repeats of "
+          f"{step_calls} steps):")
+    for k, (med, best) in rs.items():
+        print(f"  {k:38s} {med:8.2f} us/step   [{best:.2f}]")
 
 
 if __name__ == "__main__":
