@@ -36,6 +36,7 @@ import torch
 
 import kasmina
 from kasmina import _C, _ops
+from kasmina.bench import training_step
 
 
 def measure(rows, calls, repeats, sync):
@@ -155,16 +156,10 @@ def main():
             C._cuda_isCurrentStreamCapturing, False)
     r = measure(rows, args.calls, args.repeats, sync)
 
-    xg = x.detach().clone().requires_grad_()
     dy = torch.randn_like(x)
 
     def step(fn, params):
-        def run():
-            xg.grad = None
-            for p in params:
-                p.grad = None
-            fn(xg).backward(dy)
-        return run
+        return training_step(fn, x, dy, params)
 
     steps = {
         "layer": (step(layer, [alpha, weights, scales]), True),

@@ -179,6 +179,21 @@ def reference_args(layer, device):
     return stage, kind, blueprint
 
 
+def training_step(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dy: torch.Tensor,
+                  params) -> Callable[[], None]:
+    """One training step of ``op`` as a call: the gradients of a copy of x
+    (which requires grad) and of ``params`` reset to None, then
+    ``op(x).backward(dy)``. Also scripts/bench_overhead.py's."""
+    xg = x.detach().clone().requires_grad_()
+
+    def run():
+        xg.grad = None
+        for p in params:
+            p.grad = None
+        op(xg).backward(dy)
+    return run
+
+
 def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer, *,
                compile_: bool, progress: Callable[[str], None]) -> list[dict[str, Any]]:
     dtype = DTYPES[dtype_name]
@@ -209,14 +224,7 @@ def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer
         return run
 
     def fwdbwd(op, params):
-        xg = x.detach().clone().requires_grad_()
-
-        def run():
-            xg.grad = None
-            for p in params:
-                p.grad = None
-            op(xg).backward(dy)
-        return run
+        return training_step(op, x, dy, params)
 
     kasmina_op = layer
     eager_op = lambda xx: ref_call(ref, xx)  # noqa: E731
