@@ -124,6 +124,25 @@ def test_training_step_in_cuda_graphs_matches_eager():
             assert torch.equal(a, b), name
 
 
+def test_compile_reduce_overhead_training_step_matches_eager():
+    # torch.compile's CUDA graphs (mode="reduce-overhead"): forward and
+    # backward replayed from graphs, eager's bits, three steps of new inputs.
+    torch._dynamo.reset()
+    layer = make_layer(48, cycle(KINDS, 4), [Stage.GRAFTING, Stage.TRAINING, Stage.FOSSILIZED,
+                                            Stage.FINE_TUNING]).cuda()
+    eager_layer = copy.deepcopy(layer)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(17, 48, device="cuda")
+        dy = torch.randn(17, 48, device="cuda")
+        want = run(eager_layer, x, dy)
+        got = [t.clone() for t in run(compiled, x, dy)]
+        torch.cuda.synchronize()
+        for name, a, b in zip(["y", "telemetry", "nonfinite", "dx", "dW", "dscale", "dalpha",
+                               "grad_stats"], want, got):
+            assert torch.equal(a, b), name
+
+
 def test_autocast_on_cuda_runs_in_input_dtype():
     layer = make_layer(32, cycle(KINDS, 4), [Stage.GRAFTING] * 4).cuda()
     lin = torch.nn.Linear(32, 32).cuda()
