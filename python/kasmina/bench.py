@@ -5,6 +5,11 @@ For each shape, dtype and pass (forward; forward+backward) it times
 * kasmina          - ``KasminaLayer.forward`` (and ``.backward``), the library op;
 * eager            - ``kasmina.reference.forward``, the same math in PyTorch ops;
 * compile          - the same under ``torch.compile``;
+* graphs           - CUDA only: the kasmina call (forward; forward+backward
+                     with the gradients' writes) captured once in a CUDA
+                     graph on static inputs, then replayed: the time without
+                     the host (the remedy for host-bound small batches,
+                     docs/PYTHON.md);
 * host             - the host's time per kasmina call (``time.perf_counter``
                      around the call; on CUDA without waiting for the GPU).
                      Where it comes close to the kasmina time the GPU
@@ -24,6 +29,7 @@ telemetry and all blueprint gradients run.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -226,6 +232,43 @@ def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer
     def fwdbwd(op, params):
         return training_step(op, x, dy, params)
 
+    def captured(step: Callable[[], Any], params) -> Callable[[], Any]:
+        """``step`` captured in a CUDA graph (warm-up on a side stream, the
+        gradients None before the capture so that it writes them, as a
+        whole-step capture does), returned as its replay."""
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        for p in params:
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
+
+    def graphs(pas: str) -> Callable[[], Any]:
+        # Built at the first call (inside the timer's try: a failure is
+        # reported as graphs_error, not raised), on a copy of the layer.
+        built: dict[str, Callable[[], Any]] = {}
+
+        def run():
+            if "replay" not in built:
+                gl = copy.deepcopy(layer)
+                if pas == "fwd":
+                    def step():
+                        with torch.no_grad():
+                            gl(x)
+                    built["replay"] = captured(step, [])
+                else:
+                    xs = x.detach().clone().requires_grad_()
+                    built["replay"] = captured(lambda: gl(xs).backward(dy),
+                                               [xs, *gl.parameters()])
+            built["replay"]()
+        return run
+
     kasmina_op = layer
     eager_op = lambda xx: ref_call(ref, xx)  # noqa: E731
     comp_op = (lambda xx: ref_call(compiled, xx)) if compiled is not None else None  # noqa: E731
@@ -246,12 +289,14 @@ def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer
                                "rel_err_vs_reference": rel_err, "kasmina_host_ms": None}
         if pas == "fwd":
             cases = {"kasmina": fwd(kasmina_op), "eager": fwd(eager_op),
-                     "compile": fwd(comp_op) if comp_op else None}
+                     "compile": fwd(comp_op) if comp_op else None,
+                     "graphs": graphs(pas) if timer.cuda else None}
             floor = [lambda: y_out.copy_(x)]
             res["floor_bytes"] = 2 * elt
         else:
             cases = {"kasmina": fwdbwd(kasmina_op, lparams), "eager": fwdbwd(eager_op, rparams),
-                     "compile": fwdbwd(comp_op, rparams) if comp_op else None}
+                     "compile": fwdbwd(comp_op, rparams) if comp_op else None,
+                     "graphs": graphs(pas) if timer.cuda else None}
             floor = [lambda: y_out.copy_(x), lambda: torch.add(x, dy, out=dx_out)]
             res["floor_bytes"] = 5 * elt
         for name, fn in cases.items():
@@ -273,6 +318,8 @@ def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer
         res["pct_of_floor"] = 100.0 * res["floor_ms"] / k if k else None
         res["speedup_vs_eager"] = res["eager_ms"] / k if k and res["eager_ms"] else None
         res["speedup_vs_compile"] = res["compile_ms"] / k if k and res["compile_ms"] else None
+        g = res["graphs_ms"]
+        res["pct_of_floor_graphs"] = 100.0 * res["floor_ms"] / g if g else None
         rows.append(res)
     return rows
 
@@ -282,6 +329,7 @@ def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer
 
 COLUMNS = (("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("pass", "pass", "{}"),
            ("kasmina_ms", "kasmina ms", "{:.4f}"), ("kasmina_host_ms", "host ms", "{:.4f}"),
+           ("graphs_ms", "graphs ms", "{:.4f}"), ("pct_of_floor_graphs", "% floor graphs", "{:.0f}%"),
            ("eager_ms", "eager ms", "{:.4f}"),
            ("compile_ms", "compile ms", "{:.4f}"), ("floor_ms", "floor ms", "{:.4f}"),
            ("pct_of_floor", "% floor", "{:.0f}%"), ("speedup_vs_eager", "vs eager", "{:.2f}x"),

@@ -8,7 +8,7 @@ import pytest
 from kasmina import bench, cli
 
 FIELDS = ("shape", "rows", "hidden", "seeds", "dtype", "pass", "kasmina_ms", "kasmina_host_ms",
-          "eager_ms",
+          "graphs_ms", "pct_of_floor_graphs", "eager_ms",
           "compile_ms", "floor_ms", "floor_bytes", "pct_of_floor", "speedup_vs_eager",
           "speedup_vs_compile")
 
@@ -32,6 +32,7 @@ def test_bench_quick_json(capsys):
         assert r["rel_err_vs_reference"] <= 1e-5  # SPEC section 9, float32
         assert r["compile_ms"] is None and r["speedup_vs_compile"] is None
         assert r["kasmina_host_ms"] == r["kasmina_ms"]  # on the CPU the host's time is the op's
+        assert r["graphs_ms"] is None and r["pct_of_floor_graphs"] is None  # CUDA graphs: CUDA only
         assert r["pct_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["kasmina_ms"])
         assert r["speedup_vs_eager"] == pytest.approx(r["eager_ms"] / r["kasmina_ms"])
     assert rows[0]["floor_bytes"] == 2 * 64 * 96 * 4
@@ -45,6 +46,7 @@ def test_bench_markdown(capsys):
     table = [line for line in out if line.startswith("|")]
     assert len(table) == 4  # header, separator, fwd, fwd+bwd
     assert "kasmina ms" in table[0] and "host ms" in table[0] and "% floor" in table[0]
+    assert "graphs ms" in table[0]
 
 
 def test_bench_layer_blends_every_seed():
