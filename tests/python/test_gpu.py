@@ -124,6 +124,49 @@ def test_training_step_in_cuda_graphs_matches_eager():
             assert torch.equal(a, b), name
 
 
+def test_whole_training_step_in_one_cuda_graph_matches_eager():
+    # The step docs/PYTHON.md recommends for small batches (and kasmina
+    # bench's graphs column times): forward and backward captured together
+    # in one torch.cuda.graph on static inputs, the gradients None before
+    # the capture so each replay writes them. Two replays on new inputs.
+    layer = make_layer(64, cycle(KINDS, 8), STAGE_MIX, grad_clip=4.0).cuda()
+    eager_layer = copy.deepcopy(layer)
+    xs = torch.randn(32, 64, device="cuda", requires_grad=True)
+    dys = torch.randn(32, 64, device="cuda")
+    out = {}
+
+    def step():
+        out["y"] = layer(xs)
+        out["y"].backward(dys)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (xs, *layer.parameters()):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        x = torch.randn(32, 64, device="cuda")
+        dy = torch.randn(32, 64, device="cuda")
+        with torch.no_grad():
+            xs.copy_(x)
+            dys.copy_(dy)
+        graph.replay()
+        got = [out["y"].detach().clone(), layer.telemetry.clone(),
+               layer.nonfinite_counts.clone(), xs.grad.clone(), layer.weights.grad.clone(),
+               layer.scales.grad.clone(), layer.alpha.grad.clone(), layer.grad_stats.clone()]
+        want = run(eager_layer, x, dy)
+        torch.cuda.synchronize()
+        for name, a, b in zip(["y", "telemetry", "nonfinite", "dx", "dW", "dscale", "dalpha",
+                               "grad_stats"], want, got):
+            assert torch.equal(a, b), name
+
+
 def test_compile_reduce_overhead_training_step_matches_eager():
     # torch.compile's CUDA graphs (mode="reduce-overhead"): forward and
     # backward replayed from graphs, eager's bits, three steps of new inputs.
