@@ -167,6 +167,61 @@ def test_whole_training_step_in_one_cuda_graph_matches_eager():
             assert torch.equal(a, b), name
 
 
+def test_whole_step_graph_sees_lifecycle_and_parameter_updates():
+    # Between replays the controller's lifecycle calls and an optimiser's
+    # in-place update rewrite the seed table and the Parameters in place;
+    # the replay reads them on the device (the kernels' plans depend on
+    # shapes only), so it keeps giving eager's bits.
+    layer = make_layer(64, cycle(KINDS, 8), STAGE_MIX, grad_clip=4.0).cuda()
+    eager_layer = copy.deepcopy(layer)
+    xs = torch.randn(32, 64, device="cuda", requires_grad=True)
+    dys = torch.randn(32, 64, device="cuda")
+    out = {}
+
+    def step():
+        out["y"] = layer(xs)
+        out["y"].backward(dys)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (xs, *layer.parameters()):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for i in range(4):
+        if i == 1:  # seed 1 TRAINING -> GRAFTING, dormant seed 4 germinated
+            for lay in (layer, eager_layer):
+                lay.transition(1, "GRAFTING")
+                lay.germinate(4, Kind.MLP)
+        if i >= 2:  # the controller's step and an SGD update, both in place
+            for lay in (layer, eager_layer):
+                lay.step(loss=0.5)
+                with torch.no_grad():
+                    for p in lay.parameters():
+                        p.sub_(0.05 * p.grad)
+        x = torch.randn(32, 64, device="cuda")
+        dy = torch.randn(32, 64, device="cuda")
+        with torch.no_grad():
+            xs.copy_(x)
+            dys.copy_(dy)
+        graph.replay()
+        got = [out["y"].detach().clone(), layer.telemetry.clone(),
+               layer.nonfinite_counts.clone(), xs.grad.clone(), layer.weights.grad.clone(),
+               layer.scales.grad.clone(), layer.alpha.grad.clone(), layer.grad_stats.clone()]
+        want = run(eager_layer, x, dy)
+        torch.cuda.synchronize()
+        for name, a, b in zip(["y", "telemetry", "nonfinite", "dx", "dW", "dscale", "dalpha",
+                               "grad_stats"], want, got):
+            assert torch.equal(a, b), f"step {i}: {name}"
+        assert torch.equal(layer.seed_stage, eager_layer.seed_stage)
+        assert torch.equal(layer.alpha, eager_layer.alpha)
+
+
 def test_compile_reduce_overhead_training_step_matches_eager():
     # torch.compile's CUDA graphs (mode="reduce-overhead"): forward and
     # backward replayed from graphs, eager's bits, three steps of new inputs.
