@@ -105,10 +105,18 @@ def test_cuda_graph_capture_and_replay():
     assert torch.equal(layer.telemetry, tel)
 
 
+RESULTS = ["y", "telemetry", "nonfinite", "dx", "dW", "dscale", "dalpha", "grad_stats"]
+
+
+def assert_same_bits(want, got, where=""):
+    torch.cuda.synchronize()
+    for name, a, b in zip(RESULTS, want, got):
+        assert torch.equal(a, b), where + name
+
+
 def test_training_step_in_cuda_graphs_matches_eager():
     # torch.cuda.make_graphed_callables: the forward and the backward of the
-    # layer each replayed from a CUDA graph (what a small-batch training
-    # loop uses to shed the host's autograd cost) give eager's bits.
+    # layer each replayed from a CUDA graph give eager's bits.
     layer = make_layer(64, cycle(KINDS, 8), STAGE_MIX, grad_clip=4.0).cuda()
     eager_layer = copy.deepcopy(layer)
     sample = torch.randn(32, 64, device="cuda", requires_grad=True)
@@ -117,22 +125,15 @@ def test_training_step_in_cuda_graphs_matches_eager():
         x = torch.randn(32, 64, device="cuda")
         dy = torch.randn(32, 64, device="cuda")
         want = run(eager_layer, x, dy)
-        got = [t.clone() for t in run(graphed, x, dy)]
-        torch.cuda.synchronize()
-        for name, a, b in zip(["y", "telemetry", "nonfinite", "dx", "dW", "dscale", "dalpha",
-                               "grad_stats"], want, got):
-            assert torch.equal(a, b), name
+        assert_same_bits(want, [t.clone() for t in run(graphed, x, dy)])
 
 
-def test_whole_training_step_in_one_cuda_graph_matches_eager():
-    # The step docs/PYTHON.md recommends for small batches (and kasmina
-    # bench's graphs column times): forward and backward captured together
-    # in one torch.cuda.graph on static inputs, the gradients None before
-    # the capture so each replay writes them. Two replays on new inputs.
-    layer = make_layer(64, cycle(KINDS, 8), STAGE_MIX, grad_clip=4.0).cuda()
-    eager_layer = copy.deepcopy(layer)
-    xs = torch.randn(32, 64, device="cuda", requires_grad=True)
-    dys = torch.randn(32, 64, device="cuda")
+def capture_whole_step(layer, xs, dys):
+    """The step docs/PYTHON.md recommends for small batches (and kasmina
+    bench's graphs column times): forward and backward captured together in
+    one torch.cuda.graph on static inputs, after a warm-up on a side stream,
+    the gradients None before the capture so each replay writes them.
+    Returns the graph's replay, which returns the step's results."""
     out = {}
 
     def step():
@@ -150,55 +151,33 @@ def test_whole_training_step_in_one_cuda_graph_matches_eager():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for _ in range(2):
-        x = torch.randn(32, 64, device="cuda")
-        dy = torch.randn(32, 64, device="cuda")
+
+    def replay(x, dy):
         with torch.no_grad():
             xs.copy_(x)
             dys.copy_(dy)
         graph.replay()
-        got = [out["y"].detach().clone(), layer.telemetry.clone(),
-               layer.nonfinite_counts.clone(), xs.grad.clone(), layer.weights.grad.clone(),
-               layer.scales.grad.clone(), layer.alpha.grad.clone(), layer.grad_stats.clone()]
-        want = run(eager_layer, x, dy)
-        torch.cuda.synchronize()
-        for name, a, b in zip(["y", "telemetry", "nonfinite", "dx", "dW", "dscale", "dalpha",
-                               "grad_stats"], want, got):
-            assert torch.equal(a, b), name
+        return [out["y"].detach().clone(), layer.telemetry.clone(),
+                layer.nonfinite_counts.clone(), xs.grad.clone(), layer.weights.grad.clone(),
+                layer.scales.grad.clone(), layer.alpha.grad.clone(), layer.grad_stats.clone()]
+    return replay
 
 
-def test_whole_step_graph_sees_lifecycle_and_parameter_updates():
-    # Between replays the controller's lifecycle calls and an optimiser's
-    # in-place update rewrite the seed table and the Parameters in place;
-    # the replay reads them on the device (the kernels' plans depend on
-    # shapes only), so it keeps giving eager's bits.
+def test_whole_training_step_in_one_cuda_graph_matches_eager():
+    # Replays on new inputs give eager's bits; between replays the
+    # controller's lifecycle calls and an optimiser's in-place update rewrite
+    # the seed table and the Parameters in place, where the replay reads them
+    # (the kernels' plans depend on shapes only), and the bits stay eager's.
     layer = make_layer(64, cycle(KINDS, 8), STAGE_MIX, grad_clip=4.0).cuda()
     eager_layer = copy.deepcopy(layer)
-    xs = torch.randn(32, 64, device="cuda", requires_grad=True)
-    dys = torch.randn(32, 64, device="cuda")
-    out = {}
-
-    def step():
-        out["y"] = layer(xs)
-        out["y"].backward(dys)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    for t in (xs, *layer.parameters()):
-        t.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for i in range(4):
-        if i == 1:  # seed 1 TRAINING -> GRAFTING, dormant seed 4 germinated
+    replay = capture_whole_step(layer, torch.randn(32, 64, device="cuda", requires_grad=True),
+                                torch.randn(32, 64, device="cuda"))
+    for i in range(5):
+        if i == 2:  # seed 1 TRAINING -> GRAFTING, dormant seed 4 germinated
             for lay in (layer, eager_layer):
                 lay.transition(1, "GRAFTING")
                 lay.germinate(4, Kind.MLP)
-        if i >= 2:  # the controller's step and an SGD update, both in place
+        if i >= 3:  # the controller's step and an SGD update, both in place
             for lay in (layer, eager_layer):
                 lay.step(loss=0.5)
                 with torch.no_grad():
@@ -206,18 +185,8 @@ def test_whole_step_graph_sees_lifecycle_and_parameter_updates():
                         p.sub_(0.05 * p.grad)
         x = torch.randn(32, 64, device="cuda")
         dy = torch.randn(32, 64, device="cuda")
-        with torch.no_grad():
-            xs.copy_(x)
-            dys.copy_(dy)
-        graph.replay()
-        got = [out["y"].detach().clone(), layer.telemetry.clone(),
-               layer.nonfinite_counts.clone(), xs.grad.clone(), layer.weights.grad.clone(),
-               layer.scales.grad.clone(), layer.alpha.grad.clone(), layer.grad_stats.clone()]
-        want = run(eager_layer, x, dy)
-        torch.cuda.synchronize()
-        for name, a, b in zip(["y", "telemetry", "nonfinite", "dx", "dW", "dscale", "dalpha",
-                               "grad_stats"], want, got):
-            assert torch.equal(a, b), f"step {i}: {name}"
+        got = replay(x, dy)
+        assert_same_bits(run(eager_layer, x, dy), got, f"step {i}: ")
         assert torch.equal(layer.seed_stage, eager_layer.seed_stage)
         assert torch.equal(layer.alpha, eager_layer.alpha)
 
@@ -234,11 +203,7 @@ def test_compile_reduce_overhead_training_step_matches_eager():
         x = torch.randn(17, 48, device="cuda")
         dy = torch.randn(17, 48, device="cuda")
         want = run(eager_layer, x, dy)
-        got = [t.clone() for t in run(compiled, x, dy)]
-        torch.cuda.synchronize()
-        for name, a, b in zip(["y", "telemetry", "nonfinite", "dx", "dW", "dscale", "dalpha",
-                               "grad_stats"], want, got):
-            assert torch.equal(a, b), name
+        assert_same_bits(want, [t.clone() for t in run(compiled, x, dy)])
 
 
 def test_autocast_on_cuda_runs_in_input_dtype():
