@@ -200,6 +200,26 @@ def training_step(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, d
     return run
 
 
+def capture(step: Callable[[], Any], params, device: torch.device) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph on ``device``, returned as its
+    replay: the warm-up on a side stream, then the gradients of ``params``
+    set to None so that the captured backward writes them (PyTorch's
+    whole-step recipe, docs/PYTHON.md). tests/python/test_gpu.py checks that
+    its replays give eager's bits."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer, *,
                compile_: bool, progress: Callable[[str], None]) -> list[dict[str, Any]]:
     dtype = DTYPES[dtype_name]
@@ -232,23 +252,6 @@ def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer
     def fwdbwd(op, params):
         return training_step(op, x, dy, params)
 
-    def captured(step: Callable[[], Any], params) -> Callable[[], Any]:
-        """``step`` captured in a CUDA graph (warm-up on a side stream, the
-        gradients None before the capture so that it writes them, as a
-        whole-step capture does), returned as its replay."""
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        for p in params:
-            p.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return graph.replay
-
     def graphs(pas: str) -> Callable[[], Any]:
         # Built at the first call (inside the timer's try: a failure is
         # reported as graphs_error, not raised), on a copy of the layer.
@@ -261,11 +264,11 @@ def bench_case(shape: Shape, dtype_name: str, device: torch.device, timer: Timer
                     def step():
                         with torch.no_grad():
                             gl(x)
-                    built["replay"] = captured(step, [])
+                    built["replay"] = capture(step, [], device)
                 else:
                     xs = x.detach().clone().requires_grad_()
-                    built["replay"] = captured(lambda: gl(xs).backward(dy),
-                                               [xs, *gl.parameters()])
+                    built["replay"] = capture(lambda: gl(xs).backward(dy),
+                                              [xs, *gl.parameters()], device)
             built["replay"]()
         return run
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kasmina
-from kasmina import Kind, Stage, reference
+from kasmina import Kind, Stage, bench, reference
 from conftest import STAGE_MIX, assert_close, cycle, make_layer, seed_tensors
 
 pytestmark = pytest.mark.skipif(
@@ -26,9 +26,14 @@ def run(layer, x, dy):
         p.grad = None
     y = layer(xg)
     y.backward(dy)
-    return [y.detach(), layer.telemetry.clone(), layer.nonfinite_counts.clone(), xg.grad,
-            layer.weights.grad.clone(), layer.scales.grad.clone(), layer.alpha.grad.clone(),
-            layer.grad_stats.clone()]
+    return results(layer, y, xg)
+
+
+def results(layer, y, xg):
+    """y, telemetry, nonfinite, dx, dW, dscale, dalpha, grad_stats (copies)."""
+    return [y.detach().clone(), layer.telemetry.clone(), layer.nonfinite_counts.clone(),
+            xg.grad.clone(), layer.weights.grad.clone(), layer.scales.grad.clone(),
+            layer.alpha.grad.clone(), layer.grad_stats.clone()]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -129,37 +134,24 @@ def test_training_step_in_cuda_graphs_matches_eager():
 
 
 def capture_whole_step(layer, xs, dys):
-    """The step docs/PYTHON.md recommends for small batches (and kasmina
-    bench's graphs column times): forward and backward captured together in
-    one torch.cuda.graph on static inputs, after a warm-up on a side stream,
-    the gradients None before the capture so each replay writes them.
-    Returns the graph's replay, which returns the step's results."""
+    """The step docs/PYTHON.md recommends for small batches, as kasmina
+    bench's graphs column captures it (bench.capture): forward and backward
+    in one torch.cuda.graph on static inputs. Returns a replay on new inputs
+    that returns the step's results."""
     out = {}
 
     def step():
         out["y"] = layer(xs)
         out["y"].backward(dys)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    for t in (xs, *layer.parameters()):
-        t.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph_replay = bench.capture(step, [xs, *layer.parameters()], torch.device("cuda"))
 
     def replay(x, dy):
         with torch.no_grad():
             xs.copy_(x)
             dys.copy_(dy)
-        graph.replay()
-        return [out["y"].detach().clone(), layer.telemetry.clone(),
-                layer.nonfinite_counts.clone(), xs.grad.clone(), layer.weights.grad.clone(),
-                layer.scales.grad.clone(), layer.alpha.grad.clone(), layer.grad_stats.clone()]
+        graph_replay()
+        return results(layer, out["y"], xs)
     return replay
 
 
