@@ -6,8 +6,8 @@ and a backward's (generic kernel) time goes.
 For each (op, dtype, shape, seed mode, repeat): the launch's span from the
 first CTA's entry to the last CTA's end, the spread of the CTAs' entries,
 each phase's duration across the CTAs (median, 90th percentile, maximum),
-when the row loops end, the seeds' last CTAs (and the backward's last
-seed), the loop ends by the number of CTAs their SM held, the CTA's
+when the row loops end, the seeds' last CTAs (and the backward's rows'
+last seeds), the loop ends by the number of CTAs their SM held, the CTA's
 reduction by its order on its SM (the first pays the code's fetch), and
 the set-up and loop ends by seed kind (the bench cycles RESIDUAL,
 ATTENTION, MLP, CONV over the seeds).
@@ -17,9 +17,9 @@ ATTENTION, MLP, CONV over the seeds).
 Phases (globaltimer ns), forward: entry -> ring ready -> seed set up ->
 first pass landed -> row loop done -> CTA reduced -> ticket taken -> end.
 Backward: entry -> seed set up -> row loop done -> CTA partials written ->
-ticket taken -> seed finished -> second ticket -> end. A 12-slot build also
+ticket taken -> seed finished -> row ticket -> end. A 12-slot build also
 splits the forward's set-up and last merge and the backward's seed finish
-and last seed (DETAILS below).
+and a blueprint row's last seed (DETAILS below).
 """
 import argparse
 import collections
@@ -28,7 +28,7 @@ import sys
 
 PHASES = {
     "fwd": ["ring", "setup", "first pass", "row loop", "CTA reduce", "ticket", "end/merge"],
-    "bwd": ["setup", "row loop", "CTA partials", "ticket", "seed finish", "ticket 2", "end/last seed"],
+    "bwd": ["setup", "row loop", "CTA partials", "ticket", "seed finish", "row ticket", "end/row sums"],
 }
 LOOP_END = {"fwd": 4, "bwd": 2}
 # Detail marks (slots 8-11 of a 12-slot build, src/cuda/timeline.cuh): chains
@@ -38,7 +38,7 @@ DETAILS = {
     "fwd": [("set-up", [1, 8, 2], ["view (+softmax)", "table"]),
             ("last CTA's merge", [6, 9, 10, 11, 7], ["start", "partials loaded", "CTA merge", "telemetry row"])],
     "bwd": [("seed finish", [4, 8, 9, 10, 5], ["partials loaded", "CTA merge", "dW columns", "seed's rows out"]),
-            ("last seed", [6, 11, 7], ["rows counted", "ordered sums, clears"])],
+            ("a row's last seed", [6, 11, 7], ["ordered sums, clears", "end"])],
 }
 KINDS = ["RESIDUAL", "ATTENTION", "MLP", "CONV"]
 
@@ -120,8 +120,9 @@ def summarise(key, ctas, out):
                   f"max {us(max(merge)):.2f} us, last end {us(max(r['g'][7] for r in lasts)):.2f} us\n")
     for r in ctas:
         if r["last_seed"]:
-            out.write(f"   last seed (seed {r['seed']}): second ticket at {us(r['g'][6]):.2f} us, "
-                      f"dweights/dscales {us(r['g'][7] - r['g'][6]):.2f} us\n")
+            out.write(f"   a row's last seed (seed {r['seed']}): row ticket at {us(r['g'][6]):.2f} us, "
+                      f"its row of dweights/dscales {us(r['g'][7] - r['g'][6]):.2f} us, "
+                      f"end {us(r['g'][7]):.2f} us\n")
     for name, chain, steps in DETAILS[op]:
         if max(chain) >= len(ctas[0]["g"]):
             continue

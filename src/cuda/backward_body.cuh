@@ -21,11 +21,12 @@
 // takes a copy loop (DESIGN 31).
 // CTA partials go to the workspace; the last CTA of a seed (integer ticket)
 // sums them in tile order, applies the kind's final formula and writes the
-// seed's dalpha and grad_stats, and the seed's row of dweights/dscales
-// when no other seed adds into that blueprint; the last seed to finish (a
-// second ticket) writes the other rows: zero, then each contributing seed
-// added in seed order. No floating-point atomics; every sum has a fixed order. Every
-// partial is cleared after it is merged, so the workspace is zero again.
+// seed's dalpha and grad_stats, the seed's row of dweights/dscales when no
+// other seed adds into that blueprint, and zero rows where no seed adds;
+// of the seeds that share a row, the last to finish (a ticket per row)
+// writes it: zero, then each seed's row added in seed order. No
+// floating-point atomics; every sum has a fixed order. Every partial is
+// cleared after it is merged, so the workspace is zero again.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -193,7 +194,8 @@ struct BackwardArgs {
   float* dscales;
   float* dalpha;
   float* grad_stats;
-  unsigned* tickets;     // [S + 1], zero between launches; [S] counts finished seeds
+  unsigned* tickets;     // [S], zero between launches: finished CTAs per seed
+  unsigned* row_tickets; // [B], zero between launches: finished seeds per blueprint row
   BwdStats* partials;    // [S, tiles]
   float* col_partials;   // [S, tiles, C]
   float* seed_dw;        // [S, C]
@@ -824,6 +826,8 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   __shared__ BwdStats seed_total;
   __shared__ float bcast;
   __shared__ int is_last;
+  __shared__ int row_seeds;  // training seeds of the seed's blueprint row (its last CTA)
+  __shared__ unsigned used_rows;  // which of 32 blueprint rows a training seed adds into
 
   const int tiles = args.tiles;
   const int s = static_cast<int>(blockIdx.x) / tiles;
@@ -934,31 +938,37 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   if (!is_last) return;
 
   // ---- last CTA of seed s: the seed's gradients
-  // Whether another seed adds into this seed's blueprint row (its loads in
-  // flight with the partials'): if none, the row of dweights/dscales is
-  // this seed's alone, zero plus its own row, and this CTA writes it where
-  // the last seed would have (DESIGN 62).
-  bool other = false;
-  if (grads) {
-#pragma unroll 1
-    for (int s2 = tid; s2 < args.num_seeds; s2 += nthreads) {
-      other |= s2 != s && args.seeds.blueprint[s2] == sv.blueprint && seed_has_grads(args.seeds, s2);
-    }
-  }
   BwdStats acc = BwdStats::identity();
 #pragma unroll 1
   for (int i = tid; i < tiles; i += nthreads) acc.merge(load_partial(args.partials + part0 + i));
   KASMINA_BWD_TL(8);
   acc = block_reduce_split(acc, grad_scratch, sum_part_scratch);
   if (tid == 0) seed_total = acc;
-  const bool sole = __syncthreads_or(other) == 0 && grads;
+  // How many training seeds add into this seed's blueprint row, this one
+  // included (counted by barriers: any order gives the same count). One:
+  // the row of dweights/dscales is this seed's alone, zero plus its own
+  // row, and this CTA writes it (DESIGN 62). More: the row's last seed to
+  // finish sums them (DESIGN 67).
+  int row_n = __syncthreads_count(grads && tid < args.num_seeds &&
+                                  args.seeds.blueprint[tid] == sv.blueprint &&
+                                  seed_has_grads(args.seeds, tid));  // also publishes seed_total
+  if (grads) {  // uniform
+#pragma unroll 1
+    for (int s0 = nthreads; s0 < args.num_seeds; s0 += nthreads) {
+      const int s2 = s0 + tid;
+      row_n += __syncthreads_count(s2 < args.num_seeds && args.seeds.blueprint[s2] == sv.blueprint &&
+                                   seed_has_grads(args.seeds, s2));
+    }
+  }
+  const bool sole = grads && row_n == 1;
+  if (tid == 0) row_seeds = row_n;  // for the row's ticket, not kept in a register
   KASMINA_BWD_TL(9);
   // params.hpp: the workspace is left zero-filled by every launch (the
   // barriers above order every read of these partials before the clears).
   for (int i = tid; i < tiles; i += nthreads) args.partials[part0 + i] = BwdStats{};
   const BwdStats total = seed_total;
-  // The seed's row: staged for the last seed to sum (and clear), or (sole)
-  // the blueprint's row of dweights, 0.0f + v as the last seed would have
+  // The seed's row: staged for its row's last seed to sum (and clear), or
+  // (sole) the blueprint's row of dweights, 0.0f + v as that sum would have
   // written it (the bits of a zero-started sum: -0 becomes +0); ATTENTION's
   // q goes through the same row, each column read back by the thread that
   // wrote it.
@@ -1026,83 +1036,90 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
     gs[kGradMaxAbs] = total.maxabs;
     args.tickets[s] = 0u;
   }
-  KASMINA_BWD_TL(5);
-  __syncthreads();  // the seed's dW row is thread 0's to release
-  if (tid == 0) {
-    is_last = take_ticket(&args.tickets[args.num_seeds]) == static_cast<unsigned>(args.num_seeds - 1);
+  // Rows that no training seed adds into are zero: seed s writes those of
+  // rows s, s + S, s + 2S, ... (every row has one such seed), 32 rows at a
+  // time: the threads mark the rows a seed adds into (a shared bit mask),
+  // then write the unmarked rows.
+  const int S = args.num_seeds;
+  const int W = C + 1;  // C columns of dweights, then dscales
+  const int my_rows = s < args.registry.num_blueprints ? (args.registry.num_blueprints - 1 - s) / S + 1 : 0;
+#pragma unroll 1
+  for (int r0 = 0; r0 < my_rows; r0 += 32) {  // uniform
+    const int nr = my_rows - r0 < 32 ? my_rows - r0 : 32;
+    if (tid == 0) used_rows = 0u;
+    __syncthreads();
+    for (int s2 = tid; s2 < S; s2 += nthreads) {
+      const int b = args.seeds.blueprint[s2];
+      const int r = (b - s) / S - r0;  // row b is this CTA's r-th (b >= s, (b - s) % S == 0)
+      if (b >= s && (b - s) % S == 0 && r >= 0 && r < nr && seed_has_grads(args.seeds, s2)) {
+        atomicOr(&used_rows, 1u << r);
+      }
+    }
+    __syncthreads();
+    const unsigned used = used_rows;
+    for (int i = tid; i < nr * W; i += nthreads) {
+      const int r = i / W;
+      const int c = i - r * W;
+      if ((used >> r) & 1u) continue;
+      const int b = s + (r0 + r) * S;
+      if (c < C) {
+        args.dweights[static_cast<int64_t>(b) * C + c] = 0.0f;
+      } else {
+        args.dscales[b] = 0.0f;
+      }
+    }
+    __syncthreads();  // used_rows is read before the next round clears it
   }
+  KASMINA_BWD_TL(5);
+  if (!grads || sole) {  // uniform: no row to sum
+    KASMINA_BWD_TL(6);
+    return;
+  }
+  __syncthreads();  // the seed's staged row is thread 0's to release
+  const int b = sv.blueprint;
+  if (tid == 0) is_last = take_ticket(&args.row_tickets[b]) == static_cast<unsigned>(row_seeds - 1);
   __syncthreads();
   KASMINA_BWD_TL(6);
   KASMINA_BWD_TL_FLAG(17, is_last);
   if (!is_last) return;
 
-  // ---- last seed: the other rows of dweights and dscales (DESIGN 3: each
-  // blueprint's row is zero plus its seeds' rows added in seed order). First
-  // how many seeds add into each row, counted in the CTA's shared memory
-  // (integer atomics: any order gives the same counts): a row of one seed
-  // was written by that seed's CTA, a row of none is zero. Then one thread
-  // per (row b, column c) entry of the rows left, c == C standing for
-  // dscales[b]: it reads the seeds kFinishBatch at a time (independent
-  // loads), adds those of row b in seed order, the bits of a running sum
-  // (DESIGN 57), and clears what it read (read by this thread only: the
-  // staging rows are zero again). Where the counts do not fit the shared
-  // memory (more rows than its floats) every entry scans the seeds and
-  // counts them itself.
-  const int B = args.registry.num_blueprints;
-  const int S = args.num_seeds;
-  int* row_seeds = reinterpret_cast<int*>(smem);
-  const bool counted = B <= args.table_floats + args.row_groups * Cp;
-  if (counted) {
-    for (int b = tid; b < B; b += nthreads) row_seeds[b] = 0;
-    __syncthreads();
-    for (int s2 = tid; s2 < S; s2 += nthreads) {
-      if (seed_has_grads(args.seeds, s2)) atomicAdd(&row_seeds[args.seeds.blueprint[s2]], 1);
-    }
-  }
-  __syncthreads();
-  KASMINA_BWD_TL(11);
-  {
-    const int W = C + 1;  // C columns of dweights, then dscales
+  // ---- the last seed of row b to finish: the row of dweights and dscales
+  // (DESIGN 3: zero plus its seeds' rows added in seed order). One thread
+  // per column, C standing for dscales[b]: it reads the seeds
+  // kFinishBatch at a time (independent loads), adds those of row b in
+  // seed order, the bits of a running sum (DESIGN 57), and clears what it
+  // read (read by this thread only: the staging rows are zero again).
 #pragma unroll 1
-    for (int i = tid; i < B * W; i += nthreads) {
-      const int b = i / W;
-      const int c = i - b * W;
-      const int n = counted ? row_seeds[b] : -1;  // -1: not counted
-      if (n == 1) continue;  // written by its seed's CTA
-      float v = 0.0f;
-      int found = 0;
-      if (n != 0) {
-        float* src = c < C ? args.seed_dw + c : args.seed_dscale;
-        const int64_t stride = c < C ? C : 1;
+  for (int c = tid; c < W; c += nthreads) {
+    float v = 0.0f;
+    float* src = c < C ? args.seed_dw + c : args.seed_dscale;
+    const int64_t stride = c < C ? C : 1;
 #pragma unroll 1
-        for (int s0 = 0; s0 < S; s0 += kFinishBatch) {
-          float x[kFinishBatch];
-          bool mine[kFinishBatch];
+    for (int s0 = 0; s0 < S; s0 += kFinishBatch) {
+      float x[kFinishBatch];
+      bool mine[kFinishBatch];
 #pragma unroll
-          for (int k = 0; k < kFinishBatch; ++k) {
-            const int s2 = s0 + k;
-            mine[k] = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
-            x[k] = mine[k] ? load_cg(src + s2 * stride) : 0.0f;
-          }
+      for (int k = 0; k < kFinishBatch; ++k) {
+        const int s2 = s0 + k;
+        mine[k] = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
+        x[k] = mine[k] ? load_cg(src + s2 * stride) : 0.0f;
+      }
 #pragma unroll
-          for (int k = 0; k < kFinishBatch; ++k) {
-            if (mine[k]) {
-              v += x[k];
-              ++found;
-              src[(s0 + k) * stride] = 0.0f;
-            }
-          }
+      for (int k = 0; k < kFinishBatch; ++k) {
+        if (mine[k]) {
+          v += x[k];
+          src[(s0 + k) * stride] = 0.0f;
         }
       }
-      if (found == 1) continue;  // not counted: a row of one seed, written by its CTA
-      if (c < C) {
-        args.dweights[static_cast<int64_t>(b) * C + c] = v;
-      } else {
-        args.dscales[b] = v;
-      }
+    }
+    if (c < C) {
+      args.dweights[static_cast<int64_t>(b) * C + c] = v;
+    } else {
+      args.dscales[b] = v;
     }
   }
-  if (tid == 0) args.tickets[S] = 0u;
+  KASMINA_BWD_TL(11);
+  if (tid == 0) args.row_tickets[b] = 0u;
 }
 
 // ------------------------------------------------------------------ TMA

@@ -18,10 +18,12 @@
 // takes a copy loop (DESIGN 31).
 // CTA partials go to the workspace; the last CTA of a seed (integer ticket)
 // sums them in tile order, applies the kind's final formula and writes the
-// seed's dalpha and grad_stats; the last seed to finish (a second ticket)
-// writes dweights/dscales: zero, then each contributing seed added in seed
-// order. No floating-point atomics; every sum has a fixed order. Every
-// partial is cleared after it is merged, so the workspace is zero again.
+// seed's dalpha and grad_stats; a row of dweights/dscales is written by its
+// one training seed, by the last of its seeds to finish (a ticket per row:
+// zero, then each seed's row added in seed order), or as zeros where no
+// seed adds into it (DESIGN 62, 67). No floating-point atomics; every sum
+// has a fixed order. Every partial is cleared after it is merged, so the
+// workspace is zero again.
 #include <cuda_runtime.h>
 
 #include <sstream>
@@ -167,7 +169,7 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
 }
 
 struct Layout {
-  std::size_t tickets, partials, col_partials, seed_dw, seed_dscale, total;
+  std::size_t tickets, row_tickets, partials, col_partials, seed_dw, seed_dscale, total;
 };
 
 Layout layout(const BackwardParams& p, const DeviceInfo& dev) {
@@ -175,8 +177,10 @@ Layout layout(const BackwardParams& p, const DeviceInfo& dev) {
   const auto C = static_cast<std::size_t>(p.hidden / p.num_seeds);
   const auto tiles = static_cast<std::size_t>(tiles_max_for(p.num_seeds, static_cast<int64_t>(C), dev));
   Layout l{};
+  const auto B = static_cast<std::size_t>(p.registry.num_blueprints > 0 ? p.registry.num_blueprints : 0);
   l.tickets = 0;
-  l.partials = align_up((S + 1) * sizeof(unsigned), 256);
+  l.row_tickets = align_up(S * sizeof(unsigned), 16);
+  l.partials = l.row_tickets + align_up(B * sizeof(unsigned), 256);
   l.col_partials = l.partials + align_up(S * tiles * sizeof(BwdStats), 256);
   l.seed_dw = l.col_partials + align_up(S * tiles * C * sizeof(float), 256);
   l.seed_dscale = l.seed_dw + align_up(S * C * sizeof(float), 256);
@@ -298,6 +302,7 @@ void backward_cuda(const BackwardParams& p) {
   args.grad_stats = p.grad_stats;
   auto* base = static_cast<unsigned char*>(p.workspace);
   args.tickets = reinterpret_cast<unsigned*>(base + l.tickets);
+  args.row_tickets = reinterpret_cast<unsigned*>(base + l.row_tickets);
   args.partials = reinterpret_cast<BwdStats*>(base + l.partials);
   args.col_partials = reinterpret_cast<float*>(base + l.col_partials);
   args.seed_dw = reinterpret_cast<float*>(base + l.seed_dw);

@@ -19,17 +19,17 @@ namespace kasmina::cuda {
 // 4 row loop done, 5 CTA reduced, 6 ticket taken, 7 end (after the seed's
 // merge when this CTA was the last).
 // Backward: 0 entry, 1 seed set up, 2 row loop done, 3 CTA partials
-// written, 4 ticket taken, 5 seed finished (last CTA of a seed), 6 second
-// ticket taken, 7 end (after dweights/dscales when this was the last seed).
+// written, 4 ticket taken, 5 seed finished (last CTA of a seed; unused
+// blueprint rows zeroed), 6 row ticket taken (or none to take), 7 end
+// (after its blueprint row when this was the row's last seed).
 // Detail marks inside those phases (8-11, -1 where a CTA does not pass):
 // forward: 8 seed's view loaded (inside the set-up), 9 the seed's last
 // CTA starts its merge (after a __threadfence before DESIGN 58), 10
 // partials loaded and merged per thread, 11 merged over the CTA (then the
 // telemetry row is written);
 // backward: 8 partials loaded (the seed's last CTA), 9 seed totals
-// reduced over the CTA, 10 dW column sums written, 11 the last seed's
-// seeds per blueprint row counted (then the ordered sums of the rows of
-// several seeds, zeros, clears).
+// reduced over the CTA, 10 dW column sums written, 11 the row's ordered
+// sums and clears done (the row's last seed).
 inline constexpr int kTimelineSlots = 12;
 inline constexpr int kTimelineCtas = 4096;
 // Per CTA: kTimelineSlots globaltimer values, kTimelineSlots clock64
@@ -78,7 +78,8 @@ __device__ __forceinline__ void timeline_where(TimelineRecords& rec, int seed, i
   rec[blockIdx.x][2 * kTimelineSlots] = smid | static_cast<unsigned long long>(passes) << 20;
   rec[blockIdx.x][2 * kTimelineSlots + 1] = static_cast<unsigned long long>(seed) << 20 | tile;
 }
-// bit 16: the last CTA of its seed; bit 17: the last seed (backward).
+// bit 16: the last CTA of its seed; bit 17: the last seed of its blueprint
+// row (backward).
 __device__ __forceinline__ void timeline_flag(TimelineRecords& rec, int bit, bool on) {
   if (threadIdx.x == 0 && blockIdx.x < kTimelineCtas && on) rec[blockIdx.x][2 * kTimelineSlots] |= 1ull << bit;
 }

@@ -262,12 +262,13 @@ TEST_F(SmallCuda, MixedShapes) {
   }
 }
 
-// The rows of dweights and dscales (DESIGN 62): a row of one seed written by
-// that seed's last CTA, the others by the last seed from its counts in
-// shared memory (C = 3, 200 seeds over 5 rows: many seeds to a row), and
-// without the counts where the rows outnumber the shared memory's floats
-// (C = 1: 260 floats on the default tuning; 1000 rows, 600 seeds: rows of
-// none, one and several seeds).
+// The rows of dweights and dscales (DESIGN 62, 67): a row of one seed
+// written by that seed's last CTA, a row of several by the last of them to
+// finish (its row ticket), a row of none zeroed by the last CTA of seed
+// b mod S. C = 3, 200 seeds over 5 rows: many seeds to a row; C = 1, 600
+// seeds (more than a CTA's threads: the seeds are counted in rounds) over
+// 1000 rows: rows of none, one and several seeds; one seed and 70 rows:
+// its CTA zeroes the rows in three rounds of 32.
 TEST_F(SmallCuda, BlueprintRowsOfOneAndOfManySeeds) {
   ProblemOptions shared = shape(6, 3, 200, DType::bf16, 92);
   shared.num_blueprints = 5;
@@ -275,6 +276,9 @@ TEST_F(SmallCuda, BlueprintRowsOfOneAndOfManySeeds) {
   ProblemOptions many_rows = shape(5, 1, 600, DType::f32, 91);
   many_rows.num_blueprints = 1000;
   check_problem(many_rows);
+  ProblemOptions one_seed = shape(9, 48, 1, DType::f32, 93);
+  one_seed.num_blueprints = 70;
+  check_problem(one_seed);
 }
 
 TEST_F(SmallCuda, ClampClipMisaligned) {
@@ -1614,8 +1618,8 @@ TEST_F(SmallCuda, ForwardManyRefusesMixedDtypes) {
 
 // params.hpp: a workspace is left zero-filled by every launch (the Python
 // front end declares it unmutated).
-// Also where seeds share blueprint rows (their staged rows cleared by the
-// last seed, DESIGN 62), with and without its counts in shared memory.
+// Also where seeds share blueprint rows (their staged rows cleared by each
+// row's last seed, DESIGN 62, 67), with more seeds than a CTA's threads.
 TEST_F(SmallCuda, WorkspaceLeftZeroFilled) {
   std::vector<ProblemOptions> cases;
   for (int32_t seeds : {1, 5}) {
