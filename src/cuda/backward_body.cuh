@@ -939,11 +939,27 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
 
   // ---- last CTA of seed s: the seed's gradients
   BwdStats acc = BwdStats::identity();
+  if (tiles <= 32) {  // uniform
+    // Warp 0 alone: the bits of block_reduce_split, whose warps past the
+    // first hold identities here; its merges of them change a value at most
+    // as one merge with the identity does (x + 0, fmaxf(x, 0)), so that
+    // merge is done once.
+    if (tid < 32) {
+      if (tid < tiles) acc.merge(load_partial(args.partials + part0 + tid));
+      KASMINA_BWD_TL(8);
+      GradPart g = warp_reduce<true>(GradPart{acc.mom, acc.sumsq, acc.maxabs});
+      SumPart p = warp_reduce<true>(SumPart{acc.dsig, acc.dalpha, acc.cw0, acc.cw1, acc.cw2});
+      g.merge(GradPart::identity());
+      p.merge(SumPart::identity());
+      if (tid == 0) seed_total = {g.mom, g.sumsq, g.maxabs, p.dsig, p.dalpha, p.cw0, p.cw1, p.cw2};
+    }
+  } else {
 #pragma unroll 1
-  for (int i = tid; i < tiles; i += nthreads) acc.merge(load_partial(args.partials + part0 + i));
-  KASMINA_BWD_TL(8);
-  acc = block_reduce_split(acc, grad_scratch, sum_part_scratch);
-  if (tid == 0) seed_total = acc;
+    for (int i = tid; i < tiles; i += nthreads) acc.merge(load_partial(args.partials + part0 + i));
+    KASMINA_BWD_TL(8);
+    acc = block_reduce_split(acc, grad_scratch, sum_part_scratch);
+    if (tid == 0) seed_total = acc;
+  }
   // How many training seeds add into this seed's blueprint row, this one
   // included (counted by barriers: any order gives the same count). One:
   // the row of dweights/dscales is this seed's alone, zero plus its own
