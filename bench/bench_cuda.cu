@@ -22,7 +22,7 @@
 //
 //   bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] [--no-pdl]
 //              [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N]
-//              [--warm-code] [--copies] [--copy-per-sm N,...] [--group N]
+//              [--warm-code] [--copies] [--copy-per-sm N,...] [--group N] [--row-list]
 //
 // --copies: the copy kernel rows (a grid-stride copy, a copy in the
 // forward's column chunks and grid, and one in that grid on whole rows) even
@@ -41,6 +41,8 @@
 // --late-pdl / --no-late-pdl: the default rows with the TMA forward's
 // dependents launched at its CTAs' exit switched on / off
 // (CudaLaunchConfig::forward_late_dependents; by default with the store).
+// --row-list: the default rows with the backward's shared blueprint rows
+// summed from a list of their seeds (CudaLaunchConfig::backward_row_list).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -1069,6 +1071,8 @@ int main(int argc, char** argv) {
       g_default.forward_group = std::atoi(argv[++i]);
     } else if (a == "--no-pdl") {
       g_default.programmatic_launch = false;
+    } else if (a == "--row-list") {
+      g_default.backward_row_list = true;
     } else if (a == "--tma-store" || a == "--no-tma-store") {
       g_default.forward_tma_store = a == "--tma-store" ? kasmina::CudaSwitch::on : kasmina::CudaSwitch::off;
     } else if (a == "--stages" && i + 1 < argc) {
@@ -1102,7 +1106,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: bench_cuda [--runs N] [--json FILE] [--no-candidates] [--shapes RxH:S,...] "
                    "[--no-pdl] [--tma-store | --no-tma-store] [--late-pdl | --no-late-pdl] [--stages N] [--warm-code]\n"
-                   "       [--copies] [--copy-per-sm N,...] [--group N]\n");
+                   "       [--copies] [--copy-per-sm N,...] [--group N] [--row-list]\n");
       return 2;
     }
   }

@@ -114,6 +114,14 @@ struct CudaLaunchConfig {
   // describe_backward says why. A measurement variant until it wins.
   bool backward_tma = false;
   int backward_stages = 0;  // its pipeline depth: 0 (default: 16 KiB of stages), 2 to 8
+  // The backward's blueprint rows shared by several training seeds summed
+  // from a list of those seeds (docs/DESIGN.md 69): the row's last seed to
+  // finish lists them in seed order (warp ballots over the seed table) and
+  // loads only their staged rows, instead of scanning every seed's entry per
+  // column. The same bits either way (the same additions in the same
+  // order); rows of more than 128 seeds scan as without it. A measurement
+  // variant until it wins.
+  bool backward_row_list = false;
   // Programmatic dependent launch (sm_90 and newer; docs/DESIGN.md 55): every
   // kernel is launched so that it may start while the kernel before it on the
   // stream still runs, waits (griddepcontrol.wait) for that kernel to complete

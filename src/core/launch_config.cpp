@@ -21,6 +21,7 @@ std::atomic<bool> g_forward_flat{false};
 std::atomic<bool> g_backward_halo{false};
 std::atomic<bool> g_backward_tma{false};
 std::atomic<int> g_backward_stages{0};
+std::atomic<bool> g_backward_row_list{false};
 std::atomic<bool> g_programmatic{true};
 std::atomic<int> g_forward_tma_store{0};
 std::atomic<int> g_forward_late_dependents{0};
@@ -98,6 +99,7 @@ void set_cuda_launch_config(const CudaLaunchConfig& config) {
   g_backward_halo.store(config.backward_conv_halo, std::memory_order_relaxed);
   g_backward_tma.store(config.backward_tma, std::memory_order_relaxed);
   g_backward_stages.store(config.backward_stages, std::memory_order_relaxed);
+  g_backward_row_list.store(config.backward_row_list, std::memory_order_relaxed);
   g_programmatic.store(config.programmatic_launch, std::memory_order_relaxed);
   g_forward_tma_store.store(static_cast<int>(config.forward_tma_store), std::memory_order_relaxed);
   g_forward_late_dependents.store(static_cast<int>(config.forward_late_dependents),
@@ -193,6 +195,7 @@ CudaLaunchConfig cuda_launch_config() {
   c.backward_conv_halo = g_backward_halo.load(std::memory_order_relaxed);
   c.backward_tma = g_backward_tma.load(std::memory_order_relaxed);
   c.backward_stages = g_backward_stages.load(std::memory_order_relaxed);
+  c.backward_row_list = g_backward_row_list.load(std::memory_order_relaxed);
   c.programmatic_launch = g_programmatic.load(std::memory_order_relaxed);
   c.forward_tma_store =
       static_cast<CudaSwitch>(g_forward_tma_store.load(std::memory_order_relaxed));

@@ -200,11 +200,16 @@ struct BackwardArgs {
   float* col_partials;   // [S, tiles, C]
   float* seed_dw;        // [S, C]
   float* seed_dscale;    // [S]
+  bool row_list;         // CudaLaunchConfig::backward_row_list (DESIGN 69)
 };
 
 // Loads in flight per thread in the finishing sums (tile partials, the last
 // seed's per-seed rows): read first, then added in order.
 constexpr int kFinishBatch = 8;
+// With CudaLaunchConfig::backward_row_list, a blueprint row of at most this
+// many training seeds is summed from a list of them (DESIGN 69); a larger one
+// scans the seed table.
+constexpr int kRowList = 128;
 
 // Whether seed s adds into dweights/dscales (SPEC section 7's table).
 __device__ __forceinline__ bool seed_has_grads(const SeedTable& t, int s) {
@@ -828,6 +833,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   __shared__ int is_last;
   __shared__ int row_seeds;  // training seeds of the seed's blueprint row (its last CTA)
   __shared__ unsigned used_rows;  // which of 32 blueprint rows a training seed adds into
+  __shared__ int row_list[kRowList];  // a row's training seeds in seed order (its last seed)
 
   const int tiles = args.tiles;
   const int s = static_cast<int>(blockIdx.x) / tiles;
@@ -1101,37 +1107,84 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
 
   // ---- the last seed of row b to finish: the row of dweights and dscales
   // (DESIGN 3: zero plus its seeds' rows added in seed order). One thread
-  // per column, C standing for dscales[b]: it reads the seeds
-  // kFinishBatch at a time (independent loads), adds those of row b in
-  // seed order, the bits of a running sum (DESIGN 57), and clears what it
-  // read (read by this thread only: the staging rows are zero again).
+  // per column, C standing for dscales[b]: it reads the row's seeds
+  // kFinishBatch at a time (independent loads), adds them in seed order,
+  // the bits of a running sum (DESIGN 57), and clears what it read (read by
+  // this thread only: the staging rows are zero again). The row's seeds
+  // come from a scan of the seed table, or (args.row_list, DESIGN 69) from a
+  // list that warp 0 builds in seed order, 32 seeds a ballot, where the row
+  // has at most kRowList seeds.
+  const int n_row = row_seeds;
+  if (args.row_list && n_row <= kRowList) {  // uniform
+    if (tid < 32) {
+      int base = 0;
 #pragma unroll 1
-  for (int c = tid; c < W; c += nthreads) {
-    float v = 0.0f;
-    float* src = c < C ? args.seed_dw + c : args.seed_dscale;
-    const int64_t stride = c < C ? C : 1;
-#pragma unroll 1
-    for (int s0 = 0; s0 < S; s0 += kFinishBatch) {
-      float x[kFinishBatch];
-      bool mine[kFinishBatch];
-#pragma unroll
-      for (int k = 0; k < kFinishBatch; ++k) {
-        const int s2 = s0 + k;
-        mine[k] = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
-        x[k] = mine[k] ? load_cg(src + s2 * stride) : 0.0f;
-      }
-#pragma unroll
-      for (int k = 0; k < kFinishBatch; ++k) {
-        if (mine[k]) {
-          v += x[k];
-          src[(s0 + k) * stride] = 0.0f;
-        }
+      for (int s0 = 0; s0 < S && base < n_row; s0 += 32) {  // uniform in the warp
+        const int s2 = s0 + tid;
+        const bool in = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
+        const unsigned m = __ballot_sync(0xffffffffu, in);
+        if (in) row_list[base + __popc(m & ((1u << tid) - 1u))] = s2;
+        base += __popc(m);
       }
     }
-    if (c < C) {
-      args.dweights[static_cast<int64_t>(b) * C + c] = v;
-    } else {
-      args.dscales[b] = v;
+    __syncthreads();
+#pragma unroll 1
+    for (int c = tid; c < W; c += nthreads) {
+      float v = 0.0f;
+      float* src = c < C ? args.seed_dw + c : args.seed_dscale;
+      const int64_t stride = c < C ? C : 1;
+#pragma unroll 1
+      for (int i0 = 0; i0 < n_row; i0 += kFinishBatch) {
+        float x[kFinishBatch];
+        int64_t at[kFinishBatch];
+#pragma unroll
+        for (int k = 0; k < kFinishBatch; ++k) {
+          at[k] = i0 + k < n_row ? row_list[i0 + k] * stride : -1;
+          x[k] = at[k] >= 0 ? load_cg(src + at[k]) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < kFinishBatch; ++k) {
+          if (at[k] >= 0) {
+            v += x[k];
+            src[at[k]] = 0.0f;
+          }
+        }
+      }
+      if (c < C) {
+        args.dweights[static_cast<int64_t>(b) * C + c] = v;
+      } else {
+        args.dscales[b] = v;
+      }
+    }
+  } else {
+#pragma unroll 1
+    for (int c = tid; c < W; c += nthreads) {
+      float v = 0.0f;
+      float* src = c < C ? args.seed_dw + c : args.seed_dscale;
+      const int64_t stride = c < C ? C : 1;
+#pragma unroll 1
+      for (int s0 = 0; s0 < S; s0 += kFinishBatch) {
+        float x[kFinishBatch];
+        bool mine[kFinishBatch];
+#pragma unroll
+        for (int k = 0; k < kFinishBatch; ++k) {
+          const int s2 = s0 + k;
+          mine[k] = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
+          x[k] = mine[k] ? load_cg(src + s2 * stride) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < kFinishBatch; ++k) {
+          if (mine[k]) {
+            v += x[k];
+            src[(s0 + k) * stride] = 0.0f;
+          }
+        }
+      }
+      if (c < C) {
+        args.dweights[static_cast<int64_t>(b) * C + c] = v;
+      } else {
+        args.dscales[b] = v;
+      }
     }
   }
   KASMINA_BWD_TL(11);

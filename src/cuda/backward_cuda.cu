@@ -111,6 +111,7 @@ LaunchPlan plan_backward(const BackwardParams& p, const DeviceInfo& dev) {
   // flight, set below).
   // The launch config read once for this plan.
   const kasmina::CudaLaunchConfig config = kasmina::cuda_launch_config();
+  plan.row_list = config.backward_row_list;
   plan.conv_halo = false;
   if (config.backward_conv_halo) {
     const int64_t halo = halo_row_floats(static_cast<int>(r.C));
@@ -307,6 +308,7 @@ void backward_cuda(const BackwardParams& p) {
   args.col_partials = reinterpret_cast<float*>(base + l.col_partials);
   args.seed_dw = reinterpret_cast<float*>(base + l.seed_dw);
   args.seed_dscale = reinterpret_cast<float*>(base + l.seed_dscale);
+  args.row_list = plan.row_list;
 
   dispatch(plan, p, dev, &args);
 }
@@ -332,6 +334,8 @@ std::string describe_backward_cuda(const BackwardParams& p) {
      << " B shared memory (dW column sums"
      << (plan.table_floats > 0 ? " + coefficient table)" : ", no coefficient table)")
      << (p.clip_enabled ? ", two sweeps per row (clip)" : ", one sweep per row")
+     << (plan.row_list ? "; shared blueprint rows summed from a list of their seeds (backward_row_list)"
+                       : "")
      << (plan.conv_halo ? "; CONV neighbours from a shared-memory halo (backward_conv_halo: "
                           "one sweep of global memory per row, clip included)"
          : plan.conv_halo_refusal != nullptr

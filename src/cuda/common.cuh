@@ -116,6 +116,9 @@ struct LaunchPlan {
   // (CudaLaunchConfig::backward_conv_halo), or why it was asked for and not.
   bool conv_halo = false;
   const char* conv_halo_refusal = nullptr;
+  // Backward only: shared blueprint rows summed from a list of their seeds
+  // (CudaLaunchConfig::backward_row_list).
+  bool row_list = false;
   // Programmatic dependent launch (pdl_prologue): asked for (the launch
   // config's programmatic_launch, read with the plan's other knobs) and, once
   // the kernel instance is known (finish_programmatic), whether it is taken;

@@ -427,6 +427,13 @@ TEST(Dispatch, LaunchConfigRefusesUnknownValuesAndKeepsTheOld) {
   set_cuda_launch_config(tma_bwd);
   EXPECT_TRUE(cuda_launch_config().backward_tma);
   EXPECT_EQ(cuda_launch_config().backward_stages, 4);
+  // The backward's row list: off by default, kept when set.
+  EXPECT_FALSE(CudaLaunchConfig{}.backward_row_list);
+  EXPECT_FALSE(cuda_launch_config().backward_row_list);
+  CudaLaunchConfig listed;
+  listed.backward_row_list = true;
+  set_cuda_launch_config(listed);
+  EXPECT_TRUE(cuda_launch_config().backward_row_list);
   // Programmatic dependent launch: on by default, off when set so.
   EXPECT_TRUE(CudaLaunchConfig{}.programmatic_launch);
   EXPECT_TRUE(cuda_launch_config().programmatic_launch);

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -332,6 +333,72 @@ class ProfilingGuard {
  private:
   bool was_on_;
 };
+
+// The most training seeds that add into one blueprint row.
+int32_t largest_row(const Problem& p) {
+  std::vector<int32_t> n(static_cast<std::size_t>(p.num_blueprints), 0);
+  int32_t most = 0;
+  for (std::size_t s = 0; s < p.blueprint.size(); ++s) {
+    const int32_t b = p.blueprint[s];
+    if (b != 0 && (stage_trains_grafted(p.stage[s]) || stage_trains_shadow(p.stage[s]))) {
+      most = std::max(most, ++n[static_cast<std::size_t>(b)]);
+    }
+  }
+  return most;
+}
+
+// The backward's shared rows summed from a list of their seeds
+// (CudaLaunchConfig::backward_row_list, DESIGN 69): the reference's values
+// and the bits of the seed-table scan, and the same bits again on a second
+// run. `listed`: whether the row list is used (at most 128 seeds a row).
+void check_row_list(const ProblemOptions& o, bool listed) {
+  Problem scan = make_problem(o);
+  const std::string ctx = "row list vs scan, " + describe(o);
+  SCOPED_TRACE(ctx);
+  if (listed) {
+    EXPECT_GT(largest_row(scan), 1) << "no row of several seeds to list";
+    EXPECT_LE(largest_row(scan), 128) << "a row too long for the list";
+  } else {
+    EXPECT_GT(largest_row(scan), 128) << "no row too long for the list";
+  }
+  Problem with_list = scan;
+  const DeviceProblem d(scan, false);
+  CudaLaunchConfig c = cuda_launch_config();
+  c.backward_row_list = false;
+  {
+    const LaunchConfigGuard guard(c);
+    EXPECT_EQ(describe_backward(d.backward_params(scan), Backend::cuda).find("backward_row_list"),
+              std::string::npos);
+    run_cuda(scan, d);
+  }
+  c.backward_row_list = true;
+  const LaunchConfigGuard guard(c);
+  const std::string desc = describe_backward(d.backward_params(with_list), Backend::cuda);
+  EXPECT_NE(desc.find("summed from a list of their seeds (backward_row_list)"), std::string::npos)
+      << desc;
+  run_cuda(with_list, d);
+  expect_backward_matches(with_list, reference::backward(with_list.backward_params()), ctx);
+  expect_backward_bits_equal(scan, with_list, ctx + " (against the scan)");
+  Problem again = with_list;
+  run_cuda(again, d);
+  expect_backward_bits_equal(with_list, again, ctx + " (second run)");
+}
+
+TEST_F(SmallCuda, BlueprintRowsFromAList) {
+  ProblemOptions shared = shape(6, 3, 200, DType::bf16, 92);
+  shared.num_blueprints = 5;
+  check_row_list(shared, true);
+  ProblemOptions wide = shape(5, 300, 24, DType::f16, 95);  // more columns than threads
+  wide.num_blueprints = 3;
+  check_row_list(wide, true);
+  ProblemOptions many_rows = shape(5, 1, 600, DType::f32, 91);
+  many_rows.num_blueprints = 1000;
+  check_row_list(many_rows, true);
+  // Rows of more than 128 training seeds: scanned, with the list asked for.
+  ProblemOptions crowded = shape(4, 2, 2000, DType::f32, 94);
+  crowded.num_blueprints = 3;
+  check_row_list(crowded, false);
+}
 
 struct ConfigCase {
   int forward_rows, backward_rows;
