@@ -750,6 +750,16 @@ void run_shape(Bench& bench, const Shape& shape, kasmina::DType dtype, bool cand
         rows.push_back({"forward+backward", dname, mode, label, shape, t, both_bytes / (t * 1e3),
                         floor_gbps, pct(both_bytes, t), true});
       }
+      // Shared blueprint rows summed from a list of their seeds
+      // (CudaLaunchConfig::backward_row_list, DESIGN 69): against the default.
+      {
+        kasmina::CudaLaunchConfig c = g_default;
+        c.backward_row_list = true;
+        kasmina::set_cuda_launch_config(c);
+        const double t = time_both();
+        rows.push_back({"forward+backward", dname, mode, "bwd row list (backward_row_list)", shape, t,
+                        both_bytes / (t * 1e3), floor_gbps, pct(both_bytes, t), true});
+      }
       kasmina::set_cuda_launch_config(g_default);
     }
     // Small inputs: the forward replayed from a CUDA graph of kGraphCalls

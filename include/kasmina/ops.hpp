@@ -119,7 +119,7 @@ struct CudaLaunchConfig {
   // finish lists them in seed order (warp ballots over the seed table) and
   // loads only their staged rows, instead of scanning every seed's entry per
   // column. The same bits either way (the same additions in the same
-  // order); rows of more than 128 seeds scan as without it. A measurement
+  // order); rows of more than 64 seeds scan as without it. A measurement
   // variant until it wins.
   bool backward_row_list = false;
   // Programmatic dependent launch (sm_90 and newer; docs/DESIGN.md 55): every

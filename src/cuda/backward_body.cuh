@@ -209,7 +209,7 @@ constexpr int kFinishBatch = 8;
 // With CudaLaunchConfig::backward_row_list, a blueprint row of at most this
 // many training seeds is summed from a list of them (DESIGN 69); a larger one
 // scans the seed table.
-constexpr int kRowList = 128;
+constexpr int kRowList = 64;  // 256 B: static shared memory under 2 KiB with 46 KiB dynamic (tuning.hpp)
 
 // Whether seed s adds into dweights/dscales (SPEC section 7's table).
 __device__ __forceinline__ bool seed_has_grads(const SeedTable& t, int s) {

@@ -334,6 +334,13 @@ class ProfilingGuard {
   bool was_on_;
 };
 
+bool all_bytes(const std::vector<uint8_t>& v, uint8_t byte) {
+  for (uint8_t b : v) {
+    if (b != byte) return false;
+  }
+  return true;
+}
+
 // The most training seeds that add into one blueprint row.
 int32_t largest_row(const Problem& p) {
   std::vector<int32_t> n(static_cast<std::size_t>(p.num_blueprints), 0);
@@ -349,21 +356,23 @@ int32_t largest_row(const Problem& p) {
 
 // The backward's shared rows summed from a list of their seeds
 // (CudaLaunchConfig::backward_row_list, DESIGN 69): the reference's values
-// and the bits of the seed-table scan, and the same bits again on a second
-// run. `listed`: whether the row list is used (at most 128 seeds a row).
-void check_row_list(const ProblemOptions& o, bool listed) {
+// and the bits of the seed-table scan, the same bits again on a second run,
+// the workspace left zero. `listed`: whether the row list is used (at most
+// kRowList = 64 seeds a row); `tma`: both runs with the TMA backward.
+void check_row_list(const ProblemOptions& o, bool listed, bool tma = false) {
   Problem scan = make_problem(o);
-  const std::string ctx = "row list vs scan, " + describe(o);
+  const std::string ctx = std::string("row list vs scan") + (tma ? " (TMA)" : "") + ", " + describe(o);
   SCOPED_TRACE(ctx);
   if (listed) {
     EXPECT_GT(largest_row(scan), 1) << "no row of several seeds to list";
-    EXPECT_LE(largest_row(scan), 128) << "a row too long for the list";
+    EXPECT_LE(largest_row(scan), 64) << "a row too long for the list";
   } else {
-    EXPECT_GT(largest_row(scan), 128) << "no row too long for the list";
+    EXPECT_GT(largest_row(scan), 64) << "no row too long for the list";
   }
   Problem with_list = scan;
   const DeviceProblem d(scan, false);
   CudaLaunchConfig c = cuda_launch_config();
+  c.backward_tma = tma;
   c.backward_row_list = false;
   {
     const LaunchConfigGuard guard(c);
@@ -374,11 +383,14 @@ void check_row_list(const ProblemOptions& o, bool listed) {
   c.backward_row_list = true;
   const LaunchConfigGuard guard(c);
   const std::string desc = describe_backward(d.backward_params(with_list), Backend::cuda);
-  EXPECT_NE(desc.find("summed from a list of their seeds (backward_row_list)"), std::string::npos)
+  EXPECT_NE(desc.find("summed from a list of them (backward_row_list)"), std::string::npos)
       << desc;
   run_cuda(with_list, d);
   expect_backward_matches(with_list, reference::backward(with_list.backward_params()), ctx);
   expect_backward_bits_equal(scan, with_list, ctx + " (against the scan)");
+  std::vector<uint8_t> bw(d.bwd_workspace.bytes());
+  d.bwd_workspace.download(bw.data(), bw.size());
+  EXPECT_TRUE(all_bytes(bw, 0)) << "backward workspace not zero after the launch";
   Problem again = with_list;
   run_cuda(again, d);
   expect_backward_bits_equal(with_list, again, ctx + " (second run)");
@@ -394,7 +406,16 @@ TEST_F(SmallCuda, BlueprintRowsFromAList) {
   ProblemOptions many_rows = shape(5, 1, 600, DType::f32, 91);
   many_rows.num_blueprints = 1000;
   check_row_list(many_rows, true);
-  // Rows of more than 128 training seeds: scanned, with the list asked for.
+  // Every seed GRAFTING on one row (unmixed, two blueprint rows): a full
+  // list of 64 seeds, the TMA backward's too, then one seed more (scanned).
+  ProblemOptions full = shape(40, 64, 64, DType::f32, 96);
+  full.mixed = false;
+  full.num_blueprints = 2;
+  check_row_list(full, true);
+  check_row_list(full, true, true);
+  full.num_seeds = 65;
+  check_row_list(full, false);
+  // Rows of hundreds of training seeds: scanned, with the list asked for.
   ProblemOptions crowded = shape(4, 2, 2000, DType::f32, 94);
   crowded.num_blueprints = 3;
   check_row_list(crowded, false);
@@ -1249,12 +1270,6 @@ TEST_F(CudaBackend, EveryLaunchConfig) {
   }
 }
 
-bool all_bytes(const std::vector<uint8_t>& v, uint8_t byte) {
-  for (uint8_t b : v) {
-    if (b != byte) return false;
-  }
-  return true;
-}
 template <typename T>
 bool all_bytes(const std::vector<T>& v, uint8_t byte) {
   std::vector<uint8_t> raw(v.size() * sizeof(T));
