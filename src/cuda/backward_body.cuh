@@ -1114,32 +1114,22 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   // come from a scan of the seed table, or (args.row_list, DESIGN 69) from a
   // list that warp 0 builds in seed order, 32 seeds a ballot, where the row
   // has at most kRowList seeds.
-  const int n_row = row_seeds;
-  if (args.row_list && n_row <= kRowList) {  // uniform
-    if (tid < 32) {
-      int base = 0;
-#pragma unroll 1
-      for (int s0 = 0; s0 < S && base < n_row; s0 += 32) {  // uniform in the warp
-        const int s2 = s0 + tid;
-        const bool in = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
-        const unsigned m = __ballot_sync(0xffffffffu, in);
-        if (in) row_list[base + __popc(m & ((1u << tid) - 1u))] = s2;
-        base += __popc(m);
-      }
-    }
-    __syncthreads();
+  // sum_row(n, seed_of): entries 0 .. n-1, seed_of(i, s2) true where entry
+  // i is a seed of the row (its index in s2), in seed order.
+  auto sum_row = [&](const int n, auto seed_of) {
 #pragma unroll 1
     for (int c = tid; c < W; c += nthreads) {
       float v = 0.0f;
       float* src = c < C ? args.seed_dw + c : args.seed_dscale;
       const int64_t stride = c < C ? C : 1;
 #pragma unroll 1
-      for (int i0 = 0; i0 < n_row; i0 += kFinishBatch) {
+      for (int i0 = 0; i0 < n; i0 += kFinishBatch) {
         float x[kFinishBatch];
-        int64_t at[kFinishBatch];
+        int64_t at[kFinishBatch];  // the staged value's offset, -1 where entry i0 + k is not the row's
 #pragma unroll
         for (int k = 0; k < kFinishBatch; ++k) {
-          at[k] = i0 + k < n_row ? row_list[i0 + k] * stride : -1;
+          int s2 = 0;
+          at[k] = seed_of(i0 + k, s2) ? s2 * stride : -1;
           x[k] = at[k] >= 0 ? load_cg(src + at[k]) : 0.0f;
         }
 #pragma unroll
@@ -1156,36 +1146,31 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
         args.dscales[b] = v;
       }
     }
-  } else {
+  };
+  const int n_row = row_seeds;
+  if (args.row_list && n_row <= kRowList) {  // uniform
+    if (tid < 32) {
+      int base = 0;
 #pragma unroll 1
-    for (int c = tid; c < W; c += nthreads) {
-      float v = 0.0f;
-      float* src = c < C ? args.seed_dw + c : args.seed_dscale;
-      const int64_t stride = c < C ? C : 1;
-#pragma unroll 1
-      for (int s0 = 0; s0 < S; s0 += kFinishBatch) {
-        float x[kFinishBatch];
-        bool mine[kFinishBatch];
-#pragma unroll
-        for (int k = 0; k < kFinishBatch; ++k) {
-          const int s2 = s0 + k;
-          mine[k] = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
-          x[k] = mine[k] ? load_cg(src + s2 * stride) : 0.0f;
-        }
-#pragma unroll
-        for (int k = 0; k < kFinishBatch; ++k) {
-          if (mine[k]) {
-            v += x[k];
-            src[(s0 + k) * stride] = 0.0f;
-          }
-        }
-      }
-      if (c < C) {
-        args.dweights[static_cast<int64_t>(b) * C + c] = v;
-      } else {
-        args.dscales[b] = v;
+      for (int s0 = 0; s0 < S && base < n_row; s0 += 32) {  // uniform in the warp
+        const int s2 = s0 + tid;
+        const bool in = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
+        const unsigned m = __ballot_sync(0xffffffffu, in);
+        if (in) row_list[base + __popc(m & ((1u << tid) - 1u))] = s2;
+        base += __popc(m);
       }
     }
+    __syncthreads();
+    sum_row(n_row, [&](int i, int& s2) {
+      if (i >= n_row) return false;
+      s2 = row_list[i];
+      return true;
+    });
+  } else {
+    sum_row(S, [&](int i, int& s2) {
+      s2 = i;
+      return i < S && args.seeds.blueprint[i] == b && seed_has_grads(args.seeds, i);
+    });
   }
   KASMINA_BWD_TL(11);
   if (tid == 0) args.row_tickets[b] = 0u;
