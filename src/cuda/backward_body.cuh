@@ -216,6 +216,10 @@ __device__ __forceinline__ bool seed_has_grads(const SeedTable& t, int s) {
   return t.blueprint[s] != 0 &&
          (stage_trains_grafted(t.stage[s]) || stage_trains_shadow(t.stage[s]));
 }
+// Whether seed s adds into blueprint row b.
+__device__ __forceinline__ bool seed_adds_into(const SeedTable& t, int s, int b) {
+  return t.blueprint[s] == b && seed_has_grads(t, s);
+}
 
 // Shared-memory slot of column j = c + i (c = lane*V + k*G*V): lanes of one
 // step touch consecutive words, so the read-modify-writes are conflict-free.
@@ -972,14 +976,12 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   // row, and this CTA writes it (DESIGN 62). More: the row's last seed to
   // finish sums them (DESIGN 67).
   int row_n = __syncthreads_count(grads && tid < args.num_seeds &&
-                                  args.seeds.blueprint[tid] == sv.blueprint &&
-                                  seed_has_grads(args.seeds, tid));  // also publishes seed_total
+                                  seed_adds_into(args.seeds, tid, sv.blueprint));  // also publishes seed_total
   if (grads) {  // uniform
 #pragma unroll 1
     for (int s0 = nthreads; s0 < args.num_seeds; s0 += nthreads) {
       const int s2 = s0 + tid;
-      row_n += __syncthreads_count(s2 < args.num_seeds && args.seeds.blueprint[s2] == sv.blueprint &&
-                                   seed_has_grads(args.seeds, s2));
+      row_n += __syncthreads_count(s2 < args.num_seeds && seed_adds_into(args.seeds, s2, sv.blueprint));
     }
   }
   const bool sole = grads && row_n == 1;
@@ -1154,7 +1156,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
 #pragma unroll 1
       for (int s0 = 0; s0 < S && base < n_row; s0 += 32) {  // uniform in the warp
         const int s2 = s0 + tid;
-        const bool in = s2 < S && args.seeds.blueprint[s2] == b && seed_has_grads(args.seeds, s2);
+        const bool in = s2 < S && seed_adds_into(args.seeds, s2, b);
         const unsigned m = __ballot_sync(0xffffffffu, in);
         if (in) row_list[base + __popc(m & ((1u << tid) - 1u))] = s2;
         base += __popc(m);
@@ -1169,7 +1171,7 @@ __device__ __forceinline__ void backward_cta(const BackwardArgs& args, float* sm
   } else {
     sum_row(S, [&](int i, int& s2) {
       s2 = i;
-      return i < S && args.seeds.blueprint[i] == b && seed_has_grads(args.seeds, i);
+      return i < S && seed_adds_into(args.seeds, i, b);
     });
   }
   KASMINA_BWD_TL(11);

@@ -334,8 +334,9 @@ std::string describe_backward_cuda(const BackwardParams& p) {
      << " B shared memory (dW column sums"
      << (plan.table_floats > 0 ? " + coefficient table)" : ", no coefficient table)")
      << (p.clip_enabled ? ", two sweeps per row (clip)" : ", one sweep per row")
-     << (plan.row_list ? "; shared blueprint rows of up to 64 seeds summed from a list of them (backward_row_list)"
-                       : "")
+     << (plan.row_list ? "; shared blueprint rows of up to " + std::to_string(bwd::kRowList) +
+                             " seeds summed from a list of them (backward_row_list)"
+                       : std::string())
      << (plan.conv_halo ? "; CONV neighbours from a shared-memory halo (backward_conv_halo: "
                           "one sweep of global memory per row, clip included)"
          : plan.conv_halo_refusal != nullptr
